@@ -1,0 +1,35 @@
+"""diffquant: quantize Stable Diffusion UNets with AMD Quark, measure what it costs, export to ONNX.
+
+The public API follows the notebook flow::
+
+    import diffquant as dq
+    pipe = dq.load_pipeline()                      # the embedded shapes-sd, a Hub id or a local folder
+    prompts = dq.default_prompts(pipe, 4)
+    baseline = dq.generate(pipe, prompts, seed=1024)
+    q = dq.quantize_unet(pipe, "int8-w")           # a new pipeline; `pipe` is untouched
+    images = dq.generate(q, prompts, seed=1024)
+    print(dq.compare(baseline, images, prompts).summary())
+    dq.export_onnx(q, "out/int8-w")
+
+Names are imported lazily so that `import diffquant` (and `diffquant --help`) stays instant.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_pipeline": "pipeline", "quantize_unet": "quantize", "save_quantized": "quantize",
+    "load_quantized": "quantize", "layer_report": "quantize", "generate": "generation",
+    "default_prompts": "generation", "image_grid": "generation", "compare": "metrics", "export_onnx": "export",
+    "view": "viewer", "run": "workflow", "RunConfig": "workflow", "Recipe": "recipes", "RECIPES": "recipes",
+    "TensorQuant": "recipes", "PerTensor": "recipes", "PerChannel": "recipes", "get_recipe": "recipes",
+    "DiffquantError": "errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'diffquant' has no attribute {name!r}")

@@ -1,0 +1,269 @@
+"""`diffquant`: a thin command line over the Python API. It parses arguments and calls the API.
+
+Heavy imports (torch, diffusers, Quark) happen inside the commands, so `--help`, `view` and `env`
+answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import DiffquantError
+
+logger = logging.getLogger("diffquant")
+
+
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                   help="prompt (repeatable); default: shapes captions for shapes-sd, the tutorial's rabbit otherwise")
+    p.add_argument("--num-images", type=int, help="images in all; prompts are cycled (image k uses seed + k)")
+    p.add_argument("--seed", type=int, default=1024, help="seed of the first image (default 1024)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 25 for shapes-sd, 50 otherwise)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: 4 for shapes-sd, 7.5 otherwise)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hub id or local diffusers folder (default: the embedded shapes-sd)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (ROCm GPUs are cuda too)")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffquant", description="Quantize Stable Diffusion UNets with AMD Quark, "
+                                     "measure what it costs, export to ONNX.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from .recipes import DEFAULT_RECIPES, RECIPES
+
+    recipe_help = "; ".join(f"{n}: {r.description}" for n, r in RECIPES.items())
+    p = sub.add_parser("run", help="the whole tutorial: baseline, quantize, compare, export, report")
+    _add_model(p)
+    _add_generation(p)
+    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated ({recipe_help})")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
+    p.add_argument("--out", help="output folder (default ./diffquant-out/<timestamp>/; never overwritten)")
+
+    p = sub.add_parser("generate", help="generate seeded images with a model or a quantized UNet")
+    _add_model(p)
+    _add_generation(p)
+    p.add_argument("--quantized", help="folder written by `diffquant quantize` (its model is used)")
+    p.add_argument("--out", required=True, help="folder for images/ and prompts.json")
+
+    p = sub.add_parser("quantize", help="quantize the UNet and save it for generate/export")
+    _add_model(p)
+    p.add_argument("--recipe", required=True, help=f"one of: {', '.join(RECIPES)}")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="fnmatch pattern of module names kept in float (repeatable)")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("compare", help="fidelity of generated folders against a baseline folder")
+    p.add_argument("baseline", help="folder written by `diffquant generate`")
+    p.add_argument("others", nargs="+", help="folders to compare (same prompts and seeds)")
+    p.add_argument("--out", required=True, help="folder for comparison.json and grid.png")
+
+    p = sub.add_parser("export", help="export a quantized UNet to ONNX and check it in ONNX Runtime")
+    p.add_argument("quantized", help="folder written by `diffquant quantize`")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("view", help="open an ONNX file in Netron on 127.0.0.1")
+    p.add_argument("onnx", help=".onnx file or a folder holding unet.onnx")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--no-browser", action="store_true", help="only print the URL")
+
+    sub.add_parser("env", help="versions, devices and settings that matter for a run")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from .recipes import parse_recipes
+    from .workflow import RunConfig, run
+
+    config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
+                       steps=args.steps, guidance=args.guidance,
+                       recipes=[r.name for r in parse_recipes(args.recipes)],
+                       device=args.device, dtype=args.dtype, export=not args.no_export, out=args.out)
+    results = run(config)
+    print(summary_table(results))
+    print(f"report: {Path(results['out_dir']) / 'report.html'}")
+    return 0
+
+
+def summary_table(results: dict) -> str:
+    """A plain-text table of the run's quality, sizes and (labelled) times."""
+    lines = [f"{'recipe':<12} {'PSNR dB':>8} {'SSIM':>7} {'ShapeEval':>9} {'SQNR dB':>8} {'ONNX MB':>8} {'gen s*':>7}"]
+    baseline_se = (results.get("baseline") or {}).get("shapeeval")
+    timings = results.get("timings", {})
+    lines.append(f"{'baseline':<12} {'':>8} {'':>7} "
+                 f"{(f'{baseline_se['overall']:.3f}' if baseline_se else 'n/a'):>9} {'':>8} "
+                 f"{results.get('unet_fp32_bytes', 0) / 1e6:>8.1f} {timings.get('generate baseline', 0):>7.1f}")
+    for name, r in results.get("recipes", {}).items():
+        mean = r["metrics"]["mean"]
+        se = mean.get("shapeeval")
+        onnx_mb = r["onnx"]["size_bytes"] / 1e6 if r.get("onnx") else float("nan")
+        gen = timings.get(f"generate {name} (simulated fake-quant)", float("nan"))
+        lines.append(f"{name:<12} {mean['psnr_db']:>8.2f} {mean['ssim']:>7.4f} "
+                     f"{(f'{se['overall']:.3f}' if se else 'n/a'):>9} {r['unet_sqnr_db']:>8.2f} {onnx_mb:>8.1f} {gen:>7.1f}")
+    lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
+                 "Baseline 'ONNX MB' is the fp32 parameter size.")
+    return "\n".join(lines)
+
+
+def _cmd_generate(args) -> int:
+    from .artifacts import save_image, write_json
+    from .generation import default_prompts, default_settings, generate
+    from .pipeline import load_pipeline
+    from .quantize import load_quantized
+
+    if args.quantized and args.model:
+        raise DiffquantError("pass --model or --quantized, not both: a quantized folder names its own model")
+    pipe = load_quantized(args.quantized, args.device, args.dtype) if args.quantized else \
+        load_pipeline(args.model, args.device, args.dtype)
+    settings = default_settings(pipe, args.seed)
+    prompts = args.prompts or default_prompts(pipe, args.num_images or 6)
+    if args.prompts and args.num_images:
+        prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
+    steps = args.steps or settings.steps
+    guidance = settings.guidance if args.guidance is None else args.guidance
+    images = generate(pipe, prompts, seed=args.seed, steps=steps, guidance=guidance)
+    out = Path(args.out)
+    for k, image in enumerate(images):
+        save_image(image, out / "images" / f"{k:03d}.png")
+    write_json(out / "prompts.json", {"prompts": prompts, "seed": args.seed, "steps": steps, "guidance": guidance,
+                                      "model": args.model, "quantized": args.quantized})
+    print(f"wrote {len(images)} images to {out / 'images'}")
+    return 0
+
+
+def _load_generated(folder: str):
+    from PIL import Image
+
+    meta_file = Path(folder) / "prompts.json"
+    if not meta_file.is_file():
+        raise DiffquantError(f"{folder} has no prompts.json: pass a folder written by `diffquant generate`")
+    meta = json.loads(meta_file.read_text())
+    images = [Image.open(Path(folder) / "images" / f"{k:03d}.png").convert("RGB") for k in range(len(meta["prompts"]))]
+    return meta, images
+
+
+def _cmd_compare(args) -> int:
+    from .artifacts import save_image, write_json
+    from .generation import image_grid
+    from .metrics import compare
+
+    base_meta, base_images = _load_generated(args.baseline)
+    rows, results = {"baseline": base_images}, {}
+    for folder in args.others:
+        meta, images = _load_generated(folder)
+        if meta["prompts"] != base_meta["prompts"] or meta["seed"] != base_meta["seed"]:
+            raise DiffquantError(f"{folder} was generated with other prompts or seeds than {args.baseline}: compare like with like")
+        results[folder] = compare(base_images, images, meta["prompts"]).to_dict()
+        rows[Path(folder).name] = images
+    out = Path(args.out)
+    save_image(image_grid(rows), out / "grid.png")
+    write_json(out / "comparison.json", {"baseline": args.baseline, "results": results})
+    for folder, r in results.items():
+        mean = r["mean"]
+        se = mean.get("shapeeval")
+        print(f"{folder}: PSNR {mean['psnr_db']:.2f} dB, SSIM {mean['ssim']:.4f}"
+              + (f", ShapeEval {se['overall']:.3f}" if se else ""))
+    print(f"wrote {out / 'comparison.json'} and {out / 'grid.png'}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .pipeline import load_pipeline
+    from .quantize import layer_report, quantize_unet, save_quantized
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    quantized = quantize_unet(pipe, args.recipe, exclude=args.exclude)
+    save_quantized(quantized, args.out, model=args.model)
+    report = layer_report(quantized.unet)
+    print(f"quantized {len(report.quantized)} layers ({len(report.float_layers)} left in float); saved to {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_onnx
+    from .quantize import load_quantized
+
+    quantized = load_quantized(args.quantized, args.device, "auto")
+    result = export_onnx(quantized, args.out)
+    print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB); ONNX Runtime vs torch: "
+          f"max-abs {result.max_abs_error:.2e}, relative {result.relative_error:.2e}")
+    return 0
+
+
+def _cmd_view(args) -> int:
+    from .viewer import view, wait
+
+    url = view(args.onnx, args.port, browse=not args.no_browser)
+    print(f"Netron serving {args.onnx} at {url} (Ctrl-C to stop)", flush=True)
+    wait()
+    return 0
+
+
+def _cmd_env(args) -> int:
+    from importlib import metadata
+
+    for name in ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "onnx", "onnxruntime",
+                 "torchmetrics", "netron"):
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{name:<14} {version}")
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    backend = "ROCm " + torch.version.hip if getattr(torch.version, "hip", None) else \
+        ("CUDA " + torch.version.cuda if torch.version.cuda else "CPU build")
+    print(f"{'torch build':<14} {backend}; GPU: {gpu}; CPU threads: {torch.get_num_threads()}")
+    compile_setting = os.environ.get("QUARK_DISABLE_COMPILE")
+    print(f"{'quark compile':<14} QUARK_DISABLE_COMPILE={compile_setting or 'unset'} "
+          f"(diffquant sets 1 on CPU unless you set it)")
+    from .pipeline import shapes_sd_path
+
+    print(f"{'shapes-sd':<14} {shapes_sd_path()}")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "generate": _cmd_generate, "quantize": _cmd_quantize, "compare": _cmd_compare,
+            "export": _cmd_export, "view": _cmd_view, "env": _cmd_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `diffquant` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # Quark's own bars too
+        from .progress import set_quiet
+
+        set_quiet(True)
+    if not args.verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")  # torch tracer / diffusers deprecation chatter; --verbose shows it
+        for noisy in ("diffusers", "transformers", "torch.onnx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return COMMANDS[args.command](args)
+    except DiffquantError as error:
+        print(f"diffquant: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffquant: interrupted; finished artifacts are complete, nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

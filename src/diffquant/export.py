@@ -1,0 +1,172 @@
+"""Stage 6, export: the quantized UNet to ONNX through Quark's exporter, checked by onnx.checker and
+run in ONNX Runtime against the torch quantized UNet."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import atomic_dir
+from .errors import DiffquantError
+
+logger = logging.getLogger(__name__)
+ONNX_NAME = "unet.onnx"
+# ORT and Quark's torch fake-quant disagree by about one int8 step on a few values: Quark's symmetric
+# scale is amax/127.5, so a tensor's extreme lands on a rounding boundary that the two round
+# differently (weights), and W8A8 re-rounds activations that sit near a boundary. Measured here: 0.2%
+# relative L2 error weight-only, a few % with W8A8; 5% catches a wrong graph (fp32 weights, missing
+# Q/DQ, wrong scales all give > 10%) without failing on these rounding ties.
+MAX_RELATIVE_ERROR = 0.05
+
+
+class _UNetForExport(torch.nn.Module):
+    """Positional tensors in, one tensor out: what ONNX tracing needs (SDXL's added conditioning as inputs)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.sdxl = unet.config.addition_embed_type == "text_time"
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def example_inputs(unet: torch.nn.Module, batch_size: int = 2, sequence_length: int = 77,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """UNet inputs shaped from the UNet's own config (latent channels and size, cross-attention width,
+    SDXL's added text/time conditioning): nothing hard-coded to SD 1.5."""
+    config = unet.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    cross = config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    gen = torch.Generator().manual_seed(seed)
+    device, dtype = unet.device, unet.dtype
+    inputs = {
+        "sample": torch.randn(batch_size, config.in_channels, height, width, generator=gen),  # (B, C, h, w)
+        "timestep": torch.full((batch_size,), 500, dtype=torch.int64),  # (B,)
+        "encoder_hidden_states": torch.randn(batch_size, sequence_length, cross, generator=gen),  # (B, T, D)
+    }
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text embeds + 6 size/crop ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["text_embeds"] = torch.randn(batch_size, pooled, generator=gen)
+        inputs["time_ids"] = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch_size, 1)
+    return {k: v.to(device) if v.dtype == torch.int64 else v.to(device, dtype) for k, v in inputs.items()}
+
+
+@contextlib.contextmanager
+def _dynamic_batch(dynamic_axes: dict):
+    """Quark's export_onnx has no dynamic_axes argument; pass them through to the torch.onnx.export it calls."""
+    original = torch.onnx.export
+
+    def export(*args, **kwargs):
+        kwargs.setdefault("dynamic_axes", dynamic_axes)
+        return original(*args, **kwargs)
+
+    torch.onnx.export = export
+    try:
+        yield
+    finally:
+        torch.onnx.export = original
+
+
+@dataclass
+class OnnxExport:
+    """What was exported and how closely ONNX Runtime reproduces the torch quantized UNet."""
+
+    path: Path
+    size_bytes: int
+    inputs: dict[str, list]
+    op_counts: dict[str, int]
+    max_abs_error: float
+    relative_error: float
+    export_seconds: float
+    weight_dtypes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "size_bytes": self.size_bytes, "inputs": self.inputs,
+                "op_counts": self.op_counts, "weight_dtypes": self.weight_dtypes,
+                "max_abs_error": self.max_abs_error, "relative_error": self.relative_error,
+                "relative_error_bound": MAX_RELATIVE_ERROR, "export_seconds": self.export_seconds}
+
+
+def _sequence_length(pipe_or_unet) -> tuple[torch.nn.Module, int]:
+    tokenizer = getattr(pipe_or_unet, "tokenizer", None)
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    return unet, (tokenizer.model_max_length if tokenizer is not None else 77)
+
+
+def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2) -> OnnxExport:
+    """Export a quantized UNet to `out_dir/unet.onnx` with Quark, then check it.
+
+    The un-frozen model is exported: Quark then stores int8 weights as INT8 initializers feeding
+    DequantizeLinear (a frozen model would write fake-quantized float weights, as big as fp32).
+
+    Args:
+        pipe_or_unet: a pipeline from `quantize_unet` (its tokenizer gives the text length) or a UNet.
+        out_dir: folder to write to (replaced atomically: an interrupted export leaves nothing behind).
+        batch_size: batch of the example inputs; the batch axis is dynamic in the graph.
+
+    Returns:
+        An `OnnxExport`; raises DiffquantError when ONNX Runtime's output differs from torch's by more
+        than MAX_RELATIVE_ERROR.
+    """
+    import onnx
+
+    from .quantize import import_quark
+
+    unet, sequence_length = _sequence_length(pipe_or_unet)
+    quark_torch = import_quark(unet.device)
+    inputs = example_inputs(unet, batch_size, sequence_length)
+    names = list(inputs)
+    wrapper = _UNetForExport(unet).eval()
+    with torch.no_grad():
+        reference = wrapper(**inputs).float().cpu().numpy()
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        axes = {name: {0: "batch"} for name in names} | {"out_sample": {0: "batch"}}
+        with _dynamic_batch(axes), torch.no_grad():
+            quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
+                                    output_names=["out_sample"])
+        (tmp / "quark_model.onnx").rename(tmp / ONNX_NAME)
+        onnx.checker.check_model(str(tmp / ONNX_NAME))
+    seconds = time.perf_counter() - started
+    path = out_dir / ONNX_NAME
+    model = onnx.load(str(path), load_external_data=False)
+    ops = Counter(node.op_type for node in model.graph.node)
+    weight_dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
+    output = run_onnx(path, inputs)
+    max_abs = float(np.abs(output - reference).max())
+    relative = float(np.linalg.norm(output - reference) / max(np.linalg.norm(reference), 1e-12))
+    result = OnnxExport(
+        path=path, size_bytes=sum(f.stat().st_size for f in out_dir.iterdir()),
+        inputs={k: list(v.shape) for k, v in inputs.items()}, op_counts=dict(ops.most_common()),
+        max_abs_error=max_abs, relative_error=relative, export_seconds=seconds, weight_dtypes=dict(weight_dtypes),
+    )
+    if not math.isfinite(relative) or relative > MAX_RELATIVE_ERROR:
+        raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized UNet by "
+                             f"{relative:.1%} (bound {MAX_RELATIVE_ERROR:.0%}, max-abs {max_abs:.3g}): the export is wrong")
+    logger.info("exported %s (%.1f MB), ORT vs torch: max-abs %.2e, relative %.2e",
+                path, result.size_bytes / 1e6, max_abs, relative)
+    return result
+
+
+def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> np.ndarray:
+    """Run an exported UNet in ONNX Runtime on torch inputs; returns the output as float32 numpy."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    feed = {i.name: inputs[i.name].cpu().numpy() for i in session.get_inputs()}
+    return session.run(None, feed)[0].astype(np.float32)

@@ -1,0 +1,110 @@
+"""Stage 5, measure: fidelity of quantized images against the baseline's (same prompts, same seeds),
+the protocol of SVDQuant and ModelOpt: PSNR and SSIM (torchmetrics), LPIPS where its weights are
+on disk, and ShapeEval prompt adherence for shapes-sd."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+PSNR_IDENTICAL = 100.0  # dB reported for pixel-identical images (true PSNR is infinite, JSON has no inf)
+_LPIPS_ALEX = "alexnet-owt-7be5be79.pth"  # the torchvision backbone torchmetrics' LPIPS needs
+
+
+def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2)  # (N, 3, H, W) in [0, 1]
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - test|^2)."""
+    noise = (reference.float() - test.float()).pow(2).sum().item()
+    signal = reference.float().pow(2).sum().item()
+    return PSNR_IDENTICAL if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def lpips_unavailable_reason() -> str | None:
+    """Why LPIPS cannot be computed offline here, or None when it can."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - torchvision can fail at import with several error types
+        return f"LPIPS not computed: torchvision is not importable ({type(error).__name__})"
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_ALEX
+    if not weights.is_file():
+        return f"LPIPS not computed: its AlexNet backbone weights are not on disk ({weights})"
+    return None
+
+
+@dataclass
+class Comparison:
+    """Per-image fidelity of `images` against the baseline, and prompt adherence where measurable."""
+
+    psnr_db: list[float]
+    ssim: list[float]
+    lpips: list[float] | None = None
+    notes: list[str] = field(default_factory=list)
+    shapeeval: dict[str, float] | None = None
+
+    def summary(self) -> dict:
+        """Means over images (what the report's table shows)."""
+        out = {"psnr_db": float(np.mean(self.psnr_db)), "ssim": float(np.mean(self.ssim)),
+               "lpips": None if self.lpips is None else float(np.mean(self.lpips))}
+        if self.shapeeval is not None:
+            out["shapeeval"] = self.shapeeval
+        return out
+
+    def to_dict(self) -> dict:
+        return {"per_image": {"psnr_db": self.psnr_db, "ssim": self.ssim, "lpips": self.lpips},
+                "mean": self.summary(), "notes": self.notes}
+
+
+def prompt_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str, float] | None:
+    """ShapeEval accuracy when every prompt is a caption of the shapes grammar, else None."""
+    from .shapes.dataset import parse_caption
+    from .shapes.shapeeval import evaluate
+
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return None
+    return evaluate(images, prompts)
+
+
+def compare(baseline_images: list[Image.Image], images: list[Image.Image], prompts: list[str]) -> Comparison:
+    """Compare images generated with the same prompts and seeds against the baseline's.
+
+    Args:
+        baseline_images: the reference (e.g. fp32) images.
+        images: the images to judge, in the same order.
+        prompts: the prompt of each image (ShapeEval is scored when they are shapes captions).
+
+    Returns:
+        A `Comparison` with per-image PSNR (dB), SSIM, LPIPS (or a note why not) and ShapeEval.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    if not (len(baseline_images) == len(images) == len(prompts)):
+        raise ValueError(f"compare needs as many images as baseline images and prompts, got "
+                         f"{len(images)}, {len(baseline_images)} and {len(prompts)}")
+    ref, test = _to_tensor(baseline_images), _to_tensor(images)
+    psnr = [PSNR_IDENTICAL if torch.equal(r, t) else
+            float(peak_signal_noise_ratio(t[None], r[None], data_range=1.0)) for r, t in zip(ref, test)]
+    ssim = structural_similarity_index_measure(test, ref, data_range=1.0, reduction="none")
+    comparison = Comparison(psnr_db=psnr, ssim=[float(s) for s in ssim.reshape(-1)])
+    reason = lpips_unavailable_reason()
+    if reason is None:
+        from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as lpips
+
+        comparison.lpips = [float(lpips(t[None], r[None], net_type="alex", normalize=True)) for r, t in zip(ref, test)]
+    else:
+        comparison.notes.append(reason)
+    comparison.shapeeval = prompt_adherence(images, prompts)
+    return comparison

@@ -1,0 +1,118 @@
+"""Stage 7, report: results.json (machine-readable, with a schema version) and a self-contained
+report.html (images inlined, user text escaped)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from .artifacts import write_json, write_text
+
+SCHEMA_VERSION = 1
+_PACKAGES = ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "onnx", "onnxruntime", "torchmetrics")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages a result depends on."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def write_results(out_dir: Path, results: dict) -> Path:
+    """Write results.json atomically, stamped with the schema version."""
+    return write_json(Path(out_dir) / "results.json", {"schema_version": SCHEMA_VERSION, **results})
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(out_dir: Path, results: dict) -> str:
+    """The report page for a run folder: every figure inlined, so the file stands alone."""
+    out_dir = Path(out_dir)
+    e = html.escape
+    parts = [f"<h1>diffquant report: {e(str(results.get('model', '')))}</h1>"]
+    prompts = results.get("prompts", [])
+    parts.append("<h2>Prompts</h2><ol>" + "".join(f"<li>{e(p)}</li>" for p in prompts) + "</ol>")
+    settings = results.get("settings", {})
+    parts.append(f"<p>seed {e(str(settings.get('seed')))} (image k uses seed + k), "
+                 f"{e(str(settings.get('steps')))} steps, guidance {e(str(settings.get('guidance')))}</p>")
+    if results.get("grid"):
+        parts.append("<h2>Images</h2><p>Rows: baseline, then each recipe; columns: prompts.</p>"
+                     + _img(out_dir / results["grid"], "comparison grid"))
+
+    recipes = results.get("recipes", {})
+    baseline_se = results.get("baseline", {}).get("shapeeval")
+    rows = []
+    if baseline_se:
+        rows.append(["baseline", "-", "-", "-", _fmt(baseline_se.get("overall"), 3), "-"])
+    for name, r in recipes.items():
+        mean = r.get("metrics", {}).get("mean", {})
+        se = mean.get("shapeeval") or {}
+        rows.append([e(name), _fmt(mean.get("psnr_db")), _fmt(mean.get("ssim"), 4), _fmt(mean.get("lpips"), 4),
+                     _fmt(se.get("overall"), 3) if se else "n/a", _fmt(r.get("unet_sqnr_db"))])
+    parts.append("<h2>Quality vs baseline</h2>" + _table(
+        ["recipe", "PSNR (dB)", "SSIM", "LPIPS", "ShapeEval overall", "UNet output SQNR (dB)"], rows))
+    notes = sorted({n for r in recipes.values() for n in r.get("metrics", {}).get("notes", [])})
+    parts.extend(f"<p class=note>{e(n)}</p>" for n in notes)
+
+    size_rows = []
+    for name, r in recipes.items():
+        onnx = r.get("onnx")
+        if onnx:
+            size_rows.append([e(name), _fmt(onnx["size_bytes"] / 1e6), _fmt(onnx["max_abs_error"], 5),
+                              _fmt(onnx["relative_error"], 5), e(json.dumps(onnx.get("weight_dtypes", {})))])
+    if size_rows:
+        parts.append("<h2>ONNX exports (checked in ONNX Runtime)</h2>" + _table(
+            ["recipe", "size (MB)", "ORT vs torch max-abs", "ORT vs torch relative L2", "initializer dtypes"],
+            size_rows))
+        parts.append(f"<p>fp32 UNet parameters: {_fmt(results.get('unet_fp32_bytes', 0) / 1e6)} MB</p>")
+
+    timing_rows = [[e(step), _fmt(seconds)] for step, seconds in results.get("timings", {}).items()]
+    parts.append("<h2>Timings (s)</h2>" + _table(["step", "seconds"], timing_rows))
+    parts.append("<p class=note>Quantized generation runs Quark's fake quantization (quantize then dequantize "
+                 "in float): its times are <b>simulated</b> and show no speedup; real low-precision speed "
+                 "needs an int8/fp8 runtime path.</p>")
+    parts.append("<h2>Layers</h2>")
+    for name, r in recipes.items():
+        layers = r.get("layers", {})
+        parts.append(f"<details><summary>{e(name)}: {layers.get('n_quantized', 0)} quantized, "
+                     f"{layers.get('n_float', 0)} float</summary><p>float: {e(', '.join(layers.get('float', [])) or 'none')}"
+                     f"</p></details>")
+    parts.append("<h2>Versions</h2>" + _table(["package", "version"],
+                                                [[e(k), e(v)] for k, v in results.get("versions", {}).items()]))
+    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(results.get("config", {}), indent=2)) + "</pre>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "img{max-width:100%;image-rendering:pixelated}.note{color:#555}pre{background:#f6f6f6;padding:1em}")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>diffquant report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(out_dir: Path, results: dict) -> Path:
+    """Write report.html atomically into `out_dir`."""
+    return write_text(Path(out_dir) / "report.html", render_html(out_dir, results))

@@ -1,0 +1,169 @@
+"""The whole tutorial as one call: baseline images, each recipe quantized, compared and exported,
+then results.json and report.html. `diffquant run` is a thin shell over `run`."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifacts import new_run_dir, save_image, write_json
+from .errors import DiffquantError
+from .export import example_inputs, export_onnx
+from .generation import default_prompts, default_settings, generate, image_grid
+from .metrics import compare, prompt_adherence, sqnr_db
+from .pipeline import load_pipeline
+from .quantize import layer_report, quantize_unet
+from .recipes import DEFAULT_RECIPES, parse_recipes
+from .report import versions, write_report, write_results
+
+logger = logging.getLogger(__name__)
+CONFIG_VERSION = 1
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run; written to config.json next to its outputs."""
+
+    model: str | None = None
+    prompts: list[str] | None = None
+    num_images: int | None = None
+    seed: int = 1024
+    steps: int | None = None
+    guidance: float | None = None
+    recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
+    device: str = "auto"
+    dtype: str = "auto"
+    export: bool = True
+    out: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"type": "RunConfig", "version": CONFIG_VERSION, **asdict(self)}
+
+
+def resolve_out_dir(out: str | Path | None) -> Path:
+    """The folder a run writes to: a new timestamped one unless `out` is new or empty.
+
+    An existing non-empty `out` is never written into: a sibling `<out>-<timestamp>` is used instead.
+    """
+    if out is None:
+        return new_run_dir()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fresh = new_run_dir(out.parent)
+        target = out.parent / f"{out.name}-{fresh.name}"
+        fresh.rename(target)
+        logger.warning("%s exists and is not empty: writing to %s instead", out, target)
+        return target
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _prompts(pipe, config: RunConfig) -> list[str]:
+    if config.prompts:
+        n = config.num_images or len(config.prompts)
+        return [config.prompts[k % len(config.prompts)] for k in range(n)]
+    from .pipeline import is_shapes_sd
+
+    return default_prompts(pipe, config.num_images or (6 if is_shapes_sd(pipe) else 3))
+
+
+def _save_images(out_dir: Path, label: str, images) -> list[str]:
+    paths = []
+    for k, image in enumerate(images):
+        rel = Path("images") / label / f"{k:03d}.png"
+        save_image(image, out_dir / rel)
+        paths.append(str(rel))
+    return paths
+
+
+@contextmanager
+def _timed(timings: dict, step: str):
+    started = time.perf_counter()
+    yield
+    timings[step] = round(time.perf_counter() - started, 3)
+
+
+def unet_output_sqnr(baseline_unet, quantized_unet, sequence_length: int) -> float:
+    """SQNR (dB) of the quantized UNet's output vs the baseline's on the same (seeded) example inputs."""
+    inputs = example_inputs(baseline_unet, batch_size=2, sequence_length=sequence_length, seed=1)
+    with torch.no_grad():
+        reference = baseline_unet(**inputs, return_dict=False)[0]
+        test = quantized_unet(**inputs, return_dict=False)[0]
+    return sqnr_db(reference, test)
+
+
+def run(config: RunConfig | None = None, **overrides) -> dict:
+    """Run the tutorial end to end and return the results dict (also written to results.json).
+
+    Args:
+        config: a RunConfig; keyword overrides are applied on top (e.g. `run(recipes=["int8-w"])`).
+
+    Returns:
+        The results: settings, prompts, per-recipe metrics, exports, timings, layer reports and the
+        output folder under "out_dir".
+    """
+    config = config or RunConfig()
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise DiffquantError(f"unknown run option {key!r}")
+        setattr(config, key, value)
+    recipes = parse_recipes(config.recipes)  # fail on a bad name before any slow work
+    out_dir = resolve_out_dir(config.out)
+    write_json(out_dir / "config.json", config.to_dict())
+    timings: dict[str, float] = {}
+
+    with _timed(timings, "load pipeline"):
+        pipe = load_pipeline(config.model, config.device, config.dtype)
+    settings = default_settings(pipe, config.seed)
+    steps = config.steps or settings.steps
+    guidance = settings.guidance if config.guidance is None else config.guidance
+    prompts = _prompts(pipe, config)
+    sequence_length = pipe.tokenizer.model_max_length if getattr(pipe, "tokenizer", None) else 77
+    results: dict = {
+        "out_dir": str(out_dir), "model": config.model or "shapes-sd (embedded)", "prompts": prompts,
+        "settings": {"seed": config.seed, "steps": steps, "guidance": guidance},
+        "config": config.to_dict(), "versions": versions(), "timings": timings, "recipes": {},
+        "unet_fp32_bytes": sum(p.numel() * 4 for p in pipe.unet.parameters()),
+    }
+    gen = dict(seed=config.seed, steps=steps, guidance=guidance)
+
+    with _timed(timings, "generate baseline"):
+        baseline = generate(pipe, prompts, desc="baseline", **gen)
+    results["baseline"] = {"images": _save_images(out_dir, "baseline", baseline),
+                           "shapeeval": prompt_adherence(baseline, prompts)}
+    rows = {"baseline": baseline}
+    write_results(out_dir, results)
+
+    for recipe in recipes:
+        entry: dict = {"recipe": recipe.to_dict()}
+        with _timed(timings, f"quantize {recipe.name}"):
+            quantized = quantize_unet(pipe, recipe)
+        with _timed(timings, f"generate {recipe.name} (simulated fake-quant)"):
+            images = generate(quantized, prompts, desc=recipe.name, **gen)
+        entry["images"] = _save_images(out_dir, recipe.name, images)
+        entry["metrics"] = compare(baseline, images, prompts).to_dict()
+        entry["unet_sqnr_db"] = unet_output_sqnr(pipe.unet, quantized.unet, sequence_length)
+        entry["layers"] = layer_report(quantized.unet).to_dict()
+        if config.export:
+            with _timed(timings, f"export {recipe.name}"):
+                exported = export_onnx(quantized, out_dir / "onnx" / recipe.name)
+            entry["onnx"] = exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))}
+        results["recipes"][recipe.name] = entry
+        rows[recipe.name] = images
+        write_results(out_dir, results)  # finished recipes stay on disk if a later one is interrupted
+        del quantized
+        gc.collect()
+
+    grid = image_grid(rows, column_labels=[f"#{k} seed {config.seed + k}" for k in range(len(prompts))])
+    save_image(grid, out_dir / "grid.png")
+    results["grid"] = "grid.png"
+    write_results(out_dir, results)
+    write_report(out_dir, results)
+    logger.info("wrote %s", out_dir / "report.html")
+    return results

@@ -1,0 +1,98 @@
+"""Tiny real components (diffusers-style: seeded, a few channels, 2 inference steps on CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
+os.environ.setdefault("QUARK_DISABLE_COMPILE", "1")
+os.environ.setdefault("QUARK_LOG_LEVEL", "error")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER = FIXTURES / "tokenizer"
+
+
+def _text_encoder(tokenizer, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                            projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
+                         sample_size=16)
+
+
+def build_tiny_sd():
+    """An SD-1.x-style pipeline: 16x16 images, 8x8 latents, random weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4)
+    return StableDiffusionPipeline(vae=_vae(), unet=unet, text_encoder=_text_encoder(tokenizer), tokenizer=tokenizer,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def build_tiny_sdxl():
+    """An SDXL-style pipeline: two text encoders, added text/time conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        norm_num_groups=4)
+    return StableDiffusionXLPipeline(
+        vae=_vae(), unet=unet, text_encoder=_text_encoder(tokenizer), text_encoder_2=_text_encoder(tokenizer, True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler())
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny SD-1.x pipeline saved as a local diffusers folder (the layout of a Hub snapshot)."""
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_dir):
+    from diffquant import load_pipeline
+
+    return load_pipeline(str(tiny_sd_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe():
+    from diffquant import load_pipeline
+
+    return load_pipeline(device="cpu")

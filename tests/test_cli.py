@@ -1,0 +1,145 @@
+"""The CLI end to end: run the command, then reload what it wrote."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffquant.cli import main
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    status = main(["--quiet", "run", "--num-images", "3", "--steps", "4", "--out", str(out),
+                   "--prompt", "a red circle on a <b>blue</b> background", "--prompt",
+                   "a small green square on the left on a white background"])
+    assert status == 0
+    return out
+
+
+def test_run_writes_results_that_reload(shapes_run):
+    results = json.loads((shapes_run / "results.json").read_text())
+    assert results["schema_version"] == 1
+    assert results["config"]["type"] == "RunConfig" and results["config"]["version"] == 1
+    assert list(results["recipes"]) == ["int8-w", "fp8-w"]
+    assert json.loads((shapes_run / "config.json").read_text())["recipes"] == ["int8-w", "fp8-w"]
+    for name, entry in results["recipes"].items():
+        mean = entry["metrics"]["mean"]
+        assert mean["psnr_db"] > 15 and 0 < mean["ssim"] <= 1
+        assert entry["layers"]["n_quantized"] > 0
+        assert len(entry["images"]) == 3 and all((shapes_run / p).is_file() for p in entry["images"])
+    assert "shapeeval" not in results["recipes"]["int8-w"]["metrics"]["mean"]  # '<b>' prompt is off-grammar
+    assert any("simulated" in step for step in results["timings"])
+
+
+def test_run_onnx_files_open_in_onnx_runtime(shapes_run):
+    import onnxruntime as ort
+
+    results = json.loads((shapes_run / "results.json").read_text())
+    int8 = results["recipes"]["int8-w"]["onnx"]
+    fp8 = results["recipes"]["fp8-w"]["onnx"]
+    for entry in (int8, fp8):
+        session = ort.InferenceSession(str(shapes_run / entry["path"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["sample", "timestep", "encoder_hidden_states"]
+        assert entry["relative_error"] <= entry["relative_error_bound"]
+    assert int8["size_bytes"] < 0.4 * results["unet_fp32_bytes"]  # stored as int8
+
+
+def test_grid_has_a_row_per_recipe_and_a_column_per_image(shapes_run):
+    grid = Image.open(shapes_run / "grid.png")
+    assert grid.size == (110 + 3 * 128, 18 + 3 * 128)
+
+
+def test_report_escapes_prompt_html(shapes_run):
+    page = (shapes_run / "report.html").read_text()
+    assert "&lt;b&gt;blue&lt;/b&gt;" in page and "<b>blue</b>" not in page
+    assert "simulated" in page
+
+
+def test_report_shows_every_image_in_headless_chromium(shapes_run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    page = (shapes_run / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+             "document.body.setAttribute('data-probe',imgs.length+':'+imgs.filter(i=>i.naturalWidth>0).length)})"
+             "</script></body>")
+    (tmp_path / "probe.html").write_text(page.replace("</body>", probe))
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", (tmp_path / "probe.html").as_uri()],
+        capture_output=True, text=True, timeout=120).stdout
+    total, shown = dom.split('data-probe="')[1].split('"')[0].split(":")
+    assert int(total) >= 1 and total == shown
+
+
+def test_existing_output_folder_is_never_overwritten(tmp_path, tiny_sd_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["--quiet", "run", "--model", str(tiny_sd_dir), "--steps", "2", "--num-images", "1",
+                 "--recipes", "int8-w", "--no-export", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    fresh = [p for p in tmp_path.iterdir() if p.name.startswith("out-")]
+    assert len(fresh) == 1 and (fresh[0] / "results.json").is_file()
+
+
+def test_interrupted_run_keeps_finished_artifacts_valid(tmp_path, tiny_sd_dir, monkeypatch):
+    from diffquant import workflow
+
+    calls = []
+
+    def quantize_then_interrupt(pipe, recipe, *args, **kwargs):
+        calls.append(recipe)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(pipe, recipe, *args, **kwargs)
+
+    original = workflow.quantize_unet
+    monkeypatch.setattr(workflow, "quantize_unet", quantize_then_interrupt)
+    out = tmp_path / "out"
+    status = main(["--quiet", "run", "--model", str(tiny_sd_dir), "--steps", "2", "--num-images", "2",
+                   "--recipes", "int8-w,fp8-w", "--no-export", "--out", str(out)])
+    assert status == 130
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["recipes"]) == ["int8-w"]
+    assert all((out / p).is_file() for p in results["recipes"]["int8-w"]["images"])
+    assert not [p for p in out.rglob(".*")]  # no half-written temp file left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--recipes", "int4-w"], "unknown recipe 'int4-w': choose from int8-w"),
+    (["run", "--model", "/no/such/model"], "does not exist"),
+    (["run", "--dtype", "fp16", "--device", "cpu"], "--dtype fp32"),
+    (["view", "/no/such.onnx", "--no-browser"], "no ONNX file"),
+])
+def test_bad_input_is_one_line_without_traceback(argv, message, capsys, tmp_path):
+    assert main(["--quiet", *argv, *(["--out", str(tmp_path / "o")] if argv[0] == "run" else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_help_view_and_env_do_not_import_quark():
+    code = ("import sys, diffquant.cli as c; c.build_parser(); "
+            "assert not any(m.startswith('quark') for m in sys.modules), 'quark imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_step_subcommands_chain_on_saved_artifacts(tmp_path, tiny_sd_dir):
+    model = str(tiny_sd_dir)
+    common = ["--steps", "2", "--num-images", "2", "--prompt", "a red circle on a blue background"]
+    assert main(["--quiet", "quantize", "--model", model, "--recipe", "int8-w", "--out", str(tmp_path / "q")]) == 0
+    assert main(["--quiet", "generate", "--model", model, *common, "--out", str(tmp_path / "base")]) == 0
+    assert main(["--quiet", "generate", "--quantized", str(tmp_path / "q"), *common, "--out", str(tmp_path / "int8")]) == 0
+    assert main(["--quiet", "compare", str(tmp_path / "base"), str(tmp_path / "int8"), "--out", str(tmp_path / "cmp")]) == 0
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert comparison["results"][str(tmp_path / "int8")]["mean"]["psnr_db"] > 10
+    assert main(["--quiet", "export", str(tmp_path / "q"), "--out", str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "unet.onnx").is_file()
+    assert Path(tmp_path / "cmp" / "grid.png").is_file()

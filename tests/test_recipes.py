@@ -1,0 +1,57 @@
+import pytest
+
+from diffquant.errors import DiffquantError
+from diffquant.recipes import (RECIPES, PerChannel, PerTensor, Recipe, TensorQuant, get_recipe, parse_recipes,
+                               recipe_from_dict)
+
+
+def test_unknown_recipe_lists_the_valid_ones():
+    with pytest.raises(DiffquantError) as error:
+        get_recipe("int4-w")
+    message = str(error.value)
+    assert "int4-w" in message and all(name in message for name in RECIPES)
+
+
+def test_tutorial_recipes_are_there_with_their_per_channel_variants():
+    assert get_recipe("int8-w").weight == TensorQuant("int8", PerTensor(), "min_max")
+    assert get_recipe("fp8-w").weight.dtype == "fp8_e4m3"
+    assert isinstance(get_recipe("int8-w-pc").weight.granularity, PerChannel)
+    assert isinstance(get_recipe("fp8-w-pc").weight.granularity, PerChannel)
+    assert all(not r.needs_calibration for r in RECIPES.values() if r.name.endswith(("-w", "-w-pc")))
+
+
+def test_parse_recipes_refuses_blanks_and_duplicates():
+    assert [r.name for r in parse_recipes("int8-w,fp8-w")] == ["int8-w", "fp8-w"]
+    with pytest.raises(DiffquantError, match="twice"):
+        parse_recipes("int8-w,int8-w")
+    with pytest.raises(DiffquantError, match="empty"):
+        parse_recipes("int8-w,")
+
+
+def test_bad_dataclass_values_name_the_allowed_ones():
+    with pytest.raises(DiffquantError, match="int8, fp8_e4m3"):
+        TensorQuant("int4")
+    with pytest.raises(DiffquantError, match="min_max"):
+        TensorQuant("int8", observer="magic")
+
+
+def test_recipe_round_trips_through_its_versioned_dict():
+    recipe = get_recipe("int8-w-pc").with_exclude(["conv_in", "*time_emb*"])
+    data = recipe.to_dict()
+    assert data["type"] == "Recipe" and data["version"] == 1
+    assert recipe_from_dict(data) == recipe
+    assert get_recipe("int8-w-pc").exclude == ()  # the table's recipe is not mutated
+
+
+def test_quark_config_matches_the_recipe():
+    from quark.torch.quantization.config.type import Dtype, QSchemeType
+
+    from diffquant.recipes import to_quark_config
+
+    layer = to_quark_config(get_recipe("int8-w")).global_quant_config
+    assert layer.weight.dtype == Dtype.int8 and layer.weight.qscheme == QSchemeType.per_tensor
+    assert layer.weight.symmetric and layer.input_tensors is None
+    layer = to_quark_config(get_recipe("fp8-w-pc")).global_quant_config
+    assert layer.weight.dtype == Dtype.fp8_e4m3 and layer.weight.qscheme == QSchemeType.per_channel
+    w8a8 = Recipe("x", TensorQuant("int8", PerChannel()), TensorQuant("int8"))
+    assert to_quark_config(w8a8).global_quant_config.input_tensors.dtype == Dtype.int8
