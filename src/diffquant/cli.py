@@ -33,6 +33,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
 
 
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-prompts", metavar="SOURCE",
+                   help="calibration prompts: a .txt/.csv/.jsonl/.parquet file, a dataset folder or a Hugging Face "
+                        "dataset id (default for shapes-sd: captions drawn with a seed disjoint from evaluation)")
+    p.add_argument("--calib-size", type=int, default=64, help="calibration prompts (default 64)")
+    p.add_argument("--calib-steps", type=int, help="denoising steps of the capture run (default: --steps)")
+    p.add_argument("--calib-timesteps", type=int, default=8,
+                   help="timesteps kept per trajectory, spread uniformly (default 8; 0 = all)")
+    p.add_argument("--calib-column", help="prompt column (default: caption, TEXT, text or prompt)")
+    p.add_argument("--calib-split", default="train", help="dataset split (default train)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffquant", description="Quantize Stable Diffusion UNets with AMD Quark, "
                                      "measure what it costs, export to ONNX.")
@@ -47,8 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_generation(p)
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated ({recipe_help})")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="fnmatch pattern of module names kept in float, for every recipe (repeatable)")
+    _add_calibration(p)
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
     p.add_argument("--out", help="output folder (default ./diffquant-out/<timestamp>/; never overwritten)")
+
+    p = sub.add_parser("sensitivity", help="rank layers by the error they add alone; emit a mixed-precision recipe")
+    _add_model(p)
+    p.add_argument("--recipe", default="w8a8-int8", help="recipe to analyse (default w8a8-int8)")
+    p.add_argument("--by", choices=("layer", "block"), default="layer", help="unit quantized at a time")
+    p.add_argument("--steps", type=int, help="denoising steps of the capture run")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--keep-float", type=int, help="keep the K most sensitive units in float")
+    group.add_argument("--target-sqnr", type=float, help="keep the fewest units in float that reach this SQNR (dB)")
+    p.add_argument("--max-keep", type=int, default=16, help="longest keep-in-float curve measured (default 16)")
+    _add_calibration(p)
+    p.add_argument("--out", required=True, help="folder for sensitivity.json, sensitivity.png and the recipe")
 
     p = sub.add_parser("generate", help="generate seeded images with a model or a quantized UNet")
     _add_model(p)
@@ -89,28 +116,67 @@ def _cmd_run(args) -> int:
     config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
                        steps=args.steps, guidance=args.guidance,
                        recipes=[r.name for r in parse_recipes(args.recipes)],
-                       device=args.device, dtype=args.dtype, export=not args.no_export, out=args.out)
+                       device=args.device, dtype=args.dtype, export=not args.no_export, out=args.out,
+                       exclude=args.exclude, **_calibration_options(args))
     results = run(config)
     print(summary_table(results))
     print(f"report: {Path(results['out_dir']) / 'report.html'}")
     return 0
 
 
+def _calibration_options(args) -> dict:
+    return {"calib_prompts": args.calib_prompts, "calib_size": args.calib_size, "calib_steps": args.calib_steps,
+            "calib_timesteps": args.calib_timesteps or None, "calib_column": args.calib_column,
+            "calib_split": args.calib_split}
+
+
+def _cmd_sensitivity(args) -> int:
+    from .artifacts import write_json
+    from .generation import default_settings
+    from .pipeline import load_pipeline
+    from .recipes import get_recipe
+    from .sensitivity import analyze_sensitivity
+    from .workflow import RunConfig, calibrate
+
+    recipe = get_recipe(args.recipe)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    settings = default_settings(pipe)
+    config = RunConfig(model=args.model, **_calibration_options(args))
+    calibration, described = calibrate(pipe, config, steps=args.steps or settings.steps, guidance=settings.guidance)
+    result = analyze_sensitivity(pipe, recipe, calibration, unit=args.by, max_keep=args.max_keep)
+    out = Path(args.out)
+    data = result.to_dict() | {"calibration": described}
+    print(f"all {args.by}s quantized: {result.full_sqnr_db:.2f} dB; most sensitive:")
+    for name, sqnr in result.ranking[:10]:
+        print(f"  {sqnr:8.2f} dB  {name}")
+    print("keep K in float -> SQNR dB: " + ", ".join(f"{k}:{s:.1f}" for k, s in enumerate(result.keep_float_curve)))
+    if args.keep_float is not None or args.target_sqnr is not None:
+        mixed = result.mixed_recipe(args.keep_float, args.target_sqnr)
+        write_json(out / f"{mixed.name}.json", mixed.to_dict())
+        data["mixed_recipe"] = mixed.to_dict()
+        print(f"wrote {out / (mixed.name + '.json')}: use it with `diffquant run --recipes {out / (mixed.name + '.json')}`")
+    write_json(out / "sensitivity.json", data)
+    result.plot(out / "sensitivity.png")
+    print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
+    return 0
+
+
 def summary_table(results: dict) -> str:
     """A plain-text table of the run's quality, sizes and (labelled) times."""
-    lines = [f"{'recipe':<12} {'PSNR dB':>8} {'SSIM':>7} {'ShapeEval':>9} {'SQNR dB':>8} {'ONNX MB':>8} {'gen s*':>7}"]
+    lines = [f"{'recipe':<16} {'PSNR dB':>8} {'SSIM':>7} {'ShapeEval':>9} {'SQNR dB':>8} {'ONNX MB':>8} {'gen s*':>7}"]
     baseline_se = (results.get("baseline") or {}).get("shapeeval")
     timings = results.get("timings", {})
-    lines.append(f"{'baseline':<12} {'':>8} {'':>7} "
-                 f"{(f'{baseline_se['overall']:.3f}' if baseline_se else 'n/a'):>9} {'':>8} "
+    baseline_score = f"{baseline_se['overall']:.3f}" if baseline_se else "n/a"
+    lines.append(f"{'baseline':<16} {'':>8} {'':>7} {baseline_score:>9} {'':>8} "
                  f"{results.get('unet_fp32_bytes', 0) / 1e6:>8.1f} {timings.get('generate baseline', 0):>7.1f}")
     for name, r in results.get("recipes", {}).items():
         mean = r["metrics"]["mean"]
         se = mean.get("shapeeval")
         onnx_mb = r["onnx"]["size_bytes"] / 1e6 if r.get("onnx") else float("nan")
         gen = timings.get(f"generate {name} (simulated fake-quant)", float("nan"))
-        lines.append(f"{name:<12} {mean['psnr_db']:>8.2f} {mean['ssim']:>7.4f} "
-                     f"{(f'{se['overall']:.3f}' if se else 'n/a'):>9} {r['unet_sqnr_db']:>8.2f} {onnx_mb:>8.1f} {gen:>7.1f}")
+        score = f"{se['overall']:.3f}" if se else "n/a"
+        lines.append(f"{name:<16} {mean['psnr_db']:>8.2f} {mean['ssim']:>7.4f} "
+                     f"{score:>9} {r['unet_sqnr_db']:>8.2f} {onnx_mb:>8.1f} {gen:>7.1f}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
                  "Baseline 'ONNX MB' is the fp32 parameter size.")
     return "\n".join(lines)
@@ -235,7 +301,7 @@ def _cmd_env(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "generate": _cmd_generate, "quantize": _cmd_quantize, "compare": _cmd_compare,
+COMMANDS = {"run": _cmd_run, "sensitivity": _cmd_sensitivity, "generate": _cmd_generate, "quantize": _cmd_quantize, "compare": _cmd_compare,
             "export": _cmd_export, "view": _cmd_view, "env": _cmd_env}
 
 

@@ -94,6 +94,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            description="fp8 e4m3 weights, per-tensor (the tutorial's fp8 recipe)"),
     Recipe("fp8-w-pc", TensorQuant(FP8, PerChannel()),
            description="fp8 e4m3 weights, per-output-channel"),
+    Recipe("w8a8-int8", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
+           description="int8 weights per channel, int8 static per-tensor input activations (calibrated)"),
+    Recipe("w8a8-fp8", TensorQuant(FP8, PerTensor()), TensorQuant(FP8, PerTensor()),
+           description="fp8 e4m3 weights and static per-tensor input activations (calibrated)"),
 )}
 DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
@@ -115,9 +119,21 @@ def recipe_from_dict(data: dict) -> Recipe:
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
-    """Look a recipe up by its CLI name (a Recipe passes through)."""
+    """Look a recipe up by its CLI name, or read a recipe .json file (e.g. one written by
+    `diffquant sensitivity`); a Recipe passes through."""
     if isinstance(name, Recipe):
         return name
+    if name.endswith(".json"):
+        import json
+        from pathlib import Path
+
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise DiffquantError(f"recipe file {path} does not exist: pass a name ({', '.join(RECIPES)}) or a .json file")
+        try:
+            return recipe_from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as error:
+            raise DiffquantError(f"recipe file {path} is not a diffquant recipe ({error})") from None
     try:
         return RECIPES[name]
     except KeyError:

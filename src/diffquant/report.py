@@ -65,6 +65,12 @@ def render_html(out_dir: Path, results: dict) -> str:
         parts.append("<h2>Images</h2><p>Rows: baseline, then each recipe; columns: prompts.</p>"
                      + _img(out_dir / results["grid"], "comparison grid"))
 
+    calibration = results.get("calibration")
+    if calibration:
+        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['prompts']))} prompts from "
+                     f"{e(str(calibration['source']))}, {e(str(calibration['unet_calls']))} UNet calls recorded "
+                     f"(both guidance halves) at timesteps {e(', '.join(map(str, calibration['timesteps'])))} "
+                     f"of a {e(str(calibration['steps']))}-step trajectory.</p>")
     recipes = results.get("recipes", {})
     baseline_se = results.get("baseline", {}).get("shapeeval")
     rows = []

@@ -14,7 +14,8 @@ import torch
 
 from .artifacts import new_run_dir, save_image, write_json
 from .errors import DiffquantError
-from .export import example_inputs, export_onnx
+from .calibration import recording_unet_inputs
+from .export import export_onnx
 from .generation import default_prompts, default_settings, generate, image_grid
 from .metrics import compare, prompt_adherence, sqnr_db
 from .pipeline import load_pipeline
@@ -24,6 +25,7 @@ from .report import versions, write_report, write_results
 
 logger = logging.getLogger(__name__)
 CONFIG_VERSION = 1
+CALIBRATION_SEED = 31_337  # shapes-sd calibration captions; evaluation captions use other seeds
 
 
 @dataclass
@@ -41,6 +43,13 @@ class RunConfig:
     dtype: str = "auto"
     export: bool = True
     out: str | None = None
+    exclude: list[str] = field(default_factory=list)
+    calib_prompts: str | None = None
+    calib_size: int = 64
+    calib_steps: int | None = None
+    calib_timesteps: int | None = 8
+    calib_column: str | None = None
+    calib_split: str = "train"
 
     def to_dict(self) -> dict:
         return {"type": "RunConfig", "version": CONFIG_VERSION, **asdict(self)}
@@ -89,12 +98,31 @@ def _timed(timings: dict, step: str):
     timings[step] = round(time.perf_counter() - started, 3)
 
 
-def unet_output_sqnr(baseline_unet, quantized_unet, sequence_length: int) -> float:
-    """SQNR (dB) of the quantized UNet's output vs the baseline's on the same (seeded) example inputs."""
-    inputs = example_inputs(baseline_unet, batch_size=2, sequence_length=sequence_length, seed=1)
+def calibrate(pipe, config: RunConfig, steps: int, guidance: float):
+    """Load the calibration prompts and capture UNet inputs with the generation settings.
+
+    Returns (calibration set, a JSON-able description of it)."""
+    from .calibration import CalibrationConfig, capture_unet_inputs
+    from .pipeline import is_shapes_sd
+    from .prompt_sources import load_prompts
+    from .shapes.dataset import sample_captions
+
+    default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if is_shapes_sd(pipe) else None
+    prompts = load_prompts(config.calib_prompts, config.calib_size, column=config.calib_column,
+                           split=config.calib_split, default=default)
+    calib_config = CalibrationConfig(size=len(prompts), steps=config.calib_steps or steps,
+                                     timesteps=config.calib_timesteps, guidance=guidance)
+    captured = capture_unet_inputs(pipe, prompts, calib_config)
+    return captured, {"source": config.calib_prompts or "shapes-sd captions (seed disjoint from evaluation)",
+                      "prompts": len(prompts), "unet_calls": len(captured),
+                      "timesteps": sorted(set(captured.timesteps), reverse=True), "steps": calib_config.steps}
+
+
+def unet_output_sqnr(baseline_unet, quantized_unet, inputs) -> float:
+    """SQNR (dB) of the quantized UNet's output vs the baseline's over the same recorded inputs."""
     with torch.no_grad():
-        reference = baseline_unet(**inputs, return_dict=False)[0]
-        test = quantized_unet(**inputs, return_dict=False)[0]
+        reference = torch.cat([baseline_unet(**item, return_dict=False)[0].flatten() for item in inputs])
+        test = torch.cat([quantized_unet(**item, return_dict=False)[0].flatten() for item in inputs])
     return sqnr_db(reference, test)
 
 
@@ -124,7 +152,6 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
     steps = config.steps or settings.steps
     guidance = settings.guidance if config.guidance is None else config.guidance
     prompts = _prompts(pipe, config)
-    sequence_length = pipe.tokenizer.model_max_length if getattr(pipe, "tokenizer", None) else 77
     results: dict = {
         "out_dir": str(out_dir), "model": config.model or "shapes-sd (embedded)", "prompts": prompts,
         "settings": {"seed": config.seed, "steps": steps, "guidance": guidance},
@@ -132,8 +159,13 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
         "unet_fp32_bytes": sum(p.numel() * 4 for p in pipe.unet.parameters()),
     }
     gen = dict(seed=config.seed, steps=steps, guidance=guidance)
+    calibration = None
+    if any(r.needs_calibration for r in recipes):
+        with _timed(timings, "calibrate"):
+            calibration, results["calibration"] = calibrate(pipe, config, steps=steps, guidance=guidance)
 
-    with _timed(timings, "generate baseline"):
+    # The UNet inputs of the evaluation trajectories, for the UNet-output SQNR of each recipe.
+    with _timed(timings, "generate baseline"), recording_unet_inputs(pipe, steps, timesteps=4) as eval_inputs:
         baseline = generate(pipe, prompts, desc="baseline", **gen)
     results["baseline"] = {"images": _save_images(out_dir, "baseline", baseline),
                            "shapeeval": prompt_adherence(baseline, prompts)}
@@ -143,12 +175,13 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
     for recipe in recipes:
         entry: dict = {"recipe": recipe.to_dict()}
         with _timed(timings, f"quantize {recipe.name}"):
-            quantized = quantize_unet(pipe, recipe)
+            quantized = quantize_unet(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
+                                      exclude=config.exclude)
         with _timed(timings, f"generate {recipe.name} (simulated fake-quant)"):
             images = generate(quantized, prompts, desc=recipe.name, **gen)
         entry["images"] = _save_images(out_dir, recipe.name, images)
         entry["metrics"] = compare(baseline, images, prompts).to_dict()
-        entry["unet_sqnr_db"] = unet_output_sqnr(pipe.unet, quantized.unet, sequence_length)
+        entry["unet_sqnr_db"] = unet_output_sqnr(pipe.unet, quantized.unet, eval_inputs)
         entry["layers"] = layer_report(quantized.unet).to_dict()
         if config.export:
             with _timed(timings, f"export {recipe.name}"):

@@ -1,0 +1,149 @@
+"""Sensitivity analysis: quantize one layer (or block) at a time, rank by the UNet output's SQNR,
+and derive a mixed-precision recipe that keeps the most sensitive layers in float.
+
+The UNet is quantized and calibrated once; each candidate is then measured by turning Quark's fake
+quantization on for that layer only, which costs one evaluation pass per layer instead of one
+quantization per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .errors import DiffquantError
+from .metrics import sqnr_db
+from .progress import progress
+from .quantize import layer_report, quantize_unet
+from .recipes import Recipe, get_recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SensitivityResult:
+    """Layers (or blocks) ranked from most to least sensitive, with the SQNR (dB) of the UNet output
+    when only that unit is quantized; `keep_float_curve[k]` is the full model's SQNR with the k most
+    sensitive units left in float."""
+
+    recipe: Recipe
+    unit: str
+    full_sqnr_db: float
+    ranking: list[tuple[str, float]]
+    members: dict[str, list[str]] = field(default_factory=dict)
+    keep_float_curve: list[float] = field(default_factory=list)
+
+    def mixed_recipe(self, keep_float: int | None = None, target_sqnr_db: float | None = None) -> Recipe:
+        """The recipe with the K most sensitive units in float: K given, or the smallest K whose
+        measured full-model SQNR reaches `target_sqnr_db`."""
+        if (keep_float is None) == (target_sqnr_db is None):
+            raise DiffquantError("pass exactly one of --keep-float K or --target-sqnr DB")
+        if keep_float is None:
+            reached = [k for k, sqnr in enumerate(self.keep_float_curve) if sqnr >= target_sqnr_db]
+            if not reached:
+                best = max(self.keep_float_curve)
+                raise DiffquantError(f"no measured K reaches {target_sqnr_db} dB (best {best:.1f} dB): lower the "
+                                     "target or raise --max-keep")
+            keep_float = reached[0]
+        names = [n for unit, _ in self.ranking[:keep_float] for n in self.members.get(unit, [unit])]
+        return replace(self.recipe.with_exclude(names), name=f"{self.recipe.name}-mixed{keep_float}")
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe.to_dict(), "unit": self.unit, "full_sqnr_db": self.full_sqnr_db,
+                "ranking": [{"name": n, "sqnr_db": s} for n, s in self.ranking],
+                "keep_float_curve_db": self.keep_float_curve}
+
+    def plot(self, path: Path, top: int = 25) -> Path:
+        """A horizontal bar chart of the `top` most sensitive units (matplotlib, PNG, written atomically)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from .artifacts import atomic_path
+
+        shown = self.ranking[:top][::-1]
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(shown) + 1.2))
+        ax.barh([n for n, _ in shown], [s for _, s in shown], color="#c44")
+        ax.axvline(self.full_sqnr_db, color="black", linestyle="--", label=f"all quantized: {self.full_sqnr_db:.1f} dB")
+        ax.set_xlabel("UNet output SQNR with only this unit quantized (dB, lower = more sensitive)")
+        ax.set_title(f"{self.recipe.name}: most sensitive {self.unit}s")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        return Path(path)
+
+
+def _quantizers(module) -> list:
+    return [q for q in (getattr(module, "_weight_quantizer", None), getattr(module, "_input_quantizer", None))
+            if q is not None]
+
+
+def _set_enabled(modules, enabled: bool) -> None:
+    for module in modules:
+        for quantizer in _quantizers(module):
+            quantizer.enable_fake_quant(enabled)
+
+
+def _unit_of(name: str, unit: str) -> str:
+    if unit == "layer":
+        return name
+    parts = name.split(".")
+    # down_blocks.1.attentions.0.* -> down_blocks.1.attentions.0; conv_in -> conv_in
+    return ".".join(parts[:4]) if parts[0] in ("down_blocks", "up_blocks") else ".".join(parts[:2])
+
+
+def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: list[dict] | None = None,
+                        unit: str = "layer", max_keep: int = 16) -> SensitivityResult:
+    """Rank the UNet's layers (unit='layer') or blocks (unit='block') by how much quantizing them alone
+    hurts the output SQNR on `eval_inputs` (default: up to 8 items of the calibration data).
+
+    Returns:
+        A `SensitivityResult`, most sensitive first, with the keep-in-float curve up to `max_keep`.
+    """
+    if unit not in ("layer", "block"):
+        raise DiffquantError(f"unknown sensitivity unit {unit!r}: use layer or block")
+    recipe = get_recipe(recipe)
+    quantized = quantize_unet(pipe, recipe, calibration=calibration if recipe.needs_calibration else None)
+    eval_inputs = list(eval_inputs or [calibration[i] for i in range(min(8, len(calibration)))])
+    if not eval_inputs:
+        raise DiffquantError("sensitivity needs evaluation inputs: pass calibration data")
+
+    def outputs(unet) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([unet(**item, return_dict=False)[0].flatten().float() for item in eval_inputs])
+
+    reference = outputs(pipe.unet)
+    modules = dict(quantized.unet.named_modules())
+    names = list(layer_report(quantized.unet).quantized)
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault(_unit_of(name, unit), []).append(name)
+    all_modules = [modules[n] for n in names]
+    full = sqnr_db(reference, outputs(quantized.unet))
+
+    scores = []
+    _set_enabled(all_modules, False)
+    try:
+        for key in progress(units, desc=f"sensitivity ({unit})", total=len(units)):
+            members = [modules[n] for n in units[key]]
+            _set_enabled(members, True)
+            scores.append((key, sqnr_db(reference, outputs(quantized.unet))))
+            _set_enabled(members, False)
+        ranking = sorted(scores, key=lambda pair: pair[1])
+        _set_enabled(all_modules, True)
+        curve = [full]
+        for key, _ in progress(ranking[:max_keep], desc="keep-float curve"):
+            _set_enabled([modules[n] for n in units[key]], False)
+            curve.append(sqnr_db(reference, outputs(quantized.unet)))
+    finally:
+        _set_enabled(all_modules, True)
+    logger.info("sensitivity of %s: all quantized %.1f dB; most sensitive %s (%.1f dB alone)",
+                recipe.name, full, ranking[0][0], ranking[0][1])
+    return SensitivityResult(recipe, unit, full, ranking, units, curve)

@@ -1,0 +1,134 @@
+"""Calibration capture, W8A8 quantization with it, sensitivity analysis, and the W8A8 ONNX export."""
+
+import onnx
+import pytest
+import torch
+
+from diffquant import layer_report, quantize_unet
+from diffquant.calibration import (CalibrationConfig, CalibrationSet, capture_unet_inputs, kept_step_indices,
+                                   random_calibration)
+from diffquant.errors import DiffquantError
+from diffquant.metrics import sqnr_db
+
+PROMPTS = ["a red circle on a blue background", "a small green square on the left on a white background",
+           "a black triangle on a red background"]
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_sd):
+    return capture_unet_inputs(tiny_sd, PROMPTS, CalibrationConfig(size=3, steps=6, timesteps=3, batch_size=2))
+
+
+def test_kept_timesteps_are_spread_over_the_trajectory():
+    assert kept_step_indices(10, None) == list(range(10))
+    assert kept_step_indices(10, 4) == [0, 3, 6, 9]
+    assert kept_step_indices(25, 8)[0] == 0 and kept_step_indices(25, 8)[-1] == 24
+    assert len(kept_step_indices(25, 8)) == 8
+    assert kept_step_indices(3, 8) == [0, 1, 2]
+
+
+def test_capture_records_every_kept_call_with_both_cfg_halves(tiny_sd, calibration):
+    # 3 prompts in batches of 2 -> 2 pipeline calls; 3 kept steps each -> 6 UNet calls.
+    assert len(calibration) == 6
+    tiny_sd.scheduler.set_timesteps(6)
+    schedule = [int(t) for t in tiny_sd.scheduler.timesteps]
+    expected = [schedule[i] for i in kept_step_indices(6, 3)]
+    assert calibration.timesteps == expected * 2
+    first, last = calibration[0], calibration[5]
+    assert first["sample"].shape == (4, 4, 8, 8)  # 2 prompts x (unconditional, conditional)
+    assert last["sample"].shape == (2, 4, 8, 8)  # the third prompt alone
+    assert first["encoder_hidden_states"].shape == (4, 16, 32)
+    assert first["timestep"].shape == (4,)
+    uncond, cond = first["encoder_hidden_states"].chunk(2)
+    assert not torch.equal(uncond, cond)  # the empty prompt and the caption differ
+
+
+def test_capture_records_sdxl_added_conditioning(tiny_sdxl_dir):
+    from diffquant import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sdxl_dir), device="cpu")
+    captured = capture_unet_inputs(pipe, PROMPTS[:1], CalibrationConfig(size=1, steps=4, timesteps=2))
+    assert len(captured) == 2
+    added = captured[0]["added_cond_kwargs"]
+    assert added["text_embeds"].shape == (2, 32) and added["time_ids"].shape == (2, 6)
+
+
+def test_spilled_calibration_round_trips(monkeypatch, calibration):
+    from diffquant import calibration as module
+
+    monkeypatch.setattr(module, "MEMORY_LIMIT_BYTES", 0)
+    spilled = CalibrationSet()
+    for item in calibration:
+        spilled.append(item)
+    assert spilled._spill is not None and len(list(spilled._spill.iterdir())) == len(calibration)
+    for a, b in zip(spilled, calibration):
+        assert torch.equal(a["sample"], b["sample"]) and torch.equal(a["timestep"], b["timestep"])
+
+
+@pytest.mark.parametrize("name, dtype", [("w8a8-int8", "int8"), ("w8a8-fp8", "fp8_e4m3")])
+def test_w8a8_quantizes_weights_and_activations(tiny_sd, calibration, name, dtype):
+    quantized = quantize_unet(tiny_sd, name, calibration=calibration)
+    descriptions = set(layer_report(quantized.unet).quantized.values())
+    assert all(f"act {dtype} per_tensor" in d for d in descriptions)
+    with torch.no_grad():
+        reference = tiny_sd.unet(**calibration[0], return_dict=False)[0]
+        out = quantized.unet(**calibration[0], return_dict=False)[0]
+    # A random tiny UNet has outlier activations; garbage scales (empty calibration) give < 1 dB.
+    assert torch.isfinite(out).all() and sqnr_db(reference, out) > 5
+
+
+def test_w8a8_without_calibration_is_refused(tiny_sd):
+    with pytest.raises(DiffquantError, match="needs calibration"):
+        quantize_unet(tiny_sd, "w8a8-int8")
+
+
+def test_real_calibration_beats_random_inputs(tiny_sd, calibration):
+    random = random_calibration(tiny_sd.unet, n=len(calibration), sequence_length=16)
+    real_q = quantize_unet(tiny_sd, "w8a8-int8", calibration=calibration)
+    random_q = quantize_unet(tiny_sd, "w8a8-int8", calibration=random)
+
+    def sqnr(unet):
+        with torch.no_grad():
+            ref = torch.cat([tiny_sd.unet(**c, return_dict=False)[0].flatten() for c in calibration])
+            out = torch.cat([unet(**c, return_dict=False)[0].flatten() for c in calibration])
+        return sqnr_db(ref, out)
+
+    assert sqnr(real_q.unet) > sqnr(random_q.unet)
+
+
+def test_w8a8_export_has_activation_qdq_and_matches_ort(tiny_sd, calibration, tmp_path):
+    from diffquant import export_onnx
+    from diffquant.export import MAX_RELATIVE_ERROR
+
+    # The random tiny UNet's skip concatenations reach +-77 at some timesteps, so conv_shortcut's input
+    # step is 0.6 on values of +-2.5 at others: one rounding tie flipped upstream then moves the output
+    # by a whole coarse step, and ORT and torch legitimately part (25%). Trained shapes-sd has no such
+    # outliers; here those 5 layers stay float so the parity check tests the export, not the model.
+    quantized = quantize_unet(tiny_sd, "w8a8-int8", calibration=calibration, exclude=["*conv_shortcut"])
+    result = export_onnx(quantized, tmp_path / "w8a8")
+    model = onnx.load(str(result.path))
+    initializers = {t.name for t in model.graph.initializer}
+    # Weight Q/DQ is folded into INT8 initializers, so every QuantizeLinear left acts on an activation.
+    activation_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in initializers]
+    assert len(activation_q) >= 10
+    assert result.relative_error <= MAX_RELATIVE_ERROR
+
+
+def test_sensitivity_ranks_a_damaged_layer_first(tiny_sd, calibration):
+    import copy
+
+    from diffquant.sensitivity import analyze_sensitivity
+
+    damaged = copy.copy(tiny_sd)
+    damaged.unet = copy.deepcopy(tiny_sd.unet)
+    layer = damaged.unet.down_blocks[1].attentions[0].transformer_blocks[0].ff.net[2]
+    with torch.no_grad():
+        layer.weight[0, 0] = layer.weight.abs().max() * 300  # one outlier: per-tensor int8 zeroes the rest
+    result = analyze_sensitivity(damaged, "int8-w", calibration, max_keep=3)
+    assert result.ranking[0][0] == "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
+    assert len(result.keep_float_curve) == 4 and result.keep_float_curve[1] > result.keep_float_curve[0]
+    mixed = result.mixed_recipe(keep_float=1)
+    assert mixed.exclude == ("down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",)
+    assert mixed.name == "int8-w-mixed1"
+    target = result.mixed_recipe(target_sqnr_db=result.keep_float_curve[1])
+    assert len(target.exclude) <= 1
