@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--no-browser", action="store_true", help="only print the URL")
 
+    p = sub.add_parser("bench", help="side-by-side latency, memory and size: torch, fake-quant, ONNX Runtime")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="pipeline to benchmark (default: shapes-sd)")
+    source.add_argument("--arch", help="a real UNet architecture with random weights instead (sd15)")
+    p.add_argument("--recipe", default="w8a8-int8", help="recipe of the quantized rows (default w8a8-int8)")
+    p.add_argument("--iterations", type=int, default=10, help="timed UNet calls per row (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--batch", type=int, default=2, help="UNet batch (default 2: one image with guidance)")
+    p.add_argument("--images", type=int, default=2, help="images for the time per image (default 2)")
+    p.add_argument("--no-compile", action="store_true", help="skip the fake-quant row through torch.compile")
+    p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
+
     sub.add_parser("env", help="versions, devices and settings that matter for a run")
     return parser
 
@@ -276,6 +288,19 @@ def _cmd_view(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .artifacts import new_run_dir
+    from .bench import benchmark
+
+    out = Path(args.out) if args.out else new_run_dir()
+    result = benchmark(model=args.model, arch=args.arch, recipe=args.recipe, iterations=args.iterations,
+                       warmup=args.warmup, batch=args.batch, images=args.images, out=out,
+                       fake_quant_compiled=not args.no_compile)
+    print(result.table())
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
 def _cmd_env(args) -> int:
     from importlib import metadata
 
@@ -302,7 +327,7 @@ def _cmd_env(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "sensitivity": _cmd_sensitivity, "generate": _cmd_generate, "quantize": _cmd_quantize, "compare": _cmd_compare,
-            "export": _cmd_export, "view": _cmd_view, "env": _cmd_env}
+            "export": _cmd_export, "view": _cmd_view, "env": _cmd_env, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,7 +105,58 @@ def _sequence_length(pipe_or_unet) -> tuple[torch.nn.Module, int]:
     return unet, (tokenizer.model_max_length if tokenizer is not None else 77)
 
 
-def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2) -> OnnxExport:
+# Protobuf cannot serialize a model of 2 GB or more (an SD 1.5 UNet is 3.4 GB in fp32), and Quark's
+# export passes re-save the whole model with plain onnx.save. Above this size every save writes
+# the tensors to one external data file beside the graph instead.
+EXTERNAL_DATA_ABOVE_BYTES = 1_800_000_000
+
+
+@contextlib.contextmanager
+def _external_data_saves(model_bytes: int):
+    """While active, onnx.save/save_model write external data (replacing a previous data file) when the
+    model exported is large; small models keep the single self-contained file."""
+    import onnx
+
+    if model_bytes < EXTERNAL_DATA_ABOVE_BYTES:
+        yield
+        return
+    original = onnx.save_model
+
+    def save_model(proto, f, *args, **kwargs):
+        path = Path(f)
+        data = path.with_name(path.name + ".data")
+        if isinstance(proto, onnx.ModelProto):
+            if data.exists():
+                data.unlink()  # onnx appends to an existing data file
+            kwargs.update(save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                          size_threshold=1024)
+        return original(proto, f, *args, **kwargs)
+
+    onnx.save_model = onnx.save = save_model
+    try:
+        yield
+    finally:
+        onnx.save_model = onnx.save = original
+
+
+def export_fp32_onnx(unet: torch.nn.Module, out_dir: str | Path, sequence_length: int = 77,
+                     batch_size: int = 2) -> Path:
+    """Export the float UNet (the reference for ONNX Runtime speed) to `out_dir/unet.onnx`, with the
+    same named inputs and dynamic batch as the quantized export."""
+    inputs = example_inputs(unet, batch_size, sequence_length)
+    names = list(inputs)
+    wrapper = _UNetForExport(unet).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    with atomic_dir(Path(out_dir)) as tmp, torch.no_grad():
+        torch.onnx.export(wrapper, tuple(inputs.values()), str(tmp / ONNX_NAME), input_names=names,
+                          output_names=["out_sample"], dynamo=False, opset_version=20,
+                          dynamic_axes={name: {0: "batch"} for name in names} | {"out_sample": {0: "batch"}},
+                          external_data=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
+    return Path(out_dir) / ONNX_NAME
+
+
+def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2,
+                sequence_length: int | None = None) -> OnnxExport:
     """Export a quantized UNet to `out_dir/unet.onnx` with Quark, then check it.
 
     The un-frozen model is exported: Quark then stores int8 weights as INT8 initializers feeding
@@ -115,6 +166,7 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2) -> OnnxE
         pipe_or_unet: a pipeline from `quantize_unet` (its tokenizer gives the text length) or a UNet.
         out_dir: folder to write to (replaced atomically: an interrupted export leaves nothing behind).
         batch_size: batch of the example inputs; the batch axis is dynamic in the graph.
+        sequence_length: text tokens of the example inputs (default: the pipeline tokenizer's, or 77).
 
     Returns:
         An `OnnxExport`; raises DiffquantError when ONNX Runtime's output differs from torch's by more
@@ -124,7 +176,8 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2) -> OnnxE
 
     from .quantize import import_quark
 
-    unet, sequence_length = _sequence_length(pipe_or_unet)
+    unet, default_length = _sequence_length(pipe_or_unet)
+    sequence_length = sequence_length or default_length
     quark_torch = import_quark(unet.device)
     inputs = example_inputs(unet, batch_size, sequence_length)
     names = list(inputs)
@@ -135,10 +188,17 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2) -> OnnxE
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         axes = {name: {0: "batch"} for name in names} | {"out_sample": {0: "batch"}}
-        with _dynamic_batch(axes), torch.no_grad():
+        model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+        with _dynamic_batch(axes), _external_data_saves(model_bytes), torch.no_grad():
             quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
                                     output_names=["out_sample"])
         (tmp / "quark_model.onnx").rename(tmp / ONNX_NAME)
+        data = tmp / "quark_model.onnx.data"
+        if data.exists():  # external data: point the graph at the renamed data file
+            model = onnx.load(str(tmp / ONNX_NAME))
+            data.unlink()
+            onnx.save_model(model, str(tmp / ONNX_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=ONNX_NAME + ".data", size_threshold=1024)
         onnx.checker.check_model(str(tmp / ONNX_NAME))
     seconds = time.perf_counter() - started
     path = out_dir / ONNX_NAME

@@ -99,32 +99,17 @@ def layer_report(unet: torch.nn.Module) -> LayerReport:
     return report
 
 
-def quantize_unet(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
-                  exclude: tuple[str, ...] | list[str] = ()):
-    """Quantize a copy of `pipe.unet` with Quark and return a new pipeline that uses it.
-
-    The original pipeline and its UNet are left untouched, so a baseline and several recipes can be
-    compared in one process; the new pipeline shares the text encoder, VAE, tokenizer and scheduler.
-
-    Args:
-        pipe: a pipeline from `load_pipeline`.
-        recipe: a recipe name (see `diffquant.RECIPES`) or a `Recipe`.
-        calibration: UNet forward kwargs dicts (from `calibrate`); required when the recipe
-            quantizes activations, ignored (never read) for weight-only recipes.
-        exclude: extra fnmatch patterns of module names kept in float.
-
-    Returns:
-        A pipeline of the same class whose `unet` is the quantized copy.
-    """
+def quantize_module(unet: torch.nn.Module, recipe: str | Recipe, calibration: list[dict] | None = None,
+                    exclude: tuple[str, ...] | list[str] = ()) -> torch.nn.Module:
+    """Quantize a copy of a bare UNet with Quark (see `quantize_unet`); `unet` is left untouched."""
     recipe = get_recipe(recipe)
     if exclude:
         recipe = recipe.with_exclude(tuple(exclude))
     if recipe.needs_calibration and not calibration:
         raise DiffquantError(f"recipe {recipe.name} quantizes activations and needs calibration data, got "
                              f"{'an empty list' if calibration is not None else 'none'}: pass calibrate(pipe, prompts)")
-    device = pipe.unet.device
-    quark_torch = import_quark(device)
-    unet = copy.deepcopy(pipe.unet)
+    quark_torch = import_quark(unet.device)
+    unet = copy.deepcopy(unet)
     excluded = match_exclusions(unet, recipe.exclude)
     if excluded:
         logger.info("%s: keeping %d layers in float: %s", recipe.name, len(excluded), ", ".join(excluded))
@@ -135,8 +120,28 @@ def quantize_unet(pipe, recipe: str | Recipe, calibration: list[dict] | None = N
     logger.info("quantized the UNet with %s in %.1f s", recipe.name, time.perf_counter() - started)
     unet.eval()
     unet.diffquant_recipe = recipe  # read back by save_quantized
+    return unet
+
+
+def quantize_unet(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
+                  exclude: tuple[str, ...] | list[str] = ()):
+    """Quantize a copy of `pipe.unet` with Quark and return a new pipeline that uses it.
+
+    The original pipeline and its UNet are left untouched, so a baseline and several recipes can be
+    compared in one process; the new pipeline shares the text encoder, VAE, tokenizer and scheduler.
+
+    Args:
+        pipe: a pipeline from `load_pipeline`.
+        recipe: a recipe name (see `diffquant.RECIPES`), a recipe .json file, or a `Recipe`.
+        calibration: UNet forward kwargs dicts (from `calibration.capture_unet_inputs`); required when
+            the recipe quantizes activations, never read for weight-only recipes.
+        exclude: extra fnmatch patterns of module names kept in float.
+
+    Returns:
+        A pipeline of the same class whose `unet` is the quantized copy.
+    """
     components = dict(pipe.components)
-    components["unet"] = unet
+    components["unet"] = quantize_module(pipe.unet, recipe, calibration, exclude)
     if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
         components["requires_safety_checker"] = pipe.config.get("requires_safety_checker", False)
     quantized = type(pipe)(**components)

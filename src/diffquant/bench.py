@@ -1,0 +1,250 @@
+"""Side-by-side benchmark: UNet-call latency (median, p90 after warm-up), time per image, peak memory
+and artifact size for torch fp32, torch fake-quant (simulated; with and without Quark's
+torch.compile), ONNX Runtime fp32 and ONNX Runtime with the quantized QDQ graph. Ratios are against
+the torch fp32 row, measured in the same process and run."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifacts import atomic_path, write_json
+from .errors import DiffquantError
+
+logger = logging.getLogger(__name__)
+BENCH_VERSION = 1
+
+
+@dataclass
+class BenchRow:
+    """One configuration's measurements; times in milliseconds/seconds, sizes in MB."""
+
+    name: str
+    simulated: bool
+    unet_ms_median: float
+    unet_ms_p90: float
+    first_call_s: float
+    image_s: float | None
+    peak_rss_mb: float
+    artifact_mb: float
+    speedup: float = 1.0
+    size_ratio: float = 1.0
+
+
+@dataclass
+class BenchResult:
+    model: str
+    batch: int
+    latent: list[int]
+    iterations: int
+    rows: list[BenchRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"type": "BenchResult", "version": BENCH_VERSION, **asdict(self)}
+
+    def table(self) -> str:
+        head = (f"{'configuration':<34} {'UNet ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
+                f"{'first s':>8} {'peak MB':>8} {'size MB':>8} {'x size':>7}")
+        lines = [head]
+        for r in self.rows:
+            label = r.name + (" (simulated)" if r.simulated else "")
+            image = f"{r.image_s:8.2f}" if r.image_s is not None else f"{'n/a':>8}"
+            lines.append(f"{label:<34} {r.unet_ms_median:>13.1f} {r.unet_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
+                         f"{r.first_call_s:>8.2f} {r.peak_rss_mb:>8.0f} {r.artifact_mb:>8.1f} {r.size_ratio:>7.2f}")
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def plot(self, path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [r.name + ("*" if r.simulated else "") for r in self.rows]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5))
+        left.barh(names, [r.unet_ms_median for r in self.rows], color="#4a7")
+        left.set_xlabel("UNet call, median ms (lower is better)")
+        right.barh(names, [r.artifact_mb for r in self.rows], color="#47a")
+        right.set_xlabel("artifact size, MB")
+        right.set_yticks([])
+        fig.suptitle(f"{self.model}: batch {self.batch}, latent {self.latent} (* simulated fake-quant)")
+        fig.tight_layout()
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        return Path(path)
+
+
+class _PeakRss:
+    """Samples this process's resident memory in a thread; `peak_mb` is the maximum seen."""
+
+    def __init__(self, every_s: float = 0.02):
+        import psutil
+
+        self._process, self._every, self.peak_mb = psutil.Process(), every_s, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+            time.sleep(self._every)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def quark_compile(enabled: bool):
+    """Turn Quark's torch.compile of fake quantization on or off for the duration."""
+    from quark.torch.quantization import tensor_quantize
+
+    before = tensor_quantize.QUARK_DISABLE_COMPILE
+    tensor_quantize.QUARK_DISABLE_COMPILE = not enabled
+    try:
+        yield
+    finally:
+        tensor_quantize.QUARK_DISABLE_COMPILE = before
+
+
+def _time_calls(call, warmup: int, iterations: int) -> tuple[float, list[float]]:
+    started = time.perf_counter()
+    call()
+    first = time.perf_counter() - started
+    for _ in range(max(warmup - 1, 0)):
+        call()
+    times = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return first, times
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def build_arch(arch: str):
+    """The real UNet architecture named by `arch` ('sd15') from its config, with random weights."""
+    from diffusers import UNet2DConditionModel
+
+    from .architectures import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise DiffquantError(f"unknown --arch {arch!r}: choose from {', '.join(ARCHITECTURES)}")
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(ARCHITECTURES[arch]).eval()
+
+
+def benchmark(model: str | None = None, arch: str | None = None, recipe: str = "w8a8-int8", iterations: int = 10,
+              warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
+              fake_quant_compiled: bool = True) -> BenchResult:
+    """Measure every configuration side by side in this process.
+
+    Args:
+        model: a pipeline (None: shapes-sd) whose UNet is measured, with end-to-end time per image.
+        arch: instead of `model`, a real architecture with random weights (UNet calls only).
+        recipe: the quantization recipe of the fake-quant and ORT-quantized rows (activation recipes
+            are calibrated on the pipeline's own captured inputs, or on random inputs for `arch`).
+        iterations, warmup: timed UNet calls after the warm-up calls.
+        batch: UNet batch (2 = one image with classifier-free guidance).
+        images: images generated for the end-to-end time per image (pipelines only).
+        out: folder for the ONNX files, bench.json and bench.png (default: a temporary folder).
+        fake_quant_compiled: also time fake-quant through Quark's torch.compile (slow first call).
+    """
+    import tempfile
+
+    from .calibration import CalibrationConfig, capture_unet_inputs, random_calibration
+    from .export import example_inputs, export_fp32_onnx, export_onnx
+    from .generation import default_prompts, generate
+    from .pipeline import load_pipeline
+    from .quantize import quantize_module
+    from .recipes import get_recipe
+    from .runtime import OrtUNet, ort_pipeline
+
+    recipe = get_recipe(recipe)
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    if arch:
+        pipe, unet, seq = None, build_arch(arch), 77
+        name = f"{arch} architecture (random weights)"
+    else:
+        pipe = load_pipeline(model, device="cpu")
+        unet, seq = pipe.unet, pipe.tokenizer.model_max_length
+        name = model or "shapes-sd"
+    inputs = example_inputs(unet, batch_size=batch, sequence_length=seq, seed=0)
+    result = BenchResult(name, batch, list(inputs["sample"].shape[1:]), iterations)
+    prompts = default_prompts(pipe, images) if pipe is not None else []
+
+    def image_seconds(p) -> float | None:
+        if p is None:
+            return None
+        started = time.perf_counter()
+        generate(p, prompts, seed=0, batch_size=len(prompts))
+        return (time.perf_counter() - started) / len(prompts)
+
+    def measure(label: str, call, artifact_mb: float, simulated: bool = False, p=None) -> None:
+        with _PeakRss() as rss, torch.no_grad():
+            first, times = _time_calls(call, warmup, iterations)
+            per_image = image_seconds(p)
+        result.rows.append(BenchRow(label, simulated, statistics.median(times), _p90(times), first, per_image,
+                                    rss.peak_mb, artifact_mb))
+        logger.info("%s: %.1f ms median", label, statistics.median(times))
+
+    fp32_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+    measure("torch fp32", lambda: unet(**inputs), fp32_mb, p=pipe)
+
+    if recipe.needs_calibration:
+        calibration = (capture_unet_inputs(pipe, default_prompts(pipe, 8), CalibrationConfig(size=8, timesteps=4))
+                       if pipe is not None else random_calibration(unet, 8, seq))
+    else:
+        calibration = None
+    q_unet = quantize_module(unet, recipe, calibration=calibration)
+    quantized = None
+    if pipe is not None:
+        quantized = copy.copy(pipe)
+        object.__setattr__(quantized, "unet", q_unet)
+    with quark_compile(False):
+        measure(f"torch fake-quant {recipe.name}", lambda: q_unet(**inputs), fp32_mb, True,
+                quantized if pipe is not None else None)
+    if fake_quant_compiled:
+        with quark_compile(True):
+            measure(f"torch fake-quant {recipe.name} +compile", lambda: q_unet(**inputs), fp32_mb, True)
+
+    fp32_onnx = export_fp32_onnx(unet, out / "onnx-fp32", sequence_length=seq)
+    fp32_runner = OrtUNet(fp32_onnx, unet.config)
+    measure("ORT fp32", lambda: fp32_runner(**inputs), _dir_mb(out / "onnx-fp32"),
+            p=ort_pipeline(pipe, fp32_onnx) if pipe is not None else None)
+    q_export = export_onnx(q_unet, out / f"onnx-{recipe.name}", sequence_length=seq)
+    q_runner = OrtUNet(q_export.path, unet.config)
+    measure(f"ORT {recipe.name} (QDQ)", lambda: q_runner(**inputs), _dir_mb(out / f"onnx-{recipe.name}"),
+            p=ort_pipeline(pipe, q_export.path) if pipe is not None else None)
+
+    base = result.rows[0]
+    for row in result.rows:
+        row.speedup = base.unet_ms_median / row.unet_ms_median
+        row.size_ratio = row.artifact_mb / base.artifact_mb
+    result.notes.append("fake-quant rows quantize and dequantize in float: simulated, never a real speedup")
+    result.notes.append("peak MB is this process's resident memory during the row (it includes earlier rows)")
+    write_json(out / "bench.json", result.to_dict())
+    result.plot(out / "bench.png")
+    return result

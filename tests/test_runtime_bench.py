@@ -1,0 +1,66 @@
+"""ONNX Runtime inside the pipeline, the fp32 export, large-model external data, and the bench command."""
+
+import json
+
+import numpy as np
+import onnx
+import torch
+
+from diffquant import export_onnx, generate, quantize_unet
+from diffquant.cli import main
+from diffquant.export import export_fp32_onnx
+from diffquant.metrics import compare
+from diffquant.runtime import ort_pipeline
+
+PROMPTS = ["a red circle on a blue background", "a small green square on the left on a white background"]
+
+
+def test_pipeline_with_the_unet_in_onnx_runtime_reproduces_torch(tiny_sd, tmp_path):
+    quantized = quantize_unet(tiny_sd, "int8-w")
+    exported = export_onnx(quantized, tmp_path / "int8")
+    torch_images = generate(quantized, PROMPTS, seed=3, steps=2)
+    ort_images = generate(ort_pipeline(tiny_sd, exported.path), PROMPTS, seed=3, steps=2)
+    assert compare(torch_images, ort_images, PROMPTS).summary()["psnr_db"] > 35
+
+
+def test_fp32_export_matches_torch_and_has_no_quantization(tiny_sd, tmp_path):
+    from diffquant.export import example_inputs, run_onnx
+
+    path = export_fp32_onnx(tiny_sd.unet, tmp_path / "fp32", sequence_length=16)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops
+    inputs = example_inputs(tiny_sd.unet, batch_size=3, sequence_length=16)
+    with torch.no_grad():
+        reference = tiny_sd.unet(**inputs, return_dict=False)[0].numpy()
+    assert np.abs(run_onnx(path, inputs) - reference).max() < 1e-4
+
+
+def test_large_models_are_saved_with_external_data(tiny_sd, tmp_path, monkeypatch):
+    from diffquant import export as export_module
+
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_ABOVE_BYTES", 0)  # treat the tiny UNet as > 2 GB
+    result = export_onnx(quantize_unet(tiny_sd, "int8-w"), tmp_path / "big")
+    files = sorted(p.name for p in (tmp_path / "big").iterdir())
+    assert files == ["unet.onnx", "unet.onnx.data"]
+    model = onnx.load(str(tmp_path / "big" / "unet.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) >= 5
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"unet.onnx.data"}
+    assert result.relative_error < 0.05  # ONNX Runtime loaded the graph with its external data
+
+
+def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["--quiet", "bench", "--model", str(tiny_sd_dir), "--recipe", "int8-w", "--iterations", "2",
+                 "--warmup", "1", "--images", "1", "--no-compile", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["type"] == "BenchResult" and data["version"] == 1
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["torch fp32", "torch fake-quant int8-w", "ORT fp32", "ORT int8-w (QDQ)"]
+    for row in data["rows"]:
+        assert row["unet_ms_median"] > 0 and row["unet_ms_p90"] >= row["unet_ms_median"] * 0.5
+        assert row["artifact_mb"] > 0 and row["peak_rss_mb"] > 0 and row["image_s"] > 0
+    assert [r["simulated"] for r in data["rows"]] == [False, True, False, False]
+    assert data["rows"][0]["speedup"] == 1.0
+    assert (out / "bench.png").stat().st_size > 1000
+    assert "(simulated)" in capsys.readouterr().out
