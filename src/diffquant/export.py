@@ -91,10 +91,11 @@ class OnnxExport:
     relative_error: float
     export_seconds: float
     weight_dtypes: dict[str, int] = field(default_factory=dict)
+    compression: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "inputs": self.inputs,
-                "op_counts": self.op_counts, "weight_dtypes": self.weight_dtypes,
+                "op_counts": self.op_counts, "weight_dtypes": self.weight_dtypes, "compression": self.compression,
                 "max_abs_error": self.max_abs_error, "relative_error": self.relative_error,
                 "relative_error_bound": MAX_RELATIVE_ERROR, "export_seconds": self.export_seconds}
 
@@ -139,6 +140,16 @@ def _external_data_saves(model_bytes: int):
         onnx.save_model = onnx.save = original
 
 
+def _save(model, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
 def export_fp32_onnx(unet: torch.nn.Module, out_dir: str | Path, sequence_length: int = 77,
                      batch_size: int = 2) -> Path:
     """Export the float UNet (the reference for ONNX Runtime speed) to `out_dir/unet.onnx`, with the
@@ -159,8 +170,9 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2,
                 sequence_length: int | None = None) -> OnnxExport:
     """Export a quantized UNet to `out_dir/unet.onnx` with Quark, then check it.
 
-    The un-frozen model is exported: Quark then stores int8 weights as INT8 initializers feeding
-    DequantizeLinear (a frozen model would write fake-quantized float weights, as big as fp32).
+    The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
+    as fp32), then `compress_weights` stores every quantized weight as INT8 or FLOAT8E4M3FN codes
+    feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights.
 
     Args:
         pipe_or_unet: a pipeline from `quantize_unet` (its tokenizer gives the text length) or a UNet.
@@ -174,6 +186,7 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2,
     """
     import onnx
 
+    from .compress import compress_weights
     from .quantize import import_quark
 
     unet, default_length = _sequence_length(pipe_or_unet)
@@ -192,13 +205,11 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2,
         with _dynamic_batch(axes), _external_data_saves(model_bytes), torch.no_grad():
             quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
                                     output_names=["out_sample"])
-        (tmp / "quark_model.onnx").rename(tmp / ONNX_NAME)
-        data = tmp / "quark_model.onnx.data"
-        if data.exists():  # external data: point the graph at the renamed data file
-            model = onnx.load(str(tmp / ONNX_NAME))
-            data.unlink()
-            onnx.save_model(model, str(tmp / ONNX_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=ONNX_NAME + ".data", size_threshold=1024)
+        model = onnx.load(str(tmp / "quark_model.onnx"))
+        compression = compress_weights(model, unet)
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        _save(model, tmp / ONNX_NAME, external=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
         onnx.checker.check_model(str(tmp / ONNX_NAME))
     seconds = time.perf_counter() - started
     path = out_dir / ONNX_NAME
@@ -212,6 +223,7 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2,
         path=path, size_bytes=sum(f.stat().st_size for f in out_dir.iterdir()),
         inputs={k: list(v.shape) for k, v in inputs.items()}, op_counts=dict(ops.most_common()),
         max_abs_error=max_abs, relative_error=relative, export_seconds=seconds, weight_dtypes=dict(weight_dtypes),
+        compression=compression.to_dict(),
     )
     if not math.isfinite(relative) or relative > MAX_RELATIVE_ERROR:
         raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized UNet by "

@@ -1,0 +1,122 @@
+"""Compression pass over Quark's ONNX export: every quantized weight becomes a low-precision
+initializer (INT8, or FLOAT8E4M3FN) feeding DequantizeLinear, its codes taken from Quark's own torch
+fake-quantized weights so that dequantizing gives those weights bit for bit.
+
+Why hand-written: Quark folds int8 weights itself but re-rounds them in ONNX (a tensor's extreme sits
+at +-127.5 steps and a few codes come out one step off), and keeps fp8 weights in float behind a
+QuantizeLinear; no library rewrites a Quark graph from its torch modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+_WEIGHT_DQ = "/_weight_quantizer/DequantizeLinear"
+
+
+@dataclass
+class CompressionReport:
+    """What the pass changed and the proof that it is exact."""
+
+    layers: int
+    int8_layers: int
+    fp8_layers: int
+    bit_exact_layers: int
+    bytes_before: int
+    bytes_after: int
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _module_name(node_name: str) -> str:
+    # "/unet/down_blocks.1/resnets.0/conv1/_weight_quantizer/DequantizeLinear" -> "down_blocks.1.resnets.0.conv1"
+    path = node_name[: -len(_WEIGHT_DQ)]
+    return path.split("/", 2)[2].replace("/", ".")
+
+
+def _codes(module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(codes, broadcast scale, 'int8'|'fp8') such that codes * scale == Quark's fake-quantized weight."""
+    quantizer = module._weight_quantizer
+    with torch.no_grad():
+        fake = quantizer(module.weight.detach()).float()
+    scale = quantizer.scale.detach().float()
+    if scale.dim() == 1:  # per channel along ch_axis (0: output channels)
+        shape = [1] * fake.dim()
+        shape[quantizer.ch_axis or 0] = -1
+        scale = scale.reshape(shape)
+    kind = "fp8" if "fp8" in str(quantizer.dtype) else "int8"
+    if kind == "int8":
+        codes = torch.round(fake / scale).clamp(-128, 127).to(torch.int8)
+    else:
+        codes = (fake / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return codes, scale, kind
+
+
+def _initializer(name: str, codes: torch.Tensor):
+    import onnx
+    from onnx import numpy_helper
+
+    if codes.dtype == torch.int8:
+        return numpy_helper.from_array(codes.numpy(), name)
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT8E4M3FN, dims=list(codes.shape))
+    tensor.raw_data = codes.view(torch.uint8).numpy().tobytes()
+    return tensor
+
+
+def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
+    """Rewrite `model` (an onnx.ModelProto from Quark's export of `unet`) in place.
+
+    Raises:
+        AssertionError: a dequantized weight would not equal Quark's fake-quantized weight exactly.
+    """
+    import onnx
+
+    graph = model.graph
+    before = sum(t.ByteSize() for t in graph.initializer)
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    modules = dict(unet.named_modules())
+    dropped_nodes, counts = [], {"int8": 0, "fp8": 0}
+    exact = 0
+    for node in list(graph.node):
+        if node.op_type != "DequantizeLinear" or not node.name.endswith(_WEIGHT_DQ):
+            continue
+        module = modules[_module_name(node.name)]
+        codes, scale, kind = _codes(module)
+        onnx_scale = onnx.numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        assert np.array_equal(onnx_scale.reshape(-1), scale.reshape(-1).numpy()), f"{node.name}: scale differs"
+        with torch.no_grad():
+            fake = module._weight_quantizer(module.weight.detach()).float()
+        exact += torch.equal(codes.float() * scale, fake)
+        source = node.input[0]
+        if source in producers and producers[source].op_type == "QuantizeLinear":
+            dropped_nodes.append(producers[source])  # fp8: float weight -> QuantizeLinear, folded here
+        name = f"{_module_name(node.name)}.weight_{kind}"
+        graph.initializer.append(_initializer(name, codes))
+        node.input[0] = name
+        # Symmetric codes: drop the zero point, which Quark shares as one scalar even for per-channel
+        # scales (ONNX Runtime wants none or one per channel).
+        if len(node.input) == 3:
+            zero = initializers.get(node.input[2])
+            assert zero is None or not onnx.numpy_helper.to_array(zero).any(), f"{node.name}: non-zero zero point"
+            del node.input[2]
+        counts[kind] += 1
+    for node in dropped_nodes:
+        graph.node.remove(node)
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    layers = counts["int8"] + counts["fp8"]
+    if exact != layers:
+        raise AssertionError(f"only {exact} of {layers} compressed weights dequantize to Quark's exactly")
+    after = sum(t.ByteSize() for t in graph.initializer)
+    logger.info("compressed %d weights (%d int8, %d fp8): initializers %.1f -> %.1f MB, all bit-exact",
+                layers, counts["int8"], counts["fp8"], before / 2**20, after / 2**20)
+    return CompressionReport(layers, counts["int8"], counts["fp8"], exact, before, after)
