@@ -36,7 +36,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-prompts", metavar="SOURCE",
                    help="calibration prompts: a .txt/.csv/.jsonl/.parquet file, a dataset folder or a Hugging Face "
-                        "dataset id (default for shapes-sd: captions drawn with a seed disjoint from evaluation)")
+                        "dataset id, or 'random' for random inputs (a baseline); default for shapes-sd: captions "
+                        "drawn with a seed disjoint from evaluation")
     p.add_argument("--calib-size", type=int, default=64, help="calibration prompts (default 64)")
     p.add_argument("--calib-steps", type=int, help="denoising steps of the capture run (default: --steps)")
     p.add_argument("--calib-timesteps", type=int, default=8,
@@ -169,7 +170,14 @@ def _cmd_sensitivity(args) -> int:
         print(f"wrote {out / (mixed.name + '.json')}: use it with `diffquant run --recipes {out / (mixed.name + '.json')}`")
     write_json(out / "sensitivity.json", data)
     result.plot(out / "sensitivity.png")
-    print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
+    from .report import write_table_report
+
+    write_table_report(out, f"Sensitivity of {recipe.name} by {args.by}", [args.by, "SQNR alone (dB)"],
+                       [[name, sqnr] for name, sqnr in result.ranking], "sensitivity.png",
+                       [f"all quantized: {result.full_sqnr_db:.2f} dB",
+                        "keep K most sensitive in float -> SQNR dB: "
+                        + ", ".join(f"{k}: {s:.1f}" for k, s in enumerate(result.keep_float_curve))])
+    print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.png'} and {out / 'report.html'}")
     return 0
 
 
@@ -297,7 +305,14 @@ def _cmd_bench(args) -> int:
                        warmup=args.warmup, batch=args.batch, images=args.images, out=out,
                        fake_quant_compiled=not args.no_compile)
     print(result.table())
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    from .report import write_table_report
+
+    write_table_report(out, f"diffquant bench: {result.model}",
+                       ["configuration", "UNet ms median", "p90", "x fp32 speed", "s/image", "peak MB", "MB", "x size"],
+                       [[r.name + (" (simulated)" if r.simulated else ""), r.unet_ms_median, r.unet_ms_p90, r.speedup,
+                         r.image_s, r.peak_rss_mb, r.artifact_mb, r.size_ratio] for r in result.rows],
+                       "bench.png", result.notes)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.png'} and {out / 'report.html'}")
     return 0
 
 

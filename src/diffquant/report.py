@@ -67,10 +67,12 @@ def render_html(out_dir: Path, results: dict) -> str:
 
     calibration = results.get("calibration")
     if calibration:
-        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['prompts']))} prompts from "
-                     f"{e(str(calibration['source']))}, {e(str(calibration['unet_calls']))} UNet calls recorded "
-                     f"(both guidance halves) at timesteps {e(', '.join(map(str, calibration['timesteps'])))} "
-                     f"of a {e(str(calibration['steps']))}-step trajectory.</p>")
+        timesteps = calibration["timesteps"]
+        shown = ", ".join(map(str, timesteps[:12])) + (f" ... ({len(timesteps)} in all)" if len(timesteps) > 12 else "")
+        trajectory = f" of a {calibration['steps']}-step trajectory" if calibration.get("steps") else ""
+        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['unet_calls']))} UNet calls from "
+                     f"{e(str(calibration['prompts']))} prompts of {e(str(calibration['source']))} "
+                     f"(both guidance halves), at timesteps {e(shown)}{e(trajectory)}.</p>")
     recipes = results.get("recipes", {})
     baseline_se = results.get("baseline", {}).get("shapeeval")
     rows = []
@@ -87,15 +89,19 @@ def render_html(out_dir: Path, results: dict) -> str:
     parts.extend(f"<p class=note>{e(n)}</p>" for n in notes)
 
     size_rows = []
+    fp32_bytes = results.get("unet_fp32_bytes") or 1
     for name, r in recipes.items():
         onnx = r.get("onnx")
         if onnx:
-            size_rows.append([e(name), _fmt(onnx["size_bytes"] / 1e6), _fmt(onnx["max_abs_error"], 5),
-                              _fmt(onnx["relative_error"], 5), e(json.dumps(onnx.get("weight_dtypes", {})))])
+            ort = r.get("ort", {})
+            size_rows.append([e(name), _fmt(onnx["size_bytes"] / 1e6), _fmt(onnx["size_bytes"] / fp32_bytes),
+                              _fmt(onnx["max_abs_error"], 5), _fmt(onnx["relative_error"], 5),
+                              _fmt(ort.get("vs_torch", {}).get("mean", {}).get("psnr_db")),
+                              e(json.dumps(onnx.get("weight_dtypes", {})))])
     if size_rows:
         parts.append("<h2>ONNX exports (checked in ONNX Runtime)</h2>" + _table(
-            ["recipe", "size (MB)", "ORT vs torch max-abs", "ORT vs torch relative L2", "initializer dtypes"],
-            size_rows))
+            ["recipe", "size (MB)", "x fp32 params", "ORT vs torch max-abs", "ORT vs torch relative L2",
+             "ORT images vs torch fake-quant PSNR (dB)", "initializer dtypes"], size_rows))
         parts.append(f"<p>fp32 UNet parameters: {_fmt(results.get('unet_fp32_bytes', 0) / 1e6)} MB</p>")
 
     timing_rows = [[e(step), _fmt(seconds)] for step, seconds in results.get("timings", {}).items()]
@@ -112,11 +118,26 @@ def render_html(out_dir: Path, results: dict) -> str:
     parts.append("<h2>Versions</h2>" + _table(["package", "version"],
                                                 [[e(k), e(v)] for k, v in results.get("versions", {}).items()]))
     parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(results.get("config", {}), indent=2)) + "</pre>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "img{max-width:100%;image-rendering:pixelated}.note{color:#555}pre{background:#f6f6f6;padding:1em}")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>diffquant report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+          "img{max-width:100%;image-rendering:pixelated}.note{color:#555}pre{background:#f6f6f6;padding:1em}")
+
+
+def write_table_report(out_dir: Path, title: str, headers: list[str], rows: list[list], chart: str | None,
+                       notes: list[str] = ()) -> Path:
+    """A self-contained report.html of one table and one chart (sensitivity, bench)."""
+    e = html.escape
+    body = [f"<h1>{e(title)}</h1>", _table(headers, [[_fmt(c) for c in row] for row in rows])]
+    if chart:
+        body.append(_img(Path(out_dir) / chart, title))
+    body.extend(f"<p class=note>{e(n)}</p>" for n in notes)
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{e(title)}</title><style>{_STYLE}</style>"
+            f"</head><body>{''.join(body)}</body></html>")
+    return write_text(Path(out_dir) / "report.html", page)
 
 
 def write_report(out_dir: Path, results: dict) -> Path:

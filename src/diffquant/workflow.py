@@ -20,11 +20,14 @@ from .generation import default_prompts, default_settings, generate, image_grid
 from .metrics import compare, prompt_adherence, sqnr_db
 from .pipeline import load_pipeline
 from .quantize import layer_report, quantize_unet
+from .runtime import ort_pipeline
 from .recipes import DEFAULT_RECIPES, parse_recipes
 from .report import versions, write_report, write_results
 
 logger = logging.getLogger(__name__)
 CONFIG_VERSION = 1
+RANDOM_CALIBRATION = "random"
+GRID_COLUMNS = 8  # the grid shows the first images; every image is saved and measured
 CALIBRATION_SEED = 31_337  # shapes-sd calibration captions; evaluation captions use other seeds
 
 
@@ -102,11 +105,17 @@ def calibrate(pipe, config: RunConfig, steps: int, guidance: float):
     """Load the calibration prompts and capture UNet inputs with the generation settings.
 
     Returns (calibration set, a JSON-able description of it)."""
-    from .calibration import CalibrationConfig, capture_unet_inputs
+    from .calibration import CalibrationConfig, capture_unet_inputs, random_calibration
     from .pipeline import is_shapes_sd
     from .prompt_sources import load_prompts
     from .shapes.dataset import sample_captions
 
+    if config.calib_prompts == RANDOM_CALIBRATION:  # the naive baseline that real capture is measured against
+        items = random_calibration(pipe.unet, n=config.calib_size, sequence_length=pipe.tokenizer.model_max_length)
+        return items, {"source": "random inputs (Gaussian latents and text embeddings, uniform timesteps)",
+                       "prompts": 0, "unet_calls": len(items),
+                       "timesteps": sorted({int(t) for item in items for t in item["timestep"]}, reverse=True),
+                       "steps": None}
     default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if is_shapes_sd(pipe) else None
     prompts = load_prompts(config.calib_prompts, config.calib_size, column=config.calib_column,
                            split=config.calib_split, default=default)
@@ -136,6 +145,7 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
         The results: settings, prompts, per-recipe metrics, exports, timings, layer reports and the
         output folder under "out_dir".
     """
+    started = time.perf_counter()
     config = config or RunConfig()
     for key, value in overrides.items():
         if not hasattr(config, key):
@@ -180,22 +190,32 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
         with _timed(timings, f"generate {recipe.name} (simulated fake-quant)"):
             images = generate(quantized, prompts, desc=recipe.name, **gen)
         entry["images"] = _save_images(out_dir, recipe.name, images)
+        rows[recipe.name] = images
         entry["metrics"] = compare(baseline, images, prompts).to_dict()
-        entry["unet_sqnr_db"] = unet_output_sqnr(pipe.unet, quantized.unet, eval_inputs)
+        entry["unet_sqnr_db"] = unet_output_sqnr(pipe.unet, quantized.unet,
+                                                 [eval_inputs[i] for i in range(min(len(eval_inputs), 16))])
         entry["layers"] = layer_report(quantized.unet).to_dict()
         if config.export:
             with _timed(timings, f"export {recipe.name}"):
                 exported = export_onnx(quantized, out_dir / "onnx" / recipe.name)
             entry["onnx"] = exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))}
+            with _timed(timings, f"generate {recipe.name} (ONNX Runtime)"):
+                ort_images = generate(ort_pipeline(pipe, exported.path), prompts, desc=f"{recipe.name} ORT", **gen)
+            entry["ort"] = {"images": _save_images(out_dir, f"{recipe.name}-ort", ort_images),
+                            "vs_torch": compare(images, ort_images, prompts).to_dict(),
+                            "vs_baseline": compare(baseline, ort_images, prompts).to_dict()}
+            rows[f"{recipe.name} ORT"] = ort_images
         results["recipes"][recipe.name] = entry
-        rows[recipe.name] = images
         write_results(out_dir, results)  # finished recipes stay on disk if a later one is interrupted
         del quantized
         gc.collect()
 
-    grid = image_grid(rows, column_labels=[f"#{k} seed {config.seed + k}" for k in range(len(prompts))])
+    columns = min(len(prompts), GRID_COLUMNS)
+    grid = image_grid({label: images[:columns] for label, images in rows.items()},
+                      column_labels=[f"#{k} seed {config.seed + k}" for k in range(columns)])
     save_image(grid, out_dir / "grid.png")
     results["grid"] = "grid.png"
+    timings["total"] = round(time.perf_counter() - started, 3)
     write_results(out_dir, results)
     write_report(out_dir, results)
     logger.info("wrote %s", out_dir / "report.html")
