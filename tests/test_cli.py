@@ -28,7 +28,7 @@ def test_run_writes_results_that_reload(shapes_run):
     assert results["config"]["type"] == "RunConfig" and results["config"]["version"] == 1
     assert list(results["recipes"]) == ["int8-w", "fp8-w"]
     assert json.loads((shapes_run / "config.json").read_text())["recipes"] == ["int8-w", "fp8-w"]
-    for name, entry in results["recipes"].items():
+    for entry in results["recipes"].values():
         mean = entry["metrics"]["mean"]
         assert mean["psnr_db"] > 15 and 0 < mean["ssim"] <= 1
         assert entry["layers"]["n_quantized"] > 0
@@ -147,3 +147,35 @@ def test_step_subcommands_chain_on_saved_artifacts(tmp_path, tiny_sd_dir):
     assert main(["--quiet", "export", str(tmp_path / "q"), "--out", str(tmp_path / "onnx")]) == 0
     assert (tmp_path / "onnx" / "unet.onnx").is_file()
     assert Path(tmp_path / "cmp" / "grid.png").is_file()
+
+
+def test_w8a8_run_needs_calibration_prompts_for_a_real_model(tmp_path, tiny_sd_dir, capsys):
+    argv = ["--quiet", "run", "--model", str(tiny_sd_dir), "--recipes", "w8a8-int8", "--steps", "2",
+            "--num-images", "1", "--no-export"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "--calib-prompts" in capsys.readouterr().err
+    prompts = tmp_path / "calib.txt"
+    prompts.write_text("a red circle on a blue background\n\na green square on a white background\n")
+    assert main([*argv, "--calib-prompts", str(prompts), "--calib-timesteps", "2", "--out", str(tmp_path / "b")]) == 0
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert results["calibration"]["prompts"] == 2 and results["calibration"]["unet_calls"] == 2
+    assert len(results["calibration"]["timesteps"]) == 2
+
+
+def test_sensitivity_command_writes_ranking_chart_and_mixed_recipe(tmp_path, tiny_sd_dir):
+    prompts = tmp_path / "calib.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n")
+    out = tmp_path / "sens"
+    assert main(["--quiet", "sensitivity", "--model", str(tiny_sd_dir), "--recipe", "int8-w", "--steps", "2",
+                 "--calib-prompts", str(prompts), "--keep-float", "2", "--max-keep", "2", "--out", str(out)]) == 0
+    data = json.loads((out / "sensitivity.json").read_text())
+    values = [r["sqnr_db"] for r in data["ranking"]]
+    assert values == sorted(values) and len(data["keep_float_curve_db"]) == 3
+    mixed = json.loads((out / "int8-w-mixed2.json").read_text())
+    assert mixed["exclude"] == [r["name"] for r in data["ranking"][:2]]
+    assert (out / "sensitivity.png").stat().st_size > 1000 and (out / "report.html").is_file()
+    run_out = tmp_path / "run"
+    assert main(["--quiet", "run", "--model", str(tiny_sd_dir), "--recipes", str(out / "int8-w-mixed2.json"),
+                 "--steps", "2", "--num-images", "1", "--no-export", "--out", str(run_out)]) == 0
+    layers = json.loads((run_out / "results.json").read_text())["recipes"]["int8-w-mixed2"]["layers"]
+    assert sorted(layers["float"]) == sorted(mixed["exclude"])

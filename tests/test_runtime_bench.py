@@ -64,3 +64,27 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     assert data["rows"][0]["speedup"] == 1.0
     assert (out / "bench.png").stat().st_size > 1000
     assert "(simulated)" in capsys.readouterr().out
+
+
+def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monkeypatch):
+    """--arch builds a UNet from a config with random weights and calibrates W8A8 on random inputs."""
+    from diffquant import architectures
+    from diffquant.bench import benchmark
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny", dict(tiny_sd.unet.config))
+    result = benchmark(arch="tiny", recipe="w8a8-int8", iterations=2, warmup=1, out=tmp_path,
+                       fake_quant_compiled=False)
+    assert [r.name for r in result.rows][-1] == "ORT w8a8-int8 (QDQ)"
+    assert all(r.image_s is None for r in result.rows)  # no pipeline: UNet calls only
+    assert result.latent == [4, 8, 8]
+    assert (tmp_path / "onnx-fp32" / "unet.onnx").is_file()
+
+
+def test_unknown_architecture_lists_the_known_ones():
+    import pytest
+
+    from diffquant.bench import build_arch
+    from diffquant.errors import DiffquantError
+
+    with pytest.raises(DiffquantError, match="sd15"):
+        build_arch("sd99")

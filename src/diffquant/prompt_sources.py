@@ -45,7 +45,7 @@ def load_prompts(source: str | Path | None, size: int, column: str | None = None
         raise DiffquantError(f"calibration size must be at least 1, got {size}")
     if source is None:
         if default is None:
-            raise DiffquantError("calibration needs a prompt source: a .txt/.csv/.jsonl/.parquet file, "
+            raise DiffquantError("calibration needs prompts: pass --calib-prompts with a .txt/.csv/.jsonl/.parquet file, "
                                  "a dataset folder or a Hugging Face dataset id")
         return default(size, seed)
     path = Path(source).expanduser()

@@ -27,7 +27,6 @@ from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, build_components, scheduler_
 
 logger = logging.getLogger(__name__)
 CAPTION_DROPOUT = 0.1  # empty caption 10% of the time, for classifier-free guidance
-MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges faster on few steps
 
 
 def _cosine_lr(step: int, total: int, warmup: int = 100) -> float:
@@ -72,7 +71,7 @@ def train_vae(vae, steps: int, batch_size: int, lr: float, log: csv.writer, quie
 
 def train_unet(vae, unet, text_encoder, tokenizer, noise_scheduler, steps: int, batch_size: int,
                lr: float, log: csv.writer, quiet: bool):
-    """Epsilon-prediction diffusion loss with Min-SNR weighting and caption dropout; returns the EMA UNet."""
+    """v-prediction diffusion loss with caption dropout; leaves the EMA weights in `unet`/`text_encoder`."""
     from diffusers.training_utils import EMAModel
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -80,7 +79,6 @@ def train_unet(vae, unet, text_encoder, tokenizer, noise_scheduler, steps: int, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
     ema_unet = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
     ema_text = EMAModel(text_encoder.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
-    alphas = noise_scheduler.alphas_cumprod
     scale = vae.config.scaling_factor
     unet.train()
     text_encoder.train()
@@ -97,9 +95,7 @@ def train_unet(vae, unet, text_encoder, tokenizer, noise_scheduler, steps: int, 
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = F.mse_loss(pred, noise_scheduler.get_velocity(latents, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -115,7 +111,7 @@ def train_unet(vae, unet, text_encoder, tokenizer, noise_scheduler, steps: int, 
 
 
 def train(out: Path, vae_steps: int = 800, unet_steps: int = 2200, batch_size: int = 64,
-          seed: int = 0, quiet: bool = False) -> Path:
+          seed: int = 0, quiet: bool = False, vae_from: Path | None = None) -> Path:
     """Train all components and save the pipeline to `out` (replaced atomically). Returns `out`."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
@@ -128,7 +124,15 @@ def train(out: Path, vae_steps: int = 800, unet_steps: int = 2200, batch_size: i
     with open(work / "training_log.csv", "w", newline="") as f:
         log = csv.writer(f)
         log.writerow(["stage", "step", "loss"])
-        scaling = train_vae(vae, vae_steps, batch_size=32, lr=1e-3, log=log, quiet=quiet)
+        if vae_from is not None:  # the VAE stage of an earlier run with the same seed and steps
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(vae_from)
+            scaling = vae.config.scaling_factor
+            torch.manual_seed(seed + 1)
+        else:
+            scaling = train_vae(vae, vae_steps, batch_size=32, lr=1e-3, log=log, quiet=quiet)
+            torch.manual_seed(seed + 1)  # the UNet stage starts from the same RNG state either way
         vae.register_to_config(scaling_factor=scaling)
         vae.requires_grad_(False)
         logger.info("VAE done in %.0f s, latent scaling factor %.3f", time.perf_counter() - started, scaling)
@@ -163,12 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--vae-from", type=Path, help="reuse the vae/ folder of an earlier run (skips the VAE stage)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args.out, args.vae_steps, args.unet_steps, args.batch_size, args.seed, args.quiet)
+    train(args.out, args.vae_steps, args.unet_steps, args.batch_size, args.seed, args.quiet, args.vae_from)
 
 
 if __name__ == "__main__":
