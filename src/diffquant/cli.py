@@ -123,12 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from .recipes import parse_recipes
     from .workflow import RunConfig, run
 
     config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
                        steps=args.steps, guidance=args.guidance,
-                       recipes=[r.name for r in parse_recipes(args.recipes)],
+                       recipes=[n.strip() for n in args.recipes.split(",")],
                        device=args.device, dtype=args.dtype, export=not args.no_export, out=args.out,
                        exclude=args.exclude, **_calibration_options(args))
     results = run(config)

@@ -110,7 +110,7 @@ def train_unet(vae, unet, text_encoder, tokenizer, noise_scheduler, steps: int, 
     text_encoder.eval()
 
 
-def train(out: Path, vae_steps: int = 800, unet_steps: int = 2200, batch_size: int = 64,
+def train(out: Path, vae_steps: int = 800, unet_steps: int = 2000, batch_size: int = 64,
           seed: int = 0, quiet: bool = False, vae_from: Path | None = None) -> Path:
     """Train all components and save the pipeline to `out` (replaced atomically). Returns `out`."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
@@ -147,8 +147,9 @@ def train(out: Path, vae_steps: int = 800, unet_steps: int = 2200, batch_size: i
     )
     pipe.save_pretrained(work, safe_serialization=True)
     (work / "README.md").write_text(
-        f"# shapes-sd\n\nTrained by `python -m diffquant.shapes.train` (seed {seed}, VAE {vae_steps} steps, "
-        f"UNet+text {unet_steps} steps x {batch_size}) in {minutes:.1f} min on CPU.\n"
+        f"# shapes-sd\n\nTrained by `python -m diffquant.shapes.train` (seed {seed}, VAE {vae_steps} steps"
+        f"{' reused from an earlier run' if vae_from else ''}, UNet+text {unet_steps} steps x {batch_size}) "
+        f"in {minutes:.1f} min on CPU.\n"
         f"Defaults: {DEFAULT_STEPS} DDIM steps, guidance {DEFAULT_GUIDANCE}.\n"
     )
     work.chmod(0o755)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffquant.shapes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the pipeline to")
     parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--unet-steps", type=int, default=2200)
+    parser.add_argument("--unet-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
