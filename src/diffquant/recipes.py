@@ -96,8 +96,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            description="fp8 e4m3 weights, per-output-channel"),
     Recipe("w8a8-int8", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
            description="int8 weights per channel, int8 static per-tensor input activations (calibrated)"),
-    Recipe("w8a8-int8-mse", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor(), "MSE"),
-           description="w8a8-int8 with activation ranges chosen by Quark's MSE observer (clips outliers)"),
     Recipe("w8a8-fp8", TensorQuant(FP8, PerTensor()), TensorQuant(FP8, PerTensor()),
            description="fp8 e4m3 weights and static per-tensor input activations (calibrated)"),
 )}
