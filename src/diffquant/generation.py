@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +70,6 @@ def generate(pipe, prompts: list[str], seed: int = 1024, steps: int | None = Non
         out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
         images.extend(out.images)
     return images
-
-
-def timed_generate(pipe, prompts: list[str], **kwargs) -> tuple[list[Image.Image], float]:
-    """`generate`, and its wall time in seconds."""
-    started = time.perf_counter()
-    images = generate(pipe, prompts, **kwargs)
-    return images, time.perf_counter() - started
 
 
 def image_grid(rows: dict[str, list[Image.Image]], column_labels: list[str] | None = None,

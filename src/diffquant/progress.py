@@ -17,10 +17,6 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def is_quiet() -> bool:
-    return _quiet
-
-
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, disable: bool = False) -> Iterator[T]:
     """Iterate with a progress bar unless progress is turned off."""
     return iter(tqdm(iterable, desc=desc, total=total, disable=disable or _quiet, leave=False, dynamic_ncols=True))
