@@ -110,6 +110,15 @@ def _sequence_length(pipe_or_unet) -> tuple[torch.nn.Module, int]:
 # export passes re-save the whole model with plain onnx.save. Above this size every save writes
 # the tensors to one external data file beside the graph instead.
 EXTERNAL_DATA_ABOVE_BYTES = 1_800_000_000
+_EXTERNAL_DATA = {"save_as_external_data": True, "all_tensors_to_one_file": True, "size_threshold": 1024}
+
+
+def _dynamic_axes(names: list[str]) -> dict:
+    return {name: {0: "batch"} for name in names} | {"out_sample": {0: "batch"}}
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 @contextlib.contextmanager
@@ -129,8 +138,7 @@ def _external_data_saves(model_bytes: int):
         if isinstance(proto, onnx.ModelProto):
             if data.exists():
                 data.unlink()  # onnx appends to an existing data file
-            kwargs.update(save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-                          size_threshold=1024)
+            kwargs.update(_EXTERNAL_DATA, location=data.name)
         return original(proto, f, *args, **kwargs)
 
     onnx.save_model = onnx.save = save_model
@@ -144,8 +152,7 @@ def _save(model, path: Path, external: bool) -> None:
     import onnx
 
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(model, str(path), location=path.name + ".data", **_EXTERNAL_DATA)
     else:
         onnx.save_model(model, str(path))
 
@@ -157,11 +164,11 @@ def export_fp32_onnx(unet: torch.nn.Module, out_dir: str | Path, sequence_length
     inputs = example_inputs(unet, batch_size, sequence_length)
     names = list(inputs)
     wrapper = _UNetForExport(unet).eval()
-    model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    model_bytes = _param_bytes(unet)
     with atomic_dir(Path(out_dir)) as tmp, torch.no_grad():
         torch.onnx.export(wrapper, tuple(inputs.values()), str(tmp / ONNX_NAME), input_names=names,
                           output_names=["out_sample"], dynamo=False, opset_version=20,
-                          dynamic_axes={name: {0: "batch"} for name in names} | {"out_sample": {0: "batch"}},
+                          dynamic_axes=_dynamic_axes(names),
                           external_data=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
     return Path(out_dir) / ONNX_NAME
 
@@ -200,9 +207,8 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2,
     out_dir = Path(out_dir)
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        axes = {name: {0: "batch"} for name in names} | {"out_sample": {0: "batch"}}
-        model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
-        with _dynamic_batch(axes), _external_data_saves(model_bytes), torch.no_grad():
+        model_bytes = _param_bytes(unet)
+        with _dynamic_batch(_dynamic_axes(names)), _external_data_saves(model_bytes), torch.no_grad():
             quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
                                     output_names=["out_sample"])
         model = onnx.load(str(tmp / "quark_model.onnx"))
