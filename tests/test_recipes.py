@@ -1,8 +1,8 @@
 import pytest
 
 from diffquant.errors import DiffquantError
-from diffquant.recipes import (RECIPES, PerChannel, PerTensor, Recipe, TensorQuant, get_recipe, parse_recipes,
-                               recipe_from_dict)
+from diffquant.recipes import (RECIPE_VERSION, RECIPES, PerChannel, PerTensor, Recipe, TensorQuant, get_recipe,
+                               parse_recipes, recipe_from_dict)
 
 
 def test_unknown_recipe_lists_the_valid_ones():
@@ -38,9 +38,23 @@ def test_bad_dataclass_values_name_the_allowed_ones():
 def test_recipe_round_trips_through_its_versioned_dict():
     recipe = get_recipe("int8-w-pc").with_exclude(["conv_in", "*time_emb*"])
     data = recipe.to_dict()
-    assert data["type"] == "Recipe" and data["version"] == 1
+    assert data["type"] == "Recipe" and data["version"] == RECIPE_VERSION
     assert recipe_from_dict(data) == recipe
     assert get_recipe("int8-w-pc").exclude == ()  # the table's recipe is not mutated
+    ort_recipe = get_recipe("w8a8-int8-ort")
+    assert recipe_from_dict(ort_recipe.to_dict()) == ort_recipe and ort_recipe.conv_output.dtype == "int8"
+
+
+def test_version_1_recipe_files_still_load():
+    data = get_recipe("w8a8-int8").to_dict()
+    del data["conv_output"]
+    data["version"] = 1  # files written by `diffquant sensitivity` before conv_output existed
+    assert recipe_from_dict(data) == get_recipe("w8a8-int8")
+
+
+def test_conv_output_quantization_needs_activation_quantization():
+    with pytest.raises(DiffquantError, match="conv_output needs activation"):
+        Recipe("x", TensorQuant("int8"), conv_output=TensorQuant("int8"))
 
 
 def test_quark_config_matches_the_recipe():
@@ -55,3 +69,8 @@ def test_quark_config_matches_the_recipe():
     assert layer.weight.dtype == Dtype.fp8_e4m3 and layer.weight.qscheme == QSchemeType.per_channel
     w8a8 = Recipe("x", TensorQuant("int8", PerChannel()), TensorQuant("int8"))
     assert to_quark_config(w8a8).global_quant_config.input_tensors.dtype == Dtype.int8
+    import torch
+
+    config = to_quark_config(get_recipe("w8a8-int8-ort"))
+    assert config.global_quant_config.output_tensors is None  # Linear outputs stay float
+    assert config.layer_type_quant_config[torch.nn.Conv2d].output_tensors.dtype == Dtype.int8

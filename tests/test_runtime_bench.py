@@ -7,6 +7,7 @@ import onnx
 import torch
 
 from diffquant import export_onnx, generate, quantize_unet
+from diffquant.bench import BENCH_VERSION
 from diffquant.cli import main
 from diffquant.export import export_fp32_onnx
 from diffquant.metrics import compare
@@ -54,7 +55,7 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     assert main(["--quiet", "bench", "--model", str(tiny_sd_dir), "--recipe", "int8-w", "--iterations", "2",
                  "--warmup", "1", "--images", "1", "--no-compile", "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
-    assert data["type"] == "BenchResult" and data["version"] == 1
+    assert data["type"] == "BenchResult" and data["version"] == BENCH_VERSION
     names = [r["name"] for r in data["rows"]]
     assert names == ["torch fp32", "torch fake-quant int8-w", "ORT fp32", "ORT int8-w (QDQ)"]
     for row in data["rows"]:
@@ -64,6 +65,10 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     assert data["rows"][0]["speedup"] == 1.0
     assert (out / "bench.png").stat().st_size > 1000
     assert "(simulated)" in capsys.readouterr().out
+    # Each ONNX Runtime row was profiled: time per operator type, and the ops ORT ran after fusion.
+    assert set(data["profiles"]) == set(data["optimized_ops"]) == {"ORT fp32", "ORT int8-w (QDQ)"}
+    assert data["profiles"]["ORT fp32"]["Conv"] > 0 and "DequantizeLinear" not in data["optimized_ops"]["ORT fp32"]
+    assert all(ms >= 0 for profile in data["profiles"].values() for ms in profile.values())
 
 
 def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monkeypatch):

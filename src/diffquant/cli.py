@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="pipeline to benchmark (default: shapes-sd)")
     source.add_argument("--arch", help="a real UNet architecture with random weights instead (sd15)")
-    p.add_argument("--recipe", default="w8a8-int8", help="recipe of the quantized rows (default w8a8-int8)")
+    p.add_argument("--recipe", default="w8a8-int8-ort", help="recipe of the quantized rows (default w8a8-int8-ort)")
     p.add_argument("--iterations", type=int, default=10, help="timed UNet calls per row (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch (default 2: one image with guidance)")

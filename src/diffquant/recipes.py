@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, replace
 
 from .errors import DiffquantError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 had no conv_output
 DTYPES = ("int8", "fp8_e4m3")
 OBSERVERS = ("min_max", "percentile", "MSE")
 
@@ -48,7 +49,9 @@ class TensorQuant:
 class Recipe:
     """A named quantization scheme for the UNet's Linear and Conv2d layers.
 
-    `activation` None means weight-only (no calibration data needed). `exclude` holds fnmatch
+    `activation` None means weight-only (no calibration data needed). `conv_output` also quantizes
+    the outputs of Conv2d layers: ONNX Runtime runs a Conv as an integer QLinearConv only when its
+    output is quantized, otherwise it dequantizes and runs the float Conv. `exclude` holds fnmatch
     patterns over module names (e.g. "conv_in", "*time_emb*") that stay in float.
     """
 
@@ -57,10 +60,13 @@ class Recipe:
     activation: TensorQuant | None = None
     exclude: tuple[str, ...] = ()
     description: str = ""
+    conv_output: TensorQuant | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, (list, str)):
             raise DiffquantError(f"Recipe.exclude must be a tuple of patterns, not {type(self.exclude).__name__}")
+        if self.conv_output is not None and self.activation is None:
+            raise DiffquantError(f"recipe {self.name}: conv_output needs activation quantization as well")
 
     @property
     def needs_calibration(self) -> bool:
@@ -75,8 +81,8 @@ class Recipe:
                     **({"axis": q.granularity.axis} if isinstance(q.granularity, PerChannel) else {})}
 
         return {"type": "Recipe", "version": RECIPE_VERSION, "name": self.name, "weight": quant(self.weight),
-                "activation": quant(self.activation), "exclude": list(self.exclude),
-                "description": self.description}
+                "activation": quant(self.activation), "conv_output": quant(self.conv_output),
+                "exclude": list(self.exclude), "description": self.description}
 
     def with_exclude(self, patterns: tuple[str, ...] | list[str]) -> Recipe:
         """A copy that also keeps the modules matching `patterns` in float."""
@@ -96,6 +102,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            description="fp8 e4m3 weights, per-output-channel"),
     Recipe("w8a8-int8", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
            description="int8 weights per channel, int8 static per-tensor input activations (calibrated)"),
+    Recipe("w8a8-int8-ort", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
+           conv_output=TensorQuant(INT8, PerTensor()),
+           description="w8a8-int8 plus int8 Conv2d outputs, so that ONNX Runtime runs every Conv as an "
+                       "integer QLinearConv (its fast CPU path)"),
     Recipe("w8a8-fp8", TensorQuant(FP8, PerTensor()), TensorQuant(FP8, PerTensor()),
            description="fp8 e4m3 weights and static per-tensor input activations (calibrated)"),
 )}
@@ -104,7 +114,7 @@ DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
 def recipe_from_dict(data: dict) -> Recipe:
     """Inverse of `Recipe.to_dict` (checks the type and version)."""
-    if data.get("type") != "Recipe" or data.get("version") != RECIPE_VERSION:
+    if data.get("type") != "Recipe" or data.get("version") not in READABLE_VERSIONS:
         raise DiffquantError(f"not a diffquant recipe of version {RECIPE_VERSION}: {data.get('type')} "
                              f"v{data.get('version')}; re-create it with this diffquant version")
 
@@ -115,7 +125,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         return TensorQuant(q["dtype"], granularity, q["observer"])
 
     return Recipe(data["name"], quant(data["weight"]), quant(data["activation"]), tuple(data["exclude"]),
-                  data.get("description", ""))
+                  data.get("description", ""), quant(data.get("conv_output")))
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
@@ -176,8 +186,13 @@ def to_quark_config(recipe: Recipe, exclude: list[str] | None = None):
             raise DiffquantError(f"recipe {recipe.name}: activations support PerTensor() only")
         return made.to_quantization_spec()
 
-    layer = QLayerConfig(
-        weight=spec(recipe.weight, is_weight=True),
-        input_tensors=None if recipe.activation is None else spec(recipe.activation, is_weight=False),
-    )
-    return QConfig(global_quant_config=layer, exclude=list(exclude or []))
+    import torch
+
+    weight = spec(recipe.weight, is_weight=True)
+    inputs = None if recipe.activation is None else spec(recipe.activation, is_weight=False)
+    by_type = {}
+    if recipe.conv_output is not None:
+        by_type[torch.nn.Conv2d] = QLayerConfig(weight=weight, input_tensors=inputs,
+                                                output_tensors=spec(recipe.conv_output, is_weight=False))
+    return QConfig(global_quant_config=QLayerConfig(weight=weight, input_tensors=inputs),
+                   layer_type_quant_config=by_type, exclude=list(exclude or []))

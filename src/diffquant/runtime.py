@@ -14,7 +14,8 @@ from .errors import DiffquantError
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
-def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = None, threads: int | None = None):
+def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = None, threads: int | None = None,
+            options=None):
     """An ONNX Runtime session with all graph optimizations (QDQ fusion into integer kernels)."""
     import onnxruntime as ort
 
@@ -27,7 +28,7 @@ def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = No
     if missing:
         raise DiffquantError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here "
                              f"(available: {', '.join(available)}): install onnxruntime-gpu / onnxruntime-rocm")
-    options = ort.SessionOptions()
+    options = options or ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads:
@@ -71,6 +72,48 @@ class OrtUNet(torch.nn.Module):
 
             return UNet2DConditionOutput(sample=out)
         return (out,)
+
+
+def _feed(session_, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {i.name: inputs[i.name].detach().cpu().numpy() for i in session_.get_inputs()}
+
+
+def profile_operators(path: str | Path, inputs: dict[str, torch.Tensor], out_dir: str | Path,
+                      runs: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+    """Where ONNX Runtime spends a UNet call: (milliseconds per call by operator type, operator counts
+    of the graph after ORT's fusions). A QLinearConv or MatMulIntegerToFloat is an integer kernel;
+    a Conv or MatMul left beside DequantizeLinear nodes ran in float."""
+    import json
+    from collections import Counter, defaultdict
+
+    import onnx
+    import onnxruntime as ort
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(path).parent.name
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(out_dir / stem)
+    options.optimized_model_filepath = str(out_dir / f"{stem}.optimized.onnx")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     f"{stem}.optimized.onnx.data")
+    profiled = session(path, options=options)
+    feed = _feed(profiled, inputs)
+    for _ in range(runs + 1):
+        profiled.run(None, feed)
+    events = json.loads(Path(profiled.end_profiling()).read_text())
+    # The first call includes one-time allocations: count only the nodes of the calls after it.
+    first_run = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    warm_from = first_run["ts"] + first_run["dur"]
+    per_op = defaultdict(float)
+    for event in events:
+        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+                and event["ts"] >= warm_from):
+            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    optimized = onnx.load(str(out_dir / f"{stem}.optimized.onnx"), load_external_data=False)
+    ops = Counter(node.op_type for node in optimized.graph.node)
+    return dict(sorted(per_op.items(), key=lambda item: -item[1])), dict(ops.most_common())
 
 
 def ort_pipeline(pipe, onnx_path: str | Path, providers=None, threads: int | None = None):

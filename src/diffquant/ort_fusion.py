@@ -1,0 +1,163 @@
+"""Put Quark's exported QDQ graph into the form that ONNX Runtime's CPU QDQ fusions recognise, so the
+quantized layers really run on integer kernels instead of dequantize-then-float.
+
+ONNX Runtime fuses DequantizeLinear(x), DequantizeLinear(W) -> MatMul into MatMulIntegerToFloat, and
+DequantizeLinear(x), DequantizeLinear(W) -> Conv -> QuantizeLinear into QLinearConv (quantizing a
+float bias itself). Quark's export stands in the way of the MatMul fusion twice: a Linear's weight
+reaches MatMul through a Transpose after its DequantizeLinear, and one quantized activation feeds
+several layers (attention's to_q, to_k and to_v), which the fusion refuses. Both rewrites are exact.
+A Conv fuses only when its output is quantized too: the recipe's `conv_output`, not this pass.
+
+Why hand-written: ONNX Runtime's own quantizer builds this form only for graphs it quantizes itself,
+and neither Quark nor onnxslim rewrites an existing QDQ graph into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FusionReport:
+    """How many weight transposes were folded into the codes and quantized inputs split per layer."""
+
+    folded_transposes: int
+    split_quantize: int
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _attribute(node, name: str, default):
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _set_axis(node, axis: int) -> None:
+    import onnx
+
+    for attribute in list(node.attribute):
+        if attribute.name == "axis":
+            node.attribute.remove(attribute)
+    node.attribute.append(onnx.helper.make_attribute("axis", axis))
+
+
+def _transposed(tensor, name: str):
+    """The 2-D initializer `tensor` transposed, same data type (int8 and fp8 codes move as bytes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_type == onnx.TensorProto.INT8:
+        return numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).T), name)
+    rows, cols = tensor.dims
+    codes = np.frombuffer(tensor.raw_data, dtype=np.uint8).reshape(rows, cols)
+    transposed = onnx.TensorProto(name=name, data_type=tensor.data_type, dims=[cols, rows])
+    transposed.raw_data = np.ascontiguousarray(codes.T).tobytes()
+    return transposed
+
+
+def fold_weight_transposes(model) -> int:
+    """DequantizeLinear(W) -> Transpose -> MatMul becomes DequantizeLinear(W^T) -> MatMul."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    folded = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or list(_attribute(node, "perm", [])) != [1, 0]:
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(consumers[dq.output[0]]) != 1:
+            continue
+        codes = initializers.get(dq.input[0])
+        if codes is None or len(codes.dims) != 2:
+            continue
+        name = f"{codes.name}.T"
+        graph.initializer.append(_transposed(codes, name))
+        dq.input[0] = name
+        scale = initializers[dq.input[1]]
+        if len(scale.dims) == 1 and scale.dims[0] > 1:  # per channel: the channel axis moves too
+            _set_axis(dq, 1 - _attribute(dq, "axis", 1))
+        dq.output[0] = node.output[0]
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    return len(folded)
+
+
+def split_shared_quantize(model, ops: tuple[str, ...] = ("MatMul", "Conv", "Gemm")) -> int:
+    """Give every MatMul/Conv/Gemm that shares a quantized input with other nodes its own
+    QuantizeLinear -> DequantizeLinear chain, with its own copies of the scale and zero point.
+
+    Quark quantizes an input read by several layers once (attention's to_q, to_k and to_v; every
+    to_k/to_v of the UNet reads one quantized `encoder_hidden_states`). ONNX Runtime fuses none of
+    them then, and its common-subexpression pass merges identical chains back, hence the copies of
+    the scale and zero point. Re-quantizing the same tensor per layer gives identical codes.
+    """
+    import onnx
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in set(node.input):
+            consumers[name].append(node)
+    copies = 0
+    for q in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
+        dqs = consumers[q.output[0]]
+        if any(dq.op_type != "DequantizeLinear" for dq in dqs) or len(q.input) < 3:
+            continue
+        if not all(name in initializers for name in (q.input[1], q.input[2])):
+            continue
+        readers = [(dq, reader) for dq in dqs for reader in consumers[dq.output[0]]]
+        layers = [(dq, reader) for dq, reader in readers if reader.op_type in ops]
+        if len(readers) < 2 or not layers:
+            continue
+        for dq, layer in layers:
+            copies += 1
+            scale, zero = (f"{name}_{copies}" for name in q.input[1:3])
+            for source, name in ((q.input[1], scale), (q.input[2], zero)):
+                duplicate = onnx.TensorProto()
+                duplicate.CopyFrom(initializers[source])
+                duplicate.name = name
+                graph.initializer.append(duplicate)
+            codes, value = f"{q.output[0]}_{copies}", f"{dq.output[0]}_{copies}"
+            position = next(i for i, node in enumerate(graph.node) if node.output[0] == layer.output[0])
+            graph.node.insert(position, onnx.helper.make_node(
+                "DequantizeLinear", [codes, scale, zero], [value], name=f"{dq.name or dq.output[0]}_{copies}"))
+            graph.node.insert(position, onnx.helper.make_node(
+                "QuantizeLinear", [q.input[0], scale, zero], [codes], name=f"{q.name or q.output[0]}_{copies}"))
+            layer.input[list(layer.input).index(dq.output[0])] = value
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for _ in range(2):  # the DequantizeLinear nodes left unread, then their QuantizeLinear
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
+        for node in dead:
+            graph.node.remove(node)
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    return copies
+
+
+def prepare_for_ort_fusion(model) -> FusionReport:
+    """Rewrite `model` (an onnx.ModelProto after `compress_weights`) in place; drops initializers
+    that nothing reads any more."""
+    report = FusionReport(fold_weight_transposes(model), split_shared_quantize(model))
+    graph = model.graph
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    logger.info("ONNX Runtime fusion form: %d weight transposes folded, %d shared quantized inputs split "
+                "per layer", report.folded_transposes, report.split_quantize)
+    return report

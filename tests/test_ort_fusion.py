@@ -1,0 +1,111 @@
+"""The rewrite that lets ONNX Runtime run the quantized layers on integer kernels: exact on hand-built
+graphs, and on shapes-sd every Conv becomes a QLinearConv and every attention/feed-forward Linear a
+MatMulIntegerToFloat, with images that match Quark's torch fake-quant."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from diffquant.ort_fusion import prepare_for_ort_fusion
+
+RNG = np.random.default_rng(0)
+
+
+def _run(model, feed, optimize: bool):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+def _fused_ops(model, tmp_path) -> list[str]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def _quark_like_linear_graph():
+    """What Quark exports for attention: one quantized input read by three Linears (weights stored
+    as [out, in] int8 codes per output channel, then DequantizeLinear -> Transpose -> MatMul) and by
+    a float Add."""
+    k, n = 32, 24
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"])]
+    initializers = [numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+                    numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+    for i in range(3):
+        initializers += [numpy_helper.from_array(RNG.integers(-127, 128, (n, k)).astype(np.int8), f"w{i}"),
+                         numpy_helper.from_array((RNG.random(n) + 0.5).astype(np.float32) * 1e-2, f"w{i}_scale")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"w{i}_scale"], [f"w{i}_dq"], axis=0),
+                  helper.make_node("Transpose", [f"w{i}_dq"], [f"w{i}_t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["x_dq", f"w{i}_t"], [f"y{i}"])]
+    nodes += [helper.make_node("Concat", ["y0", "y1", "y2"], ["y"], axis=-1),
+              helper.make_node("ReduceSum", ["x_dq"], ["s"], keepdims=1),
+              helper.make_node("Add", ["y", "s"], ["out"])]
+    graph = helper.make_graph(nodes, "linears", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, k])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 7, 3 * n])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_linear_rewrite_is_exact_and_unlocks_integer_matmuls(tmp_path):
+    model = _quark_like_linear_graph()
+    feed = {"x": RNG.standard_normal((2, 7, 32)).astype(np.float32)}
+    before = _run(model, feed, optimize=False)
+    assert "MatMulIntegerToFloat" not in _fused_ops(model, tmp_path)
+
+    report = prepare_for_ort_fusion(model)
+    onnx.checker.check_model(model)
+    assert report.folded_transposes == 3 and report.split_quantize == 3
+    assert np.array_equal(_run(model, feed, optimize=False), before)  # same codes, same scales
+    ops = _fused_ops(model, tmp_path)
+    assert ops.count("MatMulIntegerToFloat") == 3 and "MatMul" not in ops and "Transpose" not in ops
+    np.testing.assert_allclose(_run(model, feed, optimize=True), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ort_recipe_export(shapes_pipe, tmp_path_factory):
+    from diffquant import export_onnx, quantize_unet
+    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+    from diffquant.shapes.dataset import sample_captions
+
+    calibration = capture_unet_inputs(shapes_pipe, sample_captions(4, seed=9),
+                                      CalibrationConfig(size=4, steps=6, timesteps=3, batch_size=4))
+    quantized = quantize_unet(shapes_pipe, "w8a8-int8-ort", calibration=calibration)
+    return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ort") / "w8a8-int8-ort")
+
+
+def test_shapes_sd_runs_every_conv_and_linear_of_attention_on_integer_kernels(ort_recipe_export, tmp_path):
+    import torch
+
+    from diffquant.export import example_inputs
+    from diffquant.runtime import profile_operators
+
+    quantized, exported = ort_recipe_export
+    unet = quantized.unet
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m._output_quantizer is not None for m in convs)  # conv_output quantizes Conv2d only
+    assert all(getattr(m, "_output_quantizer", None) is None for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    per_op, ops = profile_operators(exported.path, example_inputs(unet, 2, 16), tmp_path)
+    assert ops.get("QLinearConv", 0) == len(convs) and ops.get("Conv", 0) == 0
+    attention_linears = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and "attentions" in n]
+    assert ops.get("MatMulIntegerToFloat", 0) == len(attention_linears)
+    assert per_op["QLinearConv"] > 0 and sum(per_op.values()) > 0
+    assert exported.relative_error <= exported.relative_error_bound
+
+
+def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, ort_recipe_export):
+    from diffquant import compare, generate
+    from diffquant.runtime import ort_pipeline
+    from diffquant.shapes.dataset import sample_captions
+
+    quantized, exported = ort_recipe_export
+    prompts = sample_captions(4, seed=77)
+    torch_images = generate(quantized, prompts, seed=0, steps=10)
+    ort_images = generate(ort_pipeline(shapes_pipe, exported.path), prompts, seed=0, steps=10)
+    assert compare(torch_images, ort_images, prompts).summary()["psnr_db"] >= 35
