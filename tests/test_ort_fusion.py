@@ -30,21 +30,27 @@ def _fused_ops(model, tmp_path) -> list[str]:
     return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
 
 
-def _quark_like_linear_graph():
+def _quark_like_linear_graph(identical_chains: bool):
     """What Quark exports for attention: one quantized input read by three Linears (weights stored
     as [out, in] int8 codes per output channel, then DequantizeLinear -> Transpose -> MatMul) and by
-    a float Add."""
+    a float ReduceSum. Small models get one shared QuantizeLinear -> DequantizeLinear chain; above
+    2 GB the export has one identical chain per Linear, reading the same scale and zero point."""
     k, n = 32, 24
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
-             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"])]
     initializers = [numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
                     numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+    nodes = []
     for i in range(3):
         initializers += [numpy_helper.from_array(RNG.integers(-127, 128, (n, k)).astype(np.int8), f"w{i}"),
                          numpy_helper.from_array((RNG.random(n) + 0.5).astype(np.float32) * 1e-2, f"w{i}_scale")]
+        chain = f"_{i}" if identical_chains else ""
+        if identical_chains or i == 0:
+            nodes += [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], [f"x_q{chain}"]),
+                      helper.make_node("DequantizeLinear", [f"x_q{chain}", "x_scale", "x_zero"], [f"x_dq{chain}"])]
         nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"w{i}_scale"], [f"w{i}_dq"], axis=0),
                   helper.make_node("Transpose", [f"w{i}_dq"], [f"w{i}_t"], perm=[1, 0]),
-                  helper.make_node("MatMul", ["x_dq", f"w{i}_t"], [f"y{i}"])]
+                  helper.make_node("MatMul", [f"x_dq{chain}", f"w{i}_t"], [f"y{i}"])]
+    if identical_chains:
+        nodes.append(helper.make_node("DequantizeLinear", ["x_q_0", "x_scale", "x_zero"], ["x_dq"]))
     nodes += [helper.make_node("Concat", ["y0", "y1", "y2"], ["y"], axis=-1),
               helper.make_node("ReduceSum", ["x_dq"], ["s"], keepdims=1),
               helper.make_node("Add", ["y", "s"], ["out"])]
@@ -53,15 +59,18 @@ def _quark_like_linear_graph():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
-def test_linear_rewrite_is_exact_and_unlocks_integer_matmuls(tmp_path):
-    model = _quark_like_linear_graph()
+@pytest.mark.parametrize("identical_chains", [False, True])
+def test_linear_rewrite_is_exact_and_unlocks_integer_matmuls(tmp_path, identical_chains):
+    model = _quark_like_linear_graph(identical_chains)
     feed = {"x": RNG.standard_normal((2, 7, 32)).astype(np.float32)}
     before = _run(model, feed, optimize=False)
     assert "MatMulIntegerToFloat" not in _fused_ops(model, tmp_path)
 
     report = prepare_for_ort_fusion(model)
     onnx.checker.check_model(model)
-    assert report.folded_transposes == 3 and report.split_quantize == 3
+    assert report.folded_transposes == 3
+    # Each Linear ends up with its own chain and its own copies of the scale and zero point.
+    assert report.split_quantize + report.distinct_quantize >= 2
     assert np.array_equal(_run(model, feed, optimize=False), before)  # same codes, same scales
     ops = _fused_ops(model, tmp_path)
     assert ops.count("MatMulIntegerToFloat") == 3 and "MatMul" not in ops and "Transpose" not in ops

@@ -25,10 +25,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FusionReport:
-    """How many weight transposes were folded into the codes and quantized inputs split per layer."""
+    """How many constant Identity nodes were bypassed, weight transposes folded into the codes and
+    quantized inputs split per layer."""
 
+    bypassed_identities: int
     folded_transposes: int
     split_quantize: int
+    distinct_quantize: int
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -64,6 +67,25 @@ def _transposed(tensor, name: str):
     transposed = onnx.TensorProto(name=name, data_type=tensor.data_type, dims=[cols, rows])
     transposed.raw_data = np.ascontiguousarray(codes.T).tobytes()
     return transposed
+
+
+def bypass_constant_identities(model) -> int:
+    """Read initializers directly where the export put an Identity in between (Quark's export of a
+    model above 2 GB does so for shared scales and zero points; ORT fuses only constant ones)."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    source = {node.output[0]: node.input[0] for node in graph.node
+              if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs}
+    if not source:
+        return 0
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in source:
+                node.input[k] = source[name]
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in source]:
+        graph.node.remove(node)
+    return len(source)
 
 
 def fold_weight_transposes(model) -> int:
@@ -130,10 +152,7 @@ def split_shared_quantize(model, ops: tuple[str, ...] = ("MatMul", "Conv", "Gemm
             copies += 1
             scale, zero = (f"{name}_{copies}" for name in q.input[1:3])
             for source, name in ((q.input[1], scale), (q.input[2], zero)):
-                duplicate = onnx.TensorProto()
-                duplicate.CopyFrom(initializers[source])
-                duplicate.name = name
-                graph.initializer.append(duplicate)
+                graph.initializer.append(_copy(initializers[source], name))
             codes, value = f"{q.output[0]}_{copies}", f"{dq.output[0]}_{copies}"
             position = next(i for i, node in enumerate(graph.node) if node.output[0] == layer.output[0])
             graph.node.insert(position, onnx.helper.make_node(
@@ -150,14 +169,56 @@ def split_shared_quantize(model, ops: tuple[str, ...] = ("MatMul", "Conv", "Gemm
     return copies
 
 
+def distinct_quantize_constants(model) -> int:
+    """Give each QuantizeLinear that repeats another's (input, scale, zero point) its own copies of
+    the scale and zero point, with its DequantizeLinear readers. Quark quantizes one tensor read by
+    several layers with separate but identical chains (one `encoder_hidden_states` chain per to_k and
+    to_v); ONNX Runtime's common-subexpression pass would merge them into one shared chain again."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in set(node.input):
+            consumers[name].append(node)
+    seen, renamed = set(), 0
+    for q in [node for node in graph.node if node.op_type == "QuantizeLinear" and len(node.input) == 3]:
+        key = tuple(q.input)
+        if key not in seen:
+            seen.add(key)
+            continue
+        if not all(name in initializers for name in q.input[1:]):
+            continue
+        readers = consumers[q.output[0]]
+        if any(r.op_type != "DequantizeLinear" or list(r.input[1:]) != list(q.input[1:]) for r in readers):
+            continue
+        renamed += 1
+        for k in (1, 2):
+            copy = _copy(initializers[q.input[k]], f"{q.input[k]}_q{renamed}")
+            graph.initializer.append(copy)
+            for node in [q, *readers]:
+                node.input[k] = copy.name
+    return renamed
+
+
+def _copy(tensor, name: str):
+    import onnx
+
+    duplicate = onnx.TensorProto()
+    duplicate.CopyFrom(tensor)
+    duplicate.name = name
+    return duplicate
+
+
 def prepare_for_ort_fusion(model) -> FusionReport:
     """Rewrite `model` (an onnx.ModelProto after `compress_weights`) in place; drops initializers
     that nothing reads any more."""
-    report = FusionReport(fold_weight_transposes(model), split_shared_quantize(model))
+    bypassed = bypass_constant_identities(model)
+    folded = fold_weight_transposes(model)
+    split = split_shared_quantize(model)
+    report = FusionReport(bypassed, folded, split, distinct_quantize_constants(model))
     graph = model.graph
     used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
-    logger.info("ONNX Runtime fusion form: %d weight transposes folded, %d shared quantized inputs split "
-                "per layer", report.folded_transposes, report.split_quantize)
+    logger.info("ONNX Runtime fusion form: %s", report.to_dict())
     return report
