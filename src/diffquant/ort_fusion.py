@@ -37,6 +37,15 @@ class FusionReport:
         return self.__dict__.copy()
 
 
+def _consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it (each node once)."""
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in set(node.input):
+            readers[name].append(node)
+    return readers
+
+
 def _attribute(node, name: str, default):
     import onnx
 
@@ -93,10 +102,7 @@ def fold_weight_transposes(model) -> int:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    consumers = _consumers(graph)
     folded = []
     for node in graph.node:
         if node.op_type != "Transpose" or list(_attribute(node, "perm", [])) != [1, 0]:
@@ -133,10 +139,7 @@ def split_shared_quantize(model, ops: tuple[str, ...] = ("MatMul", "Conv", "Gemm
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in set(node.input):
-            consumers[name].append(node)
+    consumers = _consumers(graph)
     copies = 0
     for q in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
         dqs = consumers[q.output[0]]
@@ -176,10 +179,7 @@ def distinct_quantize_constants(model) -> int:
     to_v); ONNX Runtime's common-subexpression pass would merge them into one shared chain again."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in set(node.input):
-            consumers[name].append(node)
+    consumers = _consumers(graph)
     seen, renamed = set(), 0
     for q in [node for node in graph.node if node.op_type == "QuantizeLinear" and len(node.input) == 3]:
         key = tuple(q.input)
