@@ -5,8 +5,10 @@ ONNX Runtime fuses DequantizeLinear(x), DequantizeLinear(W) -> MatMul into MatMu
 DequantizeLinear(x), DequantizeLinear(W) -> Conv -> QuantizeLinear into QLinearConv (quantizing a
 float bias itself). Quark's export stands in the way of the MatMul fusion twice: a Linear's weight
 reaches MatMul through a Transpose after its DequantizeLinear, and one quantized activation feeds
-several layers (attention's to_q, to_k and to_v), which the fusion refuses. Both rewrites are exact.
-A Conv fuses only when its output is quantized too: the recipe's `conv_output`, not this pass.
+several layers (attention's to_q, to_k and to_v) through one shared chain, or through identical
+chains that ORT's common-subexpression pass merges into one; the fusion refuses a shared chain.
+Every rewrite here is exact. A Conv fuses only when its output is quantized too: that is the
+recipe's `conv_output`, not this pass.
 
 Why hand-written: ONNX Runtime's own quantizer builds this form only for graphs it quantizes itself,
 and neither Quark nor onnxslim rewrites an existing QDQ graph into it.
@@ -80,7 +82,7 @@ def _transposed(tensor, name: str):
 
 def bypass_constant_identities(model) -> int:
     """Read initializers directly where the export put an Identity in between (Quark's export of a
-    model above 2 GB does so for shared scales and zero points; ORT fuses only constant ones)."""
+    model above 2 GB does so for shared scales and zero points), so the rewrites below see them."""
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     outputs = {o.name for o in graph.output}
