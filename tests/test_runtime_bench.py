@@ -69,6 +69,7 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     assert set(data["profiles"]) == set(data["optimized_ops"]) == {"ORT fp32", "ORT int8-w (QDQ)"}
     assert data["profiles"]["ORT fp32"]["Conv"] > 0 and "DequantizeLinear" not in data["optimized_ops"]["ORT fp32"]
     assert all(ms >= 0 for profile in data["profiles"].values() for ms in profile.values())
+    assert "profile ORT int8-w (QDQ): " in (out / "report.html").read_text()
 
 
 def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monkeypatch):

@@ -66,10 +66,15 @@ class BenchResult:
             image = f"{r.image_s:8.2f}" if r.image_s is not None else f"{'n/a':>8}"
             lines.append(f"{label:<{width}} {r.unet_ms_median:>13.1f} {r.unet_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
                          f"{r.first_call_s:>8.2f} {r.peak_rss_mb:>8.0f} {r.artifact_mb:>8.1f} {r.size_ratio:>7.2f}")
+        return "\n".join(lines + self.profile_lines() + [f"note: {n}" for n in self.notes])
+
+    def profile_lines(self, top: int = 6) -> list[str]:
+        """One line per profiled ONNX Runtime row: its most expensive operator types."""
+        lines = []
         for name, profile in self.profiles.items():
-            top = sorted(profile.items(), key=lambda item: -item[1])[:6]
-            lines.append(f"profile {name}: " + ", ".join(f"{op} {ms:.0f} ms" for op, ms in top))
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+            ranked = sorted(profile.items(), key=lambda item: -item[1])[:top]
+            lines.append(f"profile {name}: " + ", ".join(f"{op} {ms:.0f} ms" for op, ms in ranked))
+        return lines
 
     def plot(self, path: Path) -> Path:
         import matplotlib

@@ -310,7 +310,7 @@ def _cmd_bench(args) -> int:
                        ["configuration", "UNet ms median", "p90", "x fp32 speed", "s/image", "peak MB", "MB", "x size"],
                        [[r.name + (" (simulated)" if r.simulated else ""), r.unet_ms_median, r.unet_ms_p90, r.speedup,
                          r.image_s, r.peak_rss_mb, r.artifact_mb, r.size_ratio] for r in result.rows],
-                       "bench.png", result.notes)
+                       "bench.png", result.profile_lines() + result.notes)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.png'} and {out / 'report.html'}")
     return 0
 
