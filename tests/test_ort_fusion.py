@@ -121,3 +121,18 @@ def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, 
     torch_images = generate(quantized, prompts, seed=0, steps=10)
     ort_images = generate(ort_pipeline(shapes_pipe, exported.path), prompts, seed=0, steps=10)
     assert compare(torch_images, ort_images, prompts).summary()["psnr_db"] >= 35
+
+
+def test_fp8_w8a8_export_is_left_to_onnx_runtime_as_it_is(shapes_pipe, tmp_path):
+    """The rewrites touch int8 chains only: split fp8 chains would make ORT fuse them into an
+    integer MatMul that rejects fp8 (an invalid graph)."""
+    from diffquant import export_onnx, quantize_unet
+    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+    from diffquant.shapes.dataset import sample_captions
+
+    calibration = capture_unet_inputs(shapes_pipe, sample_captions(2, seed=9),
+                                      CalibrationConfig(size=2, steps=4, timesteps=2, batch_size=2))
+    result = export_onnx(quantize_unet(shapes_pipe, "w8a8-fp8", calibration=calibration), tmp_path / "fp8")
+    assert result.fusion["folded_transposes"] == result.fusion["split_quantize"] == 0
+    assert result.weight_dtypes.get("FLOAT8E4M3FN", 0) > 0
+    assert result.relative_error <= result.relative_error_bound  # ORT loaded and ran the graph

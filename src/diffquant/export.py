@@ -260,10 +260,8 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> np.ndarray:
     """Run an exported UNet in ONNX Runtime on torch inputs; returns the output as float32 numpy."""
-    import onnxruntime as ort
+    from .runtime import session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-    feed = {i.name: inputs[i.name].cpu().numpy() for i in session.get_inputs()}
-    return session.run(None, feed)[0].astype(np.float32)
+    runner = session(path, providers)
+    feed = {i.name: inputs[i.name].cpu().numpy() for i in runner.get_inputs()}
+    return runner.run(None, feed)[0].astype(np.float32)

@@ -48,6 +48,16 @@ def _consumers(graph) -> dict[str, list]:
     return readers
 
 
+def _integer_chain(q, initializers: dict) -> bool:
+    """A QuantizeLinear to int8/uint8 with constant scale and zero point. fp8 chains are left as they
+    are: ONNX Runtime 1.31 would fuse a split fp8 chain into MatMulIntegerToFloat, which rejects fp8."""
+    import onnx
+
+    if len(q.input) < 3 or not all(name in initializers for name in q.input[1:3]):
+        return False
+    return initializers[q.input[2]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
 def _attribute(node, name: str, default):
     import onnx
 
@@ -67,17 +77,10 @@ def _set_axis(node, axis: int) -> None:
 
 
 def _transposed(tensor, name: str):
-    """The 2-D initializer `tensor` transposed, same data type (int8 and fp8 codes move as bytes)."""
-    import onnx
+    """The 2-D int8 initializer `tensor`, transposed."""
     from onnx import numpy_helper
 
-    if tensor.data_type == onnx.TensorProto.INT8:
-        return numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).T), name)
-    rows, cols = tensor.dims
-    codes = np.frombuffer(tensor.raw_data, dtype=np.uint8).reshape(rows, cols)
-    transposed = onnx.TensorProto(name=name, data_type=tensor.data_type, dims=[cols, rows])
-    transposed.raw_data = np.ascontiguousarray(codes.T).tobytes()
-    return transposed
+    return numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).T), name)
 
 
 def bypass_constant_identities(model) -> int:
@@ -100,7 +103,9 @@ def bypass_constant_identities(model) -> int:
 
 
 def fold_weight_transposes(model) -> int:
-    """DequantizeLinear(W) -> Transpose -> MatMul becomes DequantizeLinear(W^T) -> MatMul."""
+    """DequantizeLinear(W) -> Transpose -> MatMul becomes DequantizeLinear(W^T) -> MatMul (int8 W)."""
+    import onnx
+
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -113,7 +118,7 @@ def fold_weight_transposes(model) -> int:
         if dq is None or dq.op_type != "DequantizeLinear" or len(consumers[dq.output[0]]) != 1:
             continue
         codes = initializers.get(dq.input[0])
-        if codes is None or len(codes.dims) != 2:
+        if codes is None or len(codes.dims) != 2 or codes.data_type != onnx.TensorProto.INT8:
             continue
         name = f"{codes.name}.T"
         graph.initializer.append(_transposed(codes, name))
@@ -145,9 +150,9 @@ def split_shared_quantize(model, ops: tuple[str, ...] = ("MatMul", "Conv", "Gemm
     copies = 0
     for q in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
         dqs = consumers[q.output[0]]
-        if any(dq.op_type != "DequantizeLinear" for dq in dqs) or len(q.input) < 3:
+        if any(dq.op_type != "DequantizeLinear" for dq in dqs):
             continue
-        if not all(name in initializers for name in (q.input[1], q.input[2])):
+        if not _integer_chain(q, initializers):
             continue
         readers = [(dq, reader) for dq in dqs for reader in consumers[dq.output[0]]]
         layers = [(dq, reader) for dq, reader in readers if reader.op_type in ops]
@@ -188,7 +193,7 @@ def distinct_quantize_constants(model) -> int:
         if key not in seen:
             seen.add(key)
             continue
-        if not all(name in initializers for name in q.input[1:]):
+        if not _integer_chain(q, initializers):
             continue
         readers = consumers[q.output[0]]
         if any(r.op_type != "DequantizeLinear" or list(r.input[1:]) != list(q.input[1:]) for r in readers):

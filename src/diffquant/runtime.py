@@ -14,9 +14,21 @@ from .errors import DiffquantError
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
+def _quantizes_activations_to_fp8(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    fp8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in fp8 for n in graph.node)
+
+
 def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = None, threads: int | None = None,
             options=None):
-    """An ONNX Runtime session with all graph optimizations (QDQ fusion into integer kernels)."""
+    """An ONNX Runtime session with all graph optimizations (QDQ fusion into integer kernels).
+
+    A graph with fp8 activations runs without the QDQ fusion pass: it has no integer kernel to fuse
+    into, and ONNX Runtime 1.31's pass moves fp8 tensors through Transpose, which has no fp8 kernel
+    (an invalid-graph error at load)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -33,7 +45,8 @@ def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = No
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers)
+    disabled = ["QDQSelectorActionTransformer"] if _quantizes_activations_to_fp8(path) else None
+    return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
 
 
 class OrtUNet(torch.nn.Module):
