@@ -69,6 +69,17 @@ def _initializer(name: str, codes: torch.Tensor):
     return tensor
 
 
+def read_tensor_names(graph) -> set[str]:
+    """Every tensor name that a node or the graph's outputs read."""
+    return {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+
+
+def drop_unused_initializers(graph) -> None:
+    used = read_tensor_names(graph)
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
 def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
     """Rewrite `model` (an onnx.ModelProto from Quark's export of `unet`) in place.
 
@@ -109,9 +120,7 @@ def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
         counts[kind] += 1
     for node in dropped_nodes:
         graph.node.remove(node)
-    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+    drop_unused_initializers(graph)
     layers = counts["int8"] + counts["fp8"]
     if exact != layers:
         raise AssertionError(f"only {exact} of {layers} compressed weights dequantize to Quark's exactly")

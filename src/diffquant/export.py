@@ -260,8 +260,7 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> np.ndarray:
     """Run an exported UNet in ONNX Runtime on torch inputs; returns the output as float32 numpy."""
-    from .runtime import session
+    from .runtime import session, session_feed
 
     runner = session(path, providers)
-    feed = {i.name: inputs[i.name].cpu().numpy() for i in runner.get_inputs()}
-    return runner.run(None, feed)[0].astype(np.float32)
+    return runner.run(None, session_feed(runner, inputs))[0].astype(np.float32)

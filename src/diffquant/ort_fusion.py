@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .compress import drop_unused_initializers, read_tensor_names
+
 logger = logging.getLogger(__name__)
 
 
@@ -170,12 +172,11 @@ def split_shared_quantize(model, ops: tuple[str, ...] = ("MatMul", "Conv", "Gemm
             graph.node.insert(position, onnx.helper.make_node(
                 "QuantizeLinear", [q.input[0], scale, zero], [codes], name=f"{q.name or q.output[0]}_{copies}"))
             layer.input[list(layer.input).index(dq.output[0])] = value
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for _ in range(2):  # the DequantizeLinear nodes left unread, then their QuantizeLinear
+        used = read_tensor_names(graph)
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
         for node in dead:
             graph.node.remove(node)
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     return copies
 
 
@@ -223,9 +224,6 @@ def prepare_for_ort_fusion(model) -> FusionReport:
     folded = fold_weight_transposes(model)
     split = split_shared_quantize(model)
     report = FusionReport(bypassed, folded, split, distinct_quantize_constants(model))
-    graph = model.graph
-    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+    drop_unused_initializers(model.graph)
     logger.info("ONNX Runtime fusion form: %s", report.to_dict())
     return report

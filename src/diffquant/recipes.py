@@ -115,7 +115,8 @@ DEFAULT_RECIPES = ("int8-w", "fp8-w")
 def recipe_from_dict(data: dict) -> Recipe:
     """Inverse of `Recipe.to_dict` (checks the type and version)."""
     if data.get("type") != "Recipe" or data.get("version") not in READABLE_VERSIONS:
-        raise DiffquantError(f"not a diffquant recipe of version {RECIPE_VERSION}: {data.get('type')} "
+        versions = " or ".join(map(str, READABLE_VERSIONS))
+        raise DiffquantError(f"not a diffquant recipe of version {versions}: {data.get('type')} "
                              f"v{data.get('version')}; re-create it with this diffquant version")
 
     def quant(q: dict | None) -> TensorQuant | None:

@@ -87,7 +87,8 @@ class OrtUNet(torch.nn.Module):
         return (out,)
 
 
-def _feed(session_, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def session_feed(session_, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The numpy feed of `session_`'s inputs, taken by name from torch `inputs`."""
     return {i.name: inputs[i.name].detach().cpu().numpy() for i in session_.get_inputs()}
 
 
@@ -112,7 +113,7 @@ def profile_operators(path: str | Path, inputs: dict[str, torch.Tensor], out_dir
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                      f"{stem}.optimized.onnx.data")
     profiled = session(path, options=options)
-    feed = _feed(profiled, inputs)
+    feed = session_feed(profiled, inputs)
     for _ in range(runs + 1):
         profiled.run(None, feed)
     events = json.loads(Path(profiled.end_profiling()).read_text())
