@@ -4,6 +4,9 @@ Captions follow exactly::
 
     a [SIZE ]COLOR SHAPE[ POSITION] on a BGCOLOR background
 
+with "an" instead of "a" before a vowel ("an orange circle", "on an orange background"); the parser
+accepts either article.
+
 Images are rendered on the fly with PIL, deterministically per seed.
 """
 
@@ -35,17 +38,24 @@ SIZES = ("small", "large")
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 
 # Half-extent of the shape's bounding box, in pixels of the 32x32 image.
-SIZE_RADIUS = {"small": (4.0, 5.5), "large": (8.0, 9.0)}
+# Small shapes are at least 10 pixels wide: below that the VAE's 2x-downsampled latents blur a
+# triangle's apex into a circle (the first shapes-sd VAE read 28% of 8-11 pixel shapes wrong).
+SIZE_RADIUS = {"small": (5.0, 6.0), "large": (8.0, 9.5)}
 # Offset of the shape centre from the image centre for a named position.
 POSITION_OFFSET = (6.0, 16.0)  # (min, max) along the named axis; clipped so the shape stays inside
 POSITION_JITTER = 2.0  # along the other axis
 CENTER_JITTER = 1.5
 
 _CAPTION_RE = re.compile(
-    r"^a (?:(?P<size>small|large) )?(?P<color>\w+) (?P<shape>\w+)"
+    r"^an? (?:(?P<size>small|large) )?(?P<color>\w+) (?P<shape>\w+)"
     r"(?: (?P<position>on the left|on the right|at the top|at the bottom|in the center))?"
-    r" on a (?P<background>\w+) background$"
+    r" on an? (?P<background>\w+) background$"
 )
+
+
+def article(word: str) -> str:
+    """The indefinite article English puts before `word`."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,9 @@ class ShapeSpec:
     def caption(self) -> str:
         size = f"{self.size} " if self.size else ""
         position = f" {self.position}" if self.position else ""
-        return f"a {size}{self.color} {self.shape}{position} on a {self.background} background"
+        noun_phrase = f"{size}{self.color} {self.shape}"
+        return (f"{article(noun_phrase)} {noun_phrase}{position} "
+                f"on {article(self.background)} {self.background} background")
 
 
 def parse_caption(caption: str) -> ShapeSpec:
@@ -75,7 +87,7 @@ def parse_caption(caption: str) -> ShapeSpec:
     if not match or match["color"] not in PALETTE or match["background"] not in PALETTE or match["shape"] not in SHAPES:
         raise ValueError(
             f"caption {caption!r} is not in the shapes grammar "
-            "'a [SIZE ]COLOR SHAPE[ POSITION] on a BGCOLOR background'"
+            "'a|an [SIZE ]COLOR SHAPE[ POSITION] on a|an BGCOLOR background'"
         )
     return ShapeSpec(
         color=match["color"], shape=match["shape"], background=match["background"],
@@ -140,15 +152,15 @@ def render(spec: ShapeSpec, seed: int) -> Image.Image:
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
-def sample(seed: int) -> tuple[Image.Image, str]:
-    """One (image, caption) training pair for `seed`."""
+def sample(seed: int, p_position: float = 0.5) -> tuple[Image.Image, str]:
+    """One (image, caption) training pair for `seed`; `p_position` is the share of captions naming a position."""
     rng = random.Random(seed)
-    spec = random_spec(rng)
+    spec = random_spec(rng, p_position=p_position)
     return render(spec, seed), spec.caption
 
 
-def batch(seed: int, n: int) -> tuple[np.ndarray, list[str]]:
+def batch(seed: int, n: int, p_position: float = 0.5) -> tuple[np.ndarray, list[str]]:
     """`n` pairs from consecutive seeds as a float array in [-1, 1], (N, 3, H, W), and their captions."""
-    images, captions = zip(*(sample(seed * 100_003 + i) for i in range(n)))
+    images, captions = zip(*(sample(seed * 100_003 + i, p_position) for i in range(n)))
     array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # (N, H, W, 3)
     return array.transpose(0, 3, 1, 2) / 127.5 - 1.0, list(captions)

@@ -20,7 +20,7 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 def grammar_words() -> list[str]:
     """Every word the caption grammar can produce, sorted."""
-    words = {"a", "on", "background"} | set(COLORS) | set(SHAPES) | set(SIZES)
+    words = {"a", "an", "on", "background"} | set(COLORS) | set(SHAPES) | set(SIZES)
     for position in POSITIONS:
         words.update(position.split())
     return sorted(words)
