@@ -16,7 +16,7 @@ from diffquant.cli import main
 def shapes_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     status = main(["--quiet", "run", "--num-images", "3", "--steps", "4", "--out", str(out),
-                   "--prompt", "a red circle on a <b>blue</b> background", "--prompt",
+                   "--prompt", "an orange circle on a blue background", "--prompt",
                    "a small green square on the left on a white background"])
     assert status == 0
     return out
@@ -33,7 +33,12 @@ def test_run_writes_results_that_reload(shapes_run):
         assert mean["psnr_db"] > 15 and 0 < mean["ssim"] <= 1
         assert entry["layers"]["n_quantized"] > 0
         assert len(entry["images"]) == 3 and all((shapes_run / p).is_file() for p in entry["images"])
-    assert "shapeeval" not in results["recipes"]["int8-w"]["metrics"]["mean"]  # '<b>' prompt is off-grammar
+    for attribute in ("background", "color", "shape", "size", "position", "overall"):
+        assert 0 <= results["baseline"]["shapeeval"][attribute] <= 1
+    assert results["baseline"]["shapeeval"]["n_position"] == 1  # 1 of the 3 captions names a position
+    for entry in results["recipes"].values():
+        assert 0 <= entry["metrics"]["mean"]["shapeeval_agreement"]["all"] <= 1
+        assert set(entry["ort"]["vs_baseline"]["mean"]["shapeeval"]) >= {"shape", "position", "overall"}
     assert any("simulated" in step for step in results["timings"])
 
 
@@ -60,9 +65,25 @@ def test_grid_has_a_row_per_recipe_and_a_column_per_image(shapes_run):
 
 
 def test_report_escapes_prompt_html(shapes_run):
-    page = (shapes_run / "report.html").read_text()
+    from diffquant.report import render_html
+
+    results = json.loads((shapes_run / "results.json").read_text())
+    results["prompts"][0] = "a red circle on a <b>blue</b> background"
+    page = render_html(shapes_run, results)
     assert "&lt;b&gt;blue&lt;/b&gt;" in page and "<b>blue</b>" not in page
-    assert "simulated" in page
+    assert "simulated" in (shapes_run / "report.html").read_text()
+
+
+def test_terminal_and_report_show_adherence_per_attribute(shapes_run):
+    from diffquant.cli import summary_table
+
+    results = json.loads((shapes_run / "results.json").read_text())
+    table = summary_table(results)
+    for label in ("background (n=3)", "colour (n=3)", "shape (n=3)", "size (n=1)", "position (n=1)",
+                  "agree with fp32", "int8-w ORT"):
+        assert label in table
+    page = (shapes_run / "report.html").read_text()
+    assert "Prompt adherence (ShapeEval)" in page and "position (n=1)" in page
 
 
 def test_report_shows_every_image_in_headless_chromium(shapes_run, tmp_path):
@@ -71,7 +92,10 @@ def test_report_shows_every_image_in_headless_chromium(shapes_run, tmp_path):
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     page = (shapes_run / "report.html").read_text()
     probe = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
-             "document.body.setAttribute('data-probe',imgs.length+':'+imgs.filter(i=>i.naturalWidth>0).length)})"
+             "document.body.setAttribute('data-probe',imgs.length+':'+imgs.filter(i=>i.naturalWidth>0).length);"
+             "const h=[...document.querySelectorAll('h2')].find(h=>h.textContent.startsWith('Prompt adherence'));"
+             "const table=h&&h.nextElementSibling.nextElementSibling;"
+             "document.body.setAttribute('data-adherence',table?table.rows.length+':'+table.offsetHeight:'none')})"
              "</script></body>")
     (tmp_path / "probe.html").write_text(page.replace("</body>", probe))
     dom = subprocess.run(
@@ -81,6 +105,8 @@ def test_report_shows_every_image_in_headless_chromium(shapes_run, tmp_path):
         capture_output=True, text=True, timeout=120).stdout
     total, shown = dom.split('data-probe="')[1].split('"')[0].split(":")
     assert int(total) >= 1 and total == shown
+    rows, height = dom.split('data-adherence="')[1].split('"')[0].split(":")
+    assert int(rows) == 1 + 5 and int(height) > 0  # header, baseline, 2 recipes x (torch, ORT): rendered, visible
 
 
 def test_existing_output_folder_is_never_overwritten(tmp_path, tiny_sd_dir):

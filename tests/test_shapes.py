@@ -99,3 +99,28 @@ def test_trained_model_follows_prompts_where_random_weights_do_not(shapes_pipe):
     assert colours >= 0.75, trained
     assert (untrained["background"] + untrained["color"]) / 2 <= 0.4, untrained
     assert trained["overall"] > untrained["overall"]
+
+
+def test_captions_read_as_english_and_parse_either_article():
+    assert ShapeSpec("orange", "circle", "blue").caption == "an orange circle on a blue background"
+    assert ShapeSpec("red", "square", "orange", "large").caption == "a large red square on an orange background"
+    assert parse_caption("an orange circle on a white background") == ShapeSpec("orange", "circle", "white")
+    assert parse_caption("a orange triangle on an purple background") == ShapeSpec("orange", "triangle", "purple")
+    for caption in sample_captions(500, seed=3):
+        words = caption.split()
+        for article, following in zip(words, words[1:]):
+            if article in ("a", "an"):  # "an" exactly before a vowel
+                assert (article == "an") == (following[0] in "aeiou"), caption
+        assert parse_caption(caption).caption == caption
+
+
+def test_agreement_counts_images_whose_detections_match_the_reference():
+    from diffquant.shapes.shapeeval import agreement
+
+    specs = [ShapeSpec("red", "circle", "blue", "large", "on the left"),
+             ShapeSpec("green", "square", "white", "small", "at the top")]
+    reference = [render(s, seed=k) for k, s in enumerate(specs)]
+    assert agreement(reference, reference)["all"] == 1.0
+    changed = [reference[0], render(ShapeSpec("green", "triangle", "white", "small", "at the top"), seed=1)]
+    result = agreement(reference, changed)
+    assert result["all"] == 0.5 and result["shape"] == 0.5 and result["background"] == 1.0

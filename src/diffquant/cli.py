@@ -198,7 +198,20 @@ def summary_table(results: dict) -> str:
                      f"{score:>9} {r['unet_sqnr_db']:>8.2f} {onnx_mb:>8.1f} {gen:>7.1f}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
                  "Baseline 'ONNX MB' is the fp32 parameter size.")
-    return "\n".join(lines)
+    return "\n".join(lines + adherence_lines(results))
+
+
+def adherence_lines(results: dict) -> list[str]:
+    """ShapeEval per attribute, as plain-text lines (none when the prompts are not shapes captions)."""
+    from .report import adherence_table
+
+    table = adherence_table(results)
+    if table is None:
+        return []
+    headers, rows = table
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    fmt = lambda cells: "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return ["", "Prompt adherence (ShapeEval):", fmt(headers), *map(fmt, rows)]
 
 
 def _cmd_generate(args) -> int:

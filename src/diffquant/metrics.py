@@ -51,6 +51,7 @@ class Comparison:
     lpips: list[float] | None = None
     notes: list[str] = field(default_factory=list)
     shapeeval: dict[str, float] | None = None
+    shapeeval_agreement: dict[str, float] | None = None
 
     def summary(self) -> dict:
         """Means over images (what the report's table shows)."""
@@ -58,6 +59,7 @@ class Comparison:
                "lpips": None if self.lpips is None else float(np.mean(self.lpips))}
         if self.shapeeval is not None:
             out["shapeeval"] = self.shapeeval
+            out["shapeeval_agreement"] = self.shapeeval_agreement
         return out
 
     def to_dict(self) -> dict:
@@ -65,17 +67,22 @@ class Comparison:
                 "mean": self.summary(), "notes": self.notes}
 
 
-def prompt_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str, float] | None:
-    """ShapeEval accuracy when every prompt is a caption of the shapes grammar, else None."""
+def _are_shapes_captions(prompts: list[str]) -> bool:
     from .shapes.dataset import parse_caption
-    from .shapes.shapeeval import evaluate
 
     try:
         for prompt in prompts:
             parse_caption(prompt)
     except ValueError:
-        return None
-    return evaluate(images, prompts)
+        return False
+    return True
+
+
+def prompt_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str, float] | None:
+    """ShapeEval accuracy when every prompt is a caption of the shapes grammar, else None."""
+    from .shapes.shapeeval import evaluate
+
+    return evaluate(images, prompts) if _are_shapes_captions(prompts) else None
 
 
 def compare(baseline_images: list[Image.Image], images: list[Image.Image], prompts: list[str]) -> Comparison:
@@ -87,7 +94,8 @@ def compare(baseline_images: list[Image.Image], images: list[Image.Image], promp
         prompts: the prompt of each image (ShapeEval is scored when they are shapes captions).
 
     Returns:
-        A `Comparison` with per-image PSNR (dB), SSIM, LPIPS (or a note why not) and ShapeEval.
+        A `Comparison` with per-image PSNR (dB), SSIM, LPIPS (or a note why not) and, for shapes
+        captions, ShapeEval accuracy per attribute and agreement with the baseline's detections.
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -106,5 +114,9 @@ def compare(baseline_images: list[Image.Image], images: list[Image.Image], promp
         comparison.lpips = [float(lpips(t[None], r[None], net_type="alex", normalize=True)) for r, t in zip(ref, test)]
     else:
         comparison.notes.append(reason)
-    comparison.shapeeval = prompt_adherence(images, prompts)
+    if _are_shapes_captions(prompts):
+        from .shapes.shapeeval import agreement, evaluate
+
+        comparison.shapeeval = evaluate(images, prompts)
+        comparison.shapeeval_agreement = agreement(baseline_images, images)
     return comparison

@@ -51,6 +51,38 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_ADHERENCE_LABELS = {"background": "background", "color": "colour", "shape": "shape", "size": "size",
+                     "position": "position"}
+
+
+def adherence_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """ShapeEval per attribute (with n) for the baseline, each recipe and its ONNX Runtime images, and
+    the share of images whose detections agree with the baseline's; None when prompts are not shapes captions.
+
+    Returns (headers, rows) of plain strings, shared by report.html and the terminal table."""
+    baseline = (results.get("baseline") or {}).get("shapeeval")
+    if not baseline:
+        return None
+    names = [a for a in _ADHERENCE_LABELS if a in baseline]
+    headers = (["images"] + [f"{_ADHERENCE_LABELS[a]} (n={int(baseline[f'n_{a}'])})" for a in names]
+               + [f"all named (n={len(results.get('prompts', []))})", "agree with fp32"])
+
+    def pct(value) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    def row(label: str, mean: dict | None) -> list[str]:
+        se = (mean or {}).get("shapeeval") or {}
+        agree = (mean or {}).get("shapeeval_agreement") or {}
+        return [label] + [pct(se.get(a)) for a in names] + [pct(se.get("overall")), pct(agree.get("all"))]
+
+    rows = [row("baseline (fp32)", {"shapeeval": baseline})]
+    for name, r in results.get("recipes", {}).items():
+        rows.append(row(name, r.get("metrics", {}).get("mean")))
+        if r.get("ort"):
+            rows.append(row(f"{name} ORT", r["ort"].get("vs_baseline", {}).get("mean")))
+    return headers, rows
+
+
 def render_html(out_dir: Path, results: dict) -> str:
     """The report page for a run folder: every figure inlined, so the file stands alone."""
     out_dir = Path(out_dir)
@@ -85,6 +117,13 @@ def render_html(out_dir: Path, results: dict) -> str:
                      _fmt(se.get("overall"), 3) if se else "n/a", _fmt(r.get("unet_sqnr_db"))])
     parts.append("<h2>Quality vs baseline</h2>" + _table(
         ["recipe", "PSNR (dB)", "SSIM", "LPIPS", "ShapeEval overall", "UNet output SQNR (dB)"], rows))
+    adherence = adherence_table(results)
+    if adherence:
+        headers, adherence_rows = adherence
+        parts.append("<h2>Prompt adherence (ShapeEval)</h2><p>Share of images whose detected attribute matches "
+                     "the caption, over the captions that name it; <i>agree with fp32</i>: share of images "
+                     "whose five detected attributes equal those of the baseline image of the same seed.</p>"
+                     + _table(headers, [[e(c) for c in r] for r in adherence_rows]))
     notes = sorted({n for r in recipes.values() for n in r.get("metrics", {}).get("notes", [])})
     parts.extend(f"<p class=note>{e(n)}</p>" for n in notes)
 

@@ -22,7 +22,7 @@ _MIN_CONTRAST = 40.0  # RGB distance from the background above which a pixel bel
 # Fill ratio of the shape's extent box: square 1.0, circle pi/4, triangle 0.5.
 _SQUARE_ABOVE, _TRIANGLE_BELOW = 0.89, 0.70
 _CENTER_WITHIN = 3.0  # pixels (of a 32-pixel image) from the centre still read as "in the center"
-_LARGE_ABOVE = 13.5  # extent (pixels of a 32-pixel image) between small (<= 11) and large (>= 16)
+_LARGE_ABOVE = 14.0  # extent (pixels of a 32-pixel image) between small (<= 12) and large (>= 16)
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ def detect(image: Image.Image) -> Detection:
     # Soft coverage of each pixel by the shape, so anti-aliased edges count fractionally and the
     # geometry below is sub-pixel accurate even for 8-pixel shapes.
     direction = fg_rgb - bg_rgb
+    if not direction.any():  # the shape reads as the background's colour: no geometry to measure
+        return Detection(background, color, None, None, None)
     alpha = np.clip(((px - bg_rgb) @ direction) / float(direction @ direction), 0.0, 1.0)  # (H, W)
     alpha[alpha < 0.2] = 0.0
     area = float(alpha.sum())
@@ -127,4 +129,19 @@ def evaluate(images: list[Image.Image], captions: list[str]) -> dict[str, float]
             result[name] = sum(named) / len(named)
             result[f"n_{name}"] = len(named)
     result["overall"] = sum(s.correct for s in scores) / max(len(scores), 1)
+    return result
+
+
+def agreement(reference: list[Image.Image], images: list[Image.Image]) -> dict[str, float]:
+    """Share of images whose detected attributes equal those detected in the reference image of the
+    same index (e.g. the fp32 image of the same prompt and seed), per attribute and for all five.
+
+    Unlike accuracy, this does not depend on the reference model's own mistakes: it counts what a
+    change of the model (quantization) changed in what the image shows."""
+    if len(reference) != len(images):
+        raise ValueError(f"{len(reference)} reference images but {len(images)} images: pass one of each per seed")
+    pairs = [(detect(r), detect(i)) for r, i in zip(reference, images)]
+    n = max(len(pairs), 1)
+    result = {name: sum(getattr(a, name) == getattr(b, name) for a, b in pairs) / n for name in ATTRIBUTES}
+    result["all"] = sum(all(getattr(a, name) == getattr(b, name) for name in ATTRIBUTES) for a, b in pairs) / n
     return result
