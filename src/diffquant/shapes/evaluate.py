@@ -1,7 +1,8 @@
 """Measure a shapes-sd model: ShapeEval accuracy on held-out seeded captions, and the wall time of
-generating 8 images at the default settings.
+generating 8 images at the default settings; or compare recipes on those captions.
 
-    python -m diffquant.shapes.evaluate [--model DIR] [--n 200]
+    python -m diffquant.shapes.evaluate [--model DIR] [--n 200] [--guidance 2,3,4,5]
+    python -m diffquant.shapes.evaluate --recipes int8-w,w8a8-int8 [--calib-prompts random] --out DIR
 """
 
 from __future__ import annotations
@@ -42,17 +43,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="shapes-sd folder (default: the embedded weights)")
     parser.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--guidance", default=str(DEFAULT_GUIDANCE),
+                        help="classifier-free guidance; a comma-separated list sweeps it")
+    parser.add_argument("--recipes", help="compare these recipes on the held-out captions (diffquant run's flow)")
+    parser.add_argument("--calib-prompts", help="with --recipes: calibration source ('random' for the naive baseline)")
+    parser.add_argument("--no-export", action="store_true", help="with --recipes: skip ONNX export and ORT images")
+    parser.add_argument("--out", help="with --recipes: output folder")
     args = parser.parse_args(argv)
+    guidances = [float(g) for g in args.guidance.split(",")]
+    if args.recipes:
+        _compare_recipes(args, guidances[0])
+        return
     from ..pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, device="cpu")
-    result = evaluate_model(pipe, args.n, args.steps, args.guidance)
-    print(f"ShapeEval on {args.n} held-out captions ({args.steps} DDIM steps, guidance {args.guidance}):")
-    for name in (*ATTRIBUTES, "overall"):
-        count = f" (n={int(result[f'n_{name}'])})" if f"n_{name}" in result else ""
-        print(f"  {name:<11} {result[name]:6.1%}{count}")
-    print(f"8 images at {args.steps} steps: {time_eight_images(pipe, args.steps, args.guidance):.2f} s")
+    for guidance in guidances:
+        result = evaluate_model(pipe, args.n, args.steps, guidance)
+        print(f"ShapeEval on {args.n} held-out captions ({args.steps} DDIM steps, guidance {guidance}):")
+        for name in (*ATTRIBUTES, "overall"):
+            count = f" (n={int(result[f'n_{name}'])})" if f"n_{name}" in result else ""
+            print(f"  {name:<11} {result[name]:6.1%}{count}")
+    print(f"8 images at {args.steps} steps: {time_eight_images(pipe, args.steps, guidances[0]):.2f} s")
+
+
+def _compare_recipes(args, guidance: float) -> None:
+    """`diffquant run` on the held-out captions and seeds, so recipe numbers are comparable with the above."""
+    from ..cli import summary_table
+    from ..workflow import RunConfig, run
+
+    config = RunConfig(model=args.model, prompts=sample_captions(args.n, seed=EVAL_SEED), num_images=args.n,
+                       seed=EVAL_SEED, steps=args.steps, guidance=guidance, recipes=args.recipes.split(","),
+                       export=not args.no_export, out=args.out, calib_prompts=args.calib_prompts)
+    print(summary_table(run(config)))
 
 
 if __name__ == "__main__":
