@@ -13,6 +13,8 @@ import csv
 import logging
 import math
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,8 +142,8 @@ def _pipeline(vae, unet, text_encoder, tokenizer):
     )
 
 
-def train(out: Path, vae_steps: int = 1200, unet_steps: int = 3600, batch_size: int = 64,
-          seed: int = 0, quiet: bool = False, vae_from: Path | None = None, checkpoint_every: int = 600) -> Path:
+def train(out: Path, vae_steps: int = 1000, unet_steps: int = 3000, batch_size: int = 32,
+          seed: int = 0, quiet: bool = False, vae_from: Path | None = None, checkpoint_every: int = 500) -> Path:
     """Train all components and save the pipeline to `out` (replaced atomically). Returns `out`.
 
     While training, the VAE and every `checkpoint_every` UNet steps a complete pipeline (EMA weights)
@@ -154,51 +156,55 @@ def train(out: Path, vae_steps: int = 1200, unet_steps: int = 3600, batch_size: 
     out = Path(out)
     checkpoints = out.parent / f"{out.name}-checkpoints"
     work = Path(tempfile.mkdtemp(prefix=".shapes-train-", dir=out.parent if out.parent.exists() else None))
-    write_tokenizer(work / "tokenizer")
-    vae, unet, text_encoder, tokenizer = build_components(work / "tokenizer")
-    started = time.perf_counter()
-    with open(work / "training_log.csv", "w", newline="") as f:
-        log = csv.writer(f)
-        log.writerow(["stage", "step", "loss"])
-        if vae_from is not None:  # the VAE stage of an earlier run with the same seed and steps
-            from diffusers import AutoencoderKL
+    try:  # an interrupted run keeps its checkpoints, not a half-written folder
+        write_tokenizer(work / "tokenizer")
+        vae, unet, text_encoder, tokenizer = build_components(work / "tokenizer")
+        started = time.perf_counter()
+        with open(work / "training_log.csv", "w", newline="") as f:
+            log = csv.writer(f)
+            log.writerow(["stage", "step", "loss"])
+            if vae_from is not None:  # the VAE stage of an earlier run with the same seed and steps
+                from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(vae_from)
-            scaling = vae.config.scaling_factor
-            torch.manual_seed(seed + 1)
-        else:
-            scaling = train_vae(vae, vae_steps, batch_size=32, lr=1e-3, log=log, quiet=quiet)
-            torch.manual_seed(seed + 1)  # the UNet stage starts from the same RNG state either way
-        vae.register_to_config(scaling_factor=scaling)
-        vae.requires_grad_(False)
-        vae_minutes = (time.perf_counter() - started) / 60
-        logger.info("VAE done in %.1f min, latent scaling factor %.3f", vae_minutes, scaling)
-        with atomic_dir(checkpoints / "vae") as tmp:
-            vae.save_pretrained(tmp, safe_serialization=True)
+                vae = AutoencoderKL.from_pretrained(vae_from)
+                scaling = vae.config.scaling_factor
+                torch.manual_seed(seed + 1)
+            else:
+                scaling = train_vae(vae, vae_steps, batch_size=32, lr=1e-3, log=log, quiet=quiet)
+                torch.manual_seed(seed + 1)  # the UNet stage starts from the same RNG state either way
+            vae.register_to_config(scaling_factor=scaling)
+            vae.requires_grad_(False)
+            vae_minutes = (time.perf_counter() - started) / 60
+            logger.info("VAE done in %.1f min, latent scaling factor %.3f", vae_minutes, scaling)
+            with atomic_dir(checkpoints / "vae") as tmp:
+                vae.save_pretrained(tmp, safe_serialization=True)
 
-        def checkpoint(step: int) -> None:
-            f.flush()
-            with atomic_dir(checkpoints / f"step-{step}") as tmp:
-                _pipeline(vae, unet, text_encoder, tokenizer).save_pretrained(tmp, safe_serialization=True)
-            logger.info("step %d after %.1f min: checkpoint in %s", step, (time.perf_counter() - started) / 60,
-                        checkpoints / f"step-{step}")
+            def checkpoint(step: int) -> None:
+                f.flush()
+                with atomic_dir(checkpoints / f"step-{step}") as tmp:
+                    _pipeline(vae, unet, text_encoder, tokenizer).save_pretrained(tmp, safe_serialization=True)
+                logger.info("step %d after %.1f min: checkpoint in %s", step, (time.perf_counter() - started) / 60,
+                            checkpoints / f"step-{step}")
 
-        noise_scheduler = DDPMScheduler.from_config(scheduler_config())
-        train_unet(vae, unet, text_encoder, tokenizer, noise_scheduler, unet_steps, batch_size,
-                   lr=5e-4, log=log, quiet=quiet, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
-    minutes = (time.perf_counter() - started) / 60
-    _pipeline(vae, unet, text_encoder, tokenizer).save_pretrained(work, safe_serialization=True)
-    (work / "README.md").write_text(
-        f"# shapes-sd\n\nTrained by `python -m diffquant.shapes.train --vae-steps {vae_steps} "
-        f"--unet-steps {unet_steps} --batch-size {batch_size} --seed {seed}`"
-        f"{' (VAE reused from an earlier run)' if vae_from else ''} in {minutes:.1f} min on CPU "
-        f"(VAE {vae_minutes:.1f} min).\n"
-        f"Defaults: {DEFAULT_STEPS} DDIM steps, guidance {DEFAULT_GUIDANCE}.\n"
-    )
-    work.chmod(0o755)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+            noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+            train_unet(vae, unet, text_encoder, tokenizer, noise_scheduler, unet_steps, batch_size,
+                       lr=5e-4, log=log, quiet=quiet, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+        minutes = (time.perf_counter() - started) / 60
+        _pipeline(vae, unet, text_encoder, tokenizer).save_pretrained(work, safe_serialization=True)
+        (work / "README.md").write_text(
+            f"# shapes-sd\n\nTrained by `python -m diffquant.shapes.train --vae-steps {vae_steps} "
+            f"--unet-steps {unet_steps} --batch-size {batch_size} --seed {seed}`"
+            f"{' (VAE reused from an earlier run)' if vae_from else ''} in {minutes:.1f} min on CPU "
+            f"(VAE {vae_minutes:.1f} min).\n"
+            f"Defaults: {DEFAULT_STEPS} DDIM steps, guidance {DEFAULT_GUIDANCE}.\n"
+        )
+        work.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     logger.info("trained in %.1f min, saved to %s", minutes, out)
     return out
 
@@ -206,17 +212,18 @@ def train(out: Path, vae_steps: int = 1200, unet_steps: int = 3600, batch_size: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffquant.shapes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the pipeline to")
-    parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--unet-steps", type=int, default=3600)
-    parser.add_argument("--checkpoint-every", type=int, default=600,
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--checkpoint-every", type=int, default=500,
                         help="save a complete pipeline every N UNet steps under <out>-checkpoints/ (0: never)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="UNet-stage batch (the VAE stage uses 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--vae-from", type=Path, help="reuse the vae/ folder of an earlier run (skips the VAE stage)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleans up like Ctrl-C
     if args.threads:
         torch.set_num_threads(args.threads)
     train(args.out, args.vae_steps, args.unet_steps, args.batch_size, args.seed, args.quiet, args.vae_from,
