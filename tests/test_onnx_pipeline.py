@@ -183,11 +183,15 @@ def test_a_float_pipeline_is_refused_with_the_fix(shapes_pipe, tmp_path):
     assert not (tmp_path / "float").exists()
 
 
-def test_without_optimum_the_error_says_what_to_install(deployed, tmp_path, monkeypatch):
+def test_without_optimum_the_error_says_what_to_install(deployed, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optimum.exporters.onnx.convert", None)  # import fails as if not installed
     with pytest.raises(DiffquantError, match=r"pip install 'optimum-onnx\[onnxruntime\]'"):
         export_pipeline(deployed["quantized"], tmp_path / "no-optimum")
     assert not (tmp_path / "no-optimum").exists()
+    from diffquant.cli import main
+
+    assert main(["run", "--export-pipeline", "--out", str(tmp_path / "run")]) == 2  # before any slow work
+    assert "optimum-onnx" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_export_command_and_run_option_write_folders_optimum_runs(tiny_sd_dir, tmp_path, capsys):

@@ -58,7 +58,9 @@ class PipelineExport:
                 "recipe": self.recipe, "export_seconds": self.export_seconds, "unet": self.unet}
 
 
-def _import_exporter():
+def require_exporter():
+    """Optimum's diffusion exporter (get_diffusion_models_for_export, export_models), or the one-line error
+    saying what to install; callers use it to fail before any slow work."""
     try:
         from optimum.exporters.onnx.convert import export_models
         from optimum.exporters.utils import get_diffusion_models_for_export
@@ -85,7 +87,7 @@ def _configs_restored(modules):
 
 def _export_float_components(pipe, out: Path) -> None:
     """Text encoder(s) and VAE encoder/decoder through Optimum's exporter, each with its config.json."""
-    get_models, export_models = _import_exporter()
+    get_models, export_models = require_exporter()
     view = copy.copy(pipe)  # the UNet is diffquant's own export: Optimum's exporter must not touch it
     object.__setattr__(view, "unet", None)
     encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
@@ -159,7 +161,7 @@ def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = No
                              "`optimum-cli export onnx --model DIR OUT`")
     if unet_onnx is not None and not Path(unet_onnx).is_file():
         raise DiffquantError(f"no ONNX file at {unet_onnx}: pass the unet.onnx that export_onnx wrote, or None")
-    _import_exporter()  # fail before any slow work when Optimum is missing
+    require_exporter()  # fail before any slow work when Optimum is missing
     out_dir = Path(out_dir)
     started = time.perf_counter()
     unet_check: dict = {}

@@ -155,6 +155,10 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
     recipes = parse_recipes(config.recipes)  # fail on a bad name before any slow work
     if config.export_pipeline and not config.export:
         raise DiffquantError("--export-pipeline writes the exported UNet into the pipeline folder: drop --no-export")
+    if config.export_pipeline:
+        from .onnx_pipeline import require_exporter
+
+        require_exporter()  # Optimum missing: say so before any slow work
     out_dir = resolve_out_dir(config.out)
     write_json(out_dir / "config.json", config.to_dict())
     timings: dict[str, float] = {}
