@@ -22,6 +22,7 @@ _API = {
     "load_pipeline": "pipeline", "quantize_unet": "quantize", "save_quantized": "quantize",
     "load_quantized": "quantize", "layer_report": "quantize", "generate": "generation",
     "default_prompts": "generation", "image_grid": "generation", "compare": "metrics", "export_onnx": "export",
+    "export_pipeline": "onnx_pipeline",
     "view": "viewer", "run": "workflow", "RunConfig": "workflow", "Recipe": "recipes", "RECIPES": "recipes",
     "TensorQuant": "recipes", "PerTensor": "recipes", "PerChannel": "recipes", "get_recipe": "recipes",
     "DiffquantError": "errors",

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fnmatch pattern of module names kept in float, for every recipe (repeatable)")
     _add_calibration(p)
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
+    p.add_argument("--export-pipeline", action="store_true",
+                   help="also write each recipe's whole pipeline as ONNX in Optimum's layout (pipeline/<recipe>/)")
     p.add_argument("--out", help="output folder (default ./diffquant-out/<timestamp>/; never overwritten)")
 
     p = sub.add_parser("sensitivity", help="rank layers by the error they add alone; emit a mixed-precision recipe")
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a quantized UNet to ONNX and check it in ONNX Runtime")
     p.add_argument("quantized", help="folder written by `diffquant quantize`")
     p.add_argument("--device", default="auto")
+    p.add_argument("--pipeline", action="store_true",
+                   help="write the whole pipeline (text encoder, VAE, scheduler, tokenizer, quantized UNet) in the "
+                        "folder layout that Optimum's ORTDiffusionPipeline loads")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("view", help="open an ONNX file in Netron on 127.0.0.1")
@@ -128,7 +133,8 @@ def _cmd_run(args) -> int:
     config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
                        steps=args.steps, guidance=args.guidance,
                        recipes=[n.strip() for n in args.recipes.split(",")],
-                       device=args.device, dtype=args.dtype, export=not args.no_export, out=args.out,
+                       device=args.device, dtype=args.dtype, export=not args.no_export,
+                       export_pipeline=args.export_pipeline, out=args.out,
                        exclude=args.exclude, **_calibration_options(args))
     results = run(config)
     print(summary_table(results))
@@ -293,6 +299,13 @@ def _cmd_export(args) -> int:
     from .quantize import load_quantized
 
     quantized = load_quantized(args.quantized, args.device, "auto")
+    if args.pipeline:
+        from .onnx_pipeline import export_pipeline
+
+        exported = export_pipeline(quantized, args.out)
+        print(f"wrote {exported.path} ({exported.size_bytes / 1e6:.1f} MB); run it without diffquant: "
+              f"optimum.onnxruntime.ORTDiffusionPipeline.from_pretrained({str(exported.path)!r})")
+        return 0
     result = export_onnx(quantized, args.out)
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB); ONNX Runtime vs torch: "
           f"max-abs {result.max_abs_error:.2e}, relative {result.relative_error:.2e}")
@@ -371,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")  # torch tracer / diffusers deprecation chatter; --verbose shows it
+        # diffusers sets its own log level when first imported, so only this reaches its import-time warnings
+        # (with optimum-onnx installed: "Multiple distributions found for package optimum").
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         for noisy in ("diffusers", "transformers", "torch.onnx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

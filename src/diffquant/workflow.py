@@ -45,6 +45,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     export: bool = True
+    export_pipeline: bool = False
     out: str | None = None
     exclude: list[str] = field(default_factory=list)
     calib_prompts: str | None = None
@@ -152,6 +153,12 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
             raise DiffquantError(f"unknown run option {key!r}")
         setattr(config, key, value)
     recipes = parse_recipes(config.recipes)  # fail on a bad name before any slow work
+    if config.export_pipeline and not config.export:
+        raise DiffquantError("--export-pipeline writes the exported UNet into the pipeline folder: drop --no-export")
+    if config.export_pipeline:
+        from .onnx_pipeline import require_exporter
+
+        require_exporter()  # Optimum missing: say so before any slow work
     out_dir = resolve_out_dir(config.out)
     write_json(out_dir / "config.json", config.to_dict())
     timings: dict[str, float] = {}
@@ -205,6 +212,12 @@ def run(config: RunConfig | None = None, **overrides) -> dict:
                             "vs_torch": compare(images, ort_images, prompts).to_dict(),
                             "vs_baseline": compare(baseline, ort_images, prompts).to_dict()}
             rows[f"{recipe.name} ORT"] = ort_images
+            if config.export_pipeline:
+                from .onnx_pipeline import export_pipeline
+
+                with _timed(timings, f"export pipeline {recipe.name}"):
+                    deployed = export_pipeline(quantized, out_dir / "pipeline" / recipe.name, unet_onnx=exported.path)
+                entry["pipeline"] = deployed.to_dict() | {"path": str(deployed.path.relative_to(out_dir))}
         results["recipes"][recipe.name] = entry
         write_results(out_dir, results)  # finished recipes stay on disk if a later one is interrupted
         del quantized
