@@ -14,10 +14,9 @@ def test_loads_a_local_sd_folder_on_cpu_as_fp32(tiny_sd):
     assert tiny_sd.unet.dtype == torch.float32 and tiny_sd.device.type == "cpu"
 
 
-def test_loads_a_local_sdxl_folder(tiny_sdxl_dir):
-    pipe = load_pipeline(str(tiny_sdxl_dir), device="cpu")
-    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    assert pipe.unet.config.addition_embed_type == "text_time"
+def test_loads_a_local_sdxl_folder(tiny_sdxl):
+    assert type(tiny_sdxl).__name__ == "StableDiffusionXLPipeline"
+    assert tiny_sdxl.unet.config.addition_embed_type == "text_time"
 
 
 def test_missing_local_path_says_so(tmp_path):

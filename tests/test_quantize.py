@@ -75,10 +75,10 @@ def test_saved_quantized_unet_reloads_to_identical_outputs(tiny_sd, tiny_sd_dir,
     assert "conv_out" in layer_report(reloaded.unet).float_layers
 
 
-def test_corrupt_quantized_artifact_is_one_clear_error(tiny_sd, tiny_sd_dir, tmp_path):
+def test_corrupt_quantized_artifact_is_one_clear_error(tiny_int8_w, tiny_sd_dir, tmp_path):
     from diffquant import load_quantized, save_quantized
 
-    save_quantized(quantize_unet(tiny_sd, "int8-w"), tmp_path / "q", model=str(tiny_sd_dir))
+    save_quantized(tiny_int8_w, tmp_path / "q", model=str(tiny_sd_dir))
     (tmp_path / "q" / "unet_quantized.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(DiffquantError, match="corrupt"):
         load_quantized(tmp_path / "q", device="cpu")

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import torch
 
-from diffquant import export_onnx, generate, quantize_unet
+from diffquant import export_onnx, generate
 from diffquant.bench import BENCH_VERSION
 from diffquant.cli import main
 from diffquant.export import export_fp32_onnx
@@ -16,9 +16,8 @@ from diffquant.runtime import ort_pipeline
 PROMPTS = ["a red circle on a blue background", "a small green square on the left on a white background"]
 
 
-def test_pipeline_with_the_unet_in_onnx_runtime_reproduces_torch(tiny_sd, tmp_path):
-    quantized = quantize_unet(tiny_sd, "int8-w")
-    exported = export_onnx(quantized, tmp_path / "int8")
+def test_pipeline_with_the_unet_in_onnx_runtime_reproduces_torch(tiny_sd, tiny_int8_w_export):
+    quantized, exported = tiny_int8_w_export
     torch_images = generate(quantized, PROMPTS, seed=3, steps=2)
     ort_images = generate(ort_pipeline(tiny_sd, exported.path), PROMPTS, seed=3, steps=2)
     assert compare(torch_images, ort_images, PROMPTS).summary()["psnr_db"] > 35
@@ -36,11 +35,11 @@ def test_fp32_export_matches_torch_and_has_no_quantization(tiny_sd, tmp_path):
     assert np.abs(run_onnx(path, inputs) - reference).max() < 1e-4
 
 
-def test_large_models_are_saved_with_external_data(tiny_sd, tmp_path, monkeypatch):
+def test_large_models_are_saved_with_external_data(tiny_int8_w, tmp_path, monkeypatch):
     from diffquant import export as export_module
 
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_ABOVE_BYTES", 0)  # treat the tiny UNet as > 2 GB
-    result = export_onnx(quantize_unet(tiny_sd, "int8-w"), tmp_path / "big")
+    result = export_onnx(tiny_int8_w, tmp_path / "big")
     files = sorted(p.name for p in (tmp_path / "big").iterdir())
     assert files == ["unet.onnx", "unet.onnx.data"]
     model = onnx.load(str(tmp_path / "big" / "unet.onnx"), load_external_data=False)
