@@ -23,6 +23,19 @@ def test_pipeline_with_the_unet_in_onnx_runtime_reproduces_torch(tiny_sd, tiny_i
     assert compare(torch_images, ort_images, PROMPTS).summary()["psnr_db"] > 35
 
 
+def test_sdxl_pipeline_with_the_unet_in_onnx_runtime_feeds_the_added_conditioning(tiny_sdxl_int8_w_export):
+    quantized, exported = tiny_sdxl_int8_w_export
+    torch_images = generate(quantized, PROMPTS, seed=3, steps=2)
+    ort = ort_pipeline(quantized, exported.path)
+    calls = []
+    ort.unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["added_cond_kwargs"]),
+                                       with_kwargs=True)
+    ort_images = generate(ort, PROMPTS, seed=3, steps=2)
+    assert len(calls) == 2  # one ONNX Runtime call per step, both prompts and both guidance halves at once
+    assert [tuple(calls[0][k].shape) for k in ("text_embeds", "time_ids")] == [(4, 32), (4, 6)]
+    assert compare(torch_images, ort_images, PROMPTS).summary()["psnr_db"] > 35
+
+
 def test_fp32_export_matches_torch_and_has_no_quantization(tiny_sd, tmp_path):
     from diffquant.export import example_inputs, run_onnx
 
