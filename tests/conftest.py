@@ -96,3 +96,76 @@ def shapes_pipe():
     from diffquant import load_pipeline
 
     return load_pipeline(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir):
+    from diffquant import load_pipeline
+
+    return load_pipeline(str(tiny_sdxl_dir), device="cpu")
+
+
+# Shared expensive artifacts: each is built once per session and only read by the tests that use it.
+
+CALIBRATION_PROMPTS = ["a red circle on a blue background", "a small green square on the left on a white background",
+                       "a black triangle on a red background"]
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tiny_sd):
+    """Captured UNet inputs of the tiny SD pipeline: 3 prompts in batches of 2, 3 of 6 steps -> 6 calls."""
+    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+
+    return capture_unet_inputs(tiny_sd, CALIBRATION_PROMPTS,
+                               CalibrationConfig(size=3, steps=6, timesteps=3, batch_size=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8(tiny_sd, tiny_calibration):
+    """A function: W8A8 recipe name -> the tiny SD pipeline quantized by it on `tiny_calibration`
+    (each recipe quantized once per session)."""
+    from diffquant import quantize_unet
+
+    cache = {}
+
+    def quantized(recipe: str):
+        if recipe not in cache:
+            cache[recipe] = quantize_unet(tiny_sd, recipe, calibration=tiny_calibration)
+        return cache[recipe]
+
+    return quantized
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_w(tiny_sd):
+    """The tiny SD pipeline with its UNet quantized by `int8-w`."""
+    from diffquant import quantize_unet
+
+    return quantize_unet(tiny_sd, "int8-w")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_w_export(tiny_int8_w, tmp_path_factory):
+    """(`tiny_int8_w`, its UNet's ONNX ExportResult); the export's folder holds only unet.onnx."""
+    from diffquant import export_onnx
+
+    return tiny_int8_w, export_onnx(tiny_int8_w, tmp_path_factory.mktemp("tiny-int8-w") / "int8-w")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_int8_w_export(tiny_sdxl, tmp_path_factory):
+    """(the tiny SDXL pipeline quantized by `int8-w`, its UNet's ONNX ExportResult)."""
+    from diffquant import export_onnx, quantize_unet
+
+    quantized = quantize_unet(tiny_sdxl, "int8-w")
+    return quantized, export_onnx(quantized, tmp_path_factory.mktemp("tiny-sdxl-int8-w") / "int8-w")
+
+
+@pytest.fixture(scope="session")
+def shapes_calibration(shapes_pipe):
+    """shapes-sd's captured UNet inputs for the W8A8 tests: 4 captions, 3 of 6 steps."""
+    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+    from diffquant.shapes.dataset import sample_captions
+
+    return capture_unet_inputs(shapes_pipe, sample_captions(4, seed=9),
+                               CalibrationConfig(size=4, steps=6, timesteps=3, batch_size=4))

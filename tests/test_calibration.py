@@ -10,14 +10,6 @@ from diffquant.calibration import (CalibrationConfig, CalibrationSet, capture_un
 from diffquant.errors import DiffquantError
 from diffquant.metrics import sqnr_db
 
-PROMPTS = ["a red circle on a blue background", "a small green square on the left on a white background",
-           "a black triangle on a red background"]
-
-
-@pytest.fixture(scope="module")
-def calibration(tiny_sd):
-    return capture_unet_inputs(tiny_sd, PROMPTS, CalibrationConfig(size=3, steps=6, timesteps=3, batch_size=2))
-
 
 def test_kept_timesteps_are_spread_over_the_trajectory():
     assert kept_step_indices(10, None) == list(range(10))
@@ -27,14 +19,14 @@ def test_kept_timesteps_are_spread_over_the_trajectory():
     assert kept_step_indices(3, 8) == [0, 1, 2]
 
 
-def test_capture_records_every_kept_call_with_both_cfg_halves(tiny_sd, calibration):
+def test_capture_records_every_kept_call_with_both_cfg_halves(tiny_sd, tiny_calibration):
     # 3 prompts in batches of 2 -> 2 pipeline calls; 3 kept steps each -> 6 UNet calls.
-    assert len(calibration) == 6
+    assert len(tiny_calibration) == 6
     tiny_sd.scheduler.set_timesteps(6)
     schedule = [int(t) for t in tiny_sd.scheduler.timesteps]
     expected = [schedule[i] for i in kept_step_indices(6, 3)]
-    assert calibration.timesteps == expected * 2
-    first, last = calibration[0], calibration[5]
+    assert tiny_calibration.timesteps == expected * 2
+    first, last = tiny_calibration[0], tiny_calibration[5]
     assert first["sample"].shape == (4, 4, 8, 8)  # 2 prompts x (unconditional, conditional)
     assert last["sample"].shape == (2, 4, 8, 8)  # the third prompt alone
     assert first["encoder_hidden_states"].shape == (4, 16, 32)
@@ -43,36 +35,34 @@ def test_capture_records_every_kept_call_with_both_cfg_halves(tiny_sd, calibrati
     assert not torch.equal(uncond, cond)  # the empty prompt and the caption differ
 
 
-def test_capture_records_sdxl_added_conditioning(tiny_sdxl_dir):
-    from diffquant import load_pipeline
-
-    pipe = load_pipeline(str(tiny_sdxl_dir), device="cpu")
-    captured = capture_unet_inputs(pipe, PROMPTS[:1], CalibrationConfig(size=1, steps=4, timesteps=2))
+def test_capture_records_sdxl_added_conditioning(tiny_sdxl):
+    captured = capture_unet_inputs(tiny_sdxl, ["a red circle on a blue background"],
+                                   CalibrationConfig(size=1, steps=4, timesteps=2))
     assert len(captured) == 2
     added = captured[0]["added_cond_kwargs"]
     assert added["text_embeds"].shape == (2, 32) and added["time_ids"].shape == (2, 6)
 
 
-def test_spilled_calibration_round_trips(monkeypatch, calibration):
+def test_spilled_calibration_round_trips(monkeypatch, tiny_calibration):
     from diffquant import calibration as module
 
     monkeypatch.setattr(module, "MEMORY_LIMIT_BYTES", 0)
     spilled = CalibrationSet()
-    for item in calibration:
+    for item in tiny_calibration:
         spilled.append(item)
-    assert spilled._spill is not None and len(list(spilled._spill.iterdir())) == len(calibration)
-    for a, b in zip(spilled, calibration):
+    assert spilled._spill is not None and len(list(spilled._spill.iterdir())) == len(tiny_calibration)
+    for a, b in zip(spilled, tiny_calibration):
         assert torch.equal(a["sample"], b["sample"]) and torch.equal(a["timestep"], b["timestep"])
 
 
 @pytest.mark.parametrize("name, dtype", [("w8a8-int8", "int8"), ("w8a8-fp8", "fp8_e4m3")])
-def test_w8a8_quantizes_weights_and_activations(tiny_sd, calibration, name, dtype):
-    quantized = quantize_unet(tiny_sd, name, calibration=calibration)
+def test_w8a8_quantizes_weights_and_activations(tiny_sd, tiny_calibration, tiny_w8a8, name, dtype):
+    quantized = tiny_w8a8(name)
     descriptions = set(layer_report(quantized.unet).quantized.values())
     assert all(f"act {dtype} per_tensor" in d for d in descriptions)
     with torch.no_grad():
-        reference = tiny_sd.unet(**calibration[0], return_dict=False)[0]
-        out = quantized.unet(**calibration[0], return_dict=False)[0]
+        reference = tiny_sd.unet(**tiny_calibration[0], return_dict=False)[0]
+        out = quantized.unet(**tiny_calibration[0], return_dict=False)[0]
     # A random tiny UNet has outlier activations; garbage scales (empty calibration) give < 1 dB.
     assert torch.isfinite(out).all() and sqnr_db(reference, out) > 5
 
@@ -82,30 +72,28 @@ def test_w8a8_without_calibration_is_refused(tiny_sd):
         quantize_unet(tiny_sd, "w8a8-int8")
 
 
-def test_real_calibration_beats_random_inputs(tiny_sd, calibration):
-    random = random_calibration(tiny_sd.unet, n=len(calibration), sequence_length=16)
-    real_q = quantize_unet(tiny_sd, "w8a8-int8", calibration=calibration)
+def test_real_calibration_beats_random_inputs(tiny_sd, tiny_calibration, tiny_w8a8):
+    random = random_calibration(tiny_sd.unet, n=len(tiny_calibration), sequence_length=16)
+    real_q = tiny_w8a8("w8a8-int8")
     random_q = quantize_unet(tiny_sd, "w8a8-int8", calibration=random)
 
     def sqnr(unet):
         with torch.no_grad():
-            ref = torch.cat([tiny_sd.unet(**c, return_dict=False)[0].flatten() for c in calibration])
-            out = torch.cat([unet(**c, return_dict=False)[0].flatten() for c in calibration])
+            ref = torch.cat([tiny_sd.unet(**c, return_dict=False)[0].flatten() for c in tiny_calibration])
+            out = torch.cat([unet(**c, return_dict=False)[0].flatten() for c in tiny_calibration])
         return sqnr_db(ref, out)
 
     assert sqnr(real_q.unet) > sqnr(random_q.unet)
 
 
-def test_w8a8_export_has_activation_qdq_and_matches_ort(shapes_pipe, tmp_path):
+def test_w8a8_export_has_activation_qdq_and_matches_ort(shapes_pipe, shapes_calibration, tmp_path):
     """On the trained shapes-sd: a random tiny UNet has activation outliers (its skip concatenations
     reach +-77) that make one flipped rounding tie move the output by a whole coarse step."""
     from diffquant import export_onnx
     from diffquant.export import MAX_RELATIVE_ERROR
-    from diffquant.shapes.dataset import sample_captions
 
-    calibration = capture_unet_inputs(shapes_pipe, sample_captions(4, seed=9),
-                                      CalibrationConfig(size=4, steps=6, timesteps=3, batch_size=4))
-    result = export_onnx(quantize_unet(shapes_pipe, "w8a8-int8", calibration=calibration), tmp_path / "w8a8")
+    result = export_onnx(quantize_unet(shapes_pipe, "w8a8-int8", calibration=shapes_calibration),
+                         tmp_path / "w8a8")
     model = onnx.load(str(result.path))
     initializers = {t.name for t in model.graph.initializer}
     # Weights are stored as INT8 codes, so every QuantizeLinear left acts on an activation.
@@ -114,7 +102,7 @@ def test_w8a8_export_has_activation_qdq_and_matches_ort(shapes_pipe, tmp_path):
     assert result.relative_error <= MAX_RELATIVE_ERROR
 
 
-def test_sensitivity_ranks_a_damaged_layer_first(tiny_sd, calibration):
+def test_sensitivity_ranks_a_damaged_layer_first(tiny_sd, tiny_calibration):
     import copy
 
     from diffquant.sensitivity import analyze_sensitivity
@@ -124,7 +112,7 @@ def test_sensitivity_ranks_a_damaged_layer_first(tiny_sd, calibration):
     layer = damaged.unet.down_blocks[1].attentions[0].transformer_blocks[0].ff.net[2]
     with torch.no_grad():
         layer.weight[0, 0] = layer.weight.abs().max() * 300  # one outlier: per-tensor int8 zeroes the rest
-    result = analyze_sensitivity(damaged, "int8-w", calibration, max_keep=3)
+    result = analyze_sensitivity(damaged, "int8-w", tiny_calibration, max_keep=3)
     assert result.ranking[0][0] == "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
     assert len(result.keep_float_curve) == 4 and result.keep_float_curve[1] > result.keep_float_curve[0]
     mixed = result.mixed_recipe(keep_float=1)

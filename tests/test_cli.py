@@ -1,6 +1,7 @@
 """The CLI end to end: run the command, then reload what it wrote."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -155,10 +156,69 @@ def test_bad_input_is_one_line_without_traceback(argv, message, capsys, tmp_path
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def test_help_view_and_env_do_not_import_quark():
-    code = ("import sys, diffquant.cli as c; c.build_parser(); "
-            "assert not any(m.startswith('quark') for m in sys.modules), 'quark imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+def _imports_quark(importtime_log: str) -> bool:
+    """Whether `python -X importtime`'s log (one line per imported module) lists a quark module."""
+    return any(line.split("|")[-1].strip().startswith("quark") for line in importtime_log.splitlines())
+
+
+def test_help_does_not_import_quark():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffquant.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "view" in done.stdout
+    assert "diffquant" in done.stderr and not _imports_quark(done.stderr)
+
+
+def test_env_prints_versions_and_settings_without_importing_quark():
+    import torch
+    from importlib import metadata
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffquant.cli", "env"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "QUARK_DISABLE_COMPILE": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line[:14].strip(): line[14:].strip() for line in done.stdout.splitlines()}  # "name(padded) value"
+    assert rows["torch"] == torch.__version__ and rows["onnxruntime"] == metadata.version("onnxruntime")
+    assert rows["diffquant"] == metadata.version("diffquant")
+    assert rows["quark compile"].startswith("QUARK_DISABLE_COMPILE=0")  # the user's setting, not a default
+    assert "CPU threads" in rows["torch build"]
+    assert (Path(rows["shapes-sd"]) / "model_index.json").is_file()
+    assert not _imports_quark(done.stderr)
+
+
+def test_view_serves_the_onnx_file_on_localhost_until_interrupted(tmp_path):
+    import signal
+    import socket
+    import urllib.request
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model_path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph), str(model_path))
+    with socket.socket() as probe:  # a port that is free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        server = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "diffquant.cli", "view", str(model_path),
+                                   "--port", str(port), "--no-browser"],
+                                  stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        line = server.stdout.readline()  # printed once Netron is listening
+        assert f"at http://127.0.0.1:{port} " in line, line + log.read_text()[-2000:]
+        url = f"http://127.0.0.1:{port}"
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert '<meta name="file" content="/data/tiny.onnx">' in page
+        assert urllib.request.urlopen(f"{url}/data/tiny.onnx", timeout=30).read() == model_path.read_bytes()
+        server.send_signal(signal.SIGINT)  # Ctrl-C stops the server cleanly
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+        server.wait()
+    assert "Traceback" not in log.read_text() and not _imports_quark(log.read_text())
 
 
 def test_step_subcommands_chain_on_saved_artifacts(tmp_path, tiny_sd_dir):

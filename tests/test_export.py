@@ -10,9 +10,8 @@ from diffquant import export_onnx, quantize_unet
 from diffquant.export import MAX_RELATIVE_ERROR, example_inputs, run_onnx
 
 
-def test_int8_export_stores_int8_weights_and_runs_any_batch_in_ort(tiny_sd, tmp_path):
-    quantized = quantize_unet(tiny_sd, "int8-w")
-    result = export_onnx(quantized, tmp_path / "int8")
+def test_int8_export_stores_int8_weights_and_runs_any_batch_in_ort(tiny_sd, tiny_int8_w_export):
+    quantized, result = tiny_int8_w_export
     model = onnx.load(str(result.path))
     assert [i.name for i in model.graph.input] == ["sample", "timestep", "encoder_hidden_states"]
     assert result.op_counts["DequantizeLinear"] >= 10
@@ -26,35 +25,37 @@ def test_int8_export_stores_int8_weights_and_runs_any_batch_in_ort(tiny_sd, tmp_
     for batch in (1, 3):
         inputs = example_inputs(quantized.unet, batch_size=batch, sequence_length=16)
         assert run_onnx(result.path, inputs).shape == (batch, 4, 8, 8)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left behind
+    assert not [p for p in result.path.parent.parent.iterdir() if p.name.startswith(".")]  # no temp left behind
 
 
-def test_sdxl_export_takes_the_added_conditioning(tiny_sdxl_dir, tmp_path):
-    from diffquant import load_pipeline
-
-    pipe = load_pipeline(str(tiny_sdxl_dir), device="cpu")
-    result = export_onnx(quantize_unet(pipe, "int8-w"), tmp_path / "sdxl")
+def test_sdxl_export_takes_the_added_conditioning(tiny_sdxl_int8_w_export):
+    _, result = tiny_sdxl_int8_w_export
     assert list(result.inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     assert result.inputs["encoder_hidden_states"][-1] == 64 and result.inputs["text_embeds"] == [2, 32]
     assert result.relative_error <= MAX_RELATIVE_ERROR
 
 
-def test_a_wrong_export_fails_loudly(tiny_sd, tmp_path, monkeypatch):
+def test_a_wrong_export_fails_loudly(tiny_int8_w, tmp_path, monkeypatch):
     from diffquant import export as export_module
     from diffquant.errors import DiffquantError
 
     real = export_module.run_onnx
     monkeypatch.setattr(export_module, "run_onnx", lambda path, inputs: real(path, inputs) * 1.5)
     with pytest.raises(DiffquantError, match="the export is wrong"):
-        export_onnx(quantize_unet(tiny_sd, "int8-w"), tmp_path / "bad")
+        export_onnx(tiny_int8_w, tmp_path / "bad")
 
 
-@pytest.mark.parametrize("recipe, kind", [("fp8-w-pc", "FLOAT8E4M3FN"), ("int8-w", "INT8")])
-def test_compressed_weights_dequantize_to_quarks_bit_for_bit(tiny_sd, tmp_path, recipe, kind):
+@pytest.fixture(scope="module")
+def tiny_fp8_w_pc_export(tiny_sd, tmp_path_factory):
+    quantized = quantize_unet(tiny_sd, "fp8-w-pc")
+    return quantized, export_onnx(quantized, tmp_path_factory.mktemp("fp8-w-pc") / "fp8-w-pc")
+
+
+@pytest.mark.parametrize("exported, kind", [("tiny_fp8_w_pc_export", "FLOAT8E4M3FN"), ("tiny_int8_w_export", "INT8")])
+def test_compressed_weights_dequantize_to_quarks_bit_for_bit(exported, kind, request):
     from onnx import numpy_helper
 
-    quantized = quantize_unet(tiny_sd, recipe)
-    result = export_onnx(quantized, tmp_path / recipe)
+    quantized, result = request.getfixturevalue(exported)
     n_layers = sum(hasattr(m, "_weight_quantizer") for m in quantized.unet.modules())
     assert result.compression["layers"] == result.compression["bit_exact_layers"] == n_layers
     model = onnx.load(str(result.path))

@@ -75,10 +75,23 @@ def test_saved_quantized_unet_reloads_to_identical_outputs(tiny_sd, tiny_sd_dir,
     assert "conv_out" in layer_report(reloaded.unet).float_layers
 
 
-def test_corrupt_quantized_artifact_is_one_clear_error(tiny_sd, tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["w8a8-int8", "w8a8-fp8"])
+def test_saved_w8a8_unet_reloads_its_activation_scales(tiny_w8a8, tiny_sd_dir, tmp_path, recipe):
+    """The reload rebuilds the Quark modules on a placeholder input; the saved state must replace
+    every calibrated activation scale, or the outputs would differ."""
     from diffquant import load_quantized, save_quantized
 
-    save_quantized(quantize_unet(tiny_sd, "int8-w"), tmp_path / "q", model=str(tiny_sd_dir))
+    quantized = tiny_w8a8(recipe)
+    save_quantized(quantized, tmp_path / "q", model=str(tiny_sd_dir))
+    reloaded = load_quantized(tmp_path / "q", device="cpu")
+    assert layer_report(reloaded.unet).quantized == layer_report(quantized.unet).quantized
+    assert torch.equal(_output(quantized.unet), _output(reloaded.unet))
+
+
+def test_corrupt_quantized_artifact_is_one_clear_error(tiny_int8_w, tiny_sd_dir, tmp_path):
+    from diffquant import load_quantized, save_quantized
+
+    save_quantized(tiny_int8_w, tmp_path / "q", model=str(tiny_sd_dir))
     (tmp_path / "q" / "unet_quantized.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(DiffquantError, match="corrupt"):
         load_quantized(tmp_path / "q", device="cpu")

@@ -134,6 +134,10 @@ def ort_pipeline(pipe, onnx_path: str | Path, providers=None, threads: int | Non
     """A shallow copy of `pipe` whose UNet runs `onnx_path` in ONNX Runtime (CPU by default; pass
     ["CUDAExecutionProvider"] or ["ROCMExecutionProvider"] on a GPU build of onnxruntime)."""
     ort_pipe = copy.copy(pipe)
+    unet = OrtUNet(onnx_path, pipe.unet.config, providers, threads)
+    if getattr(pipe.unet, "add_embedding", None) is not None:
+        # SDXL pipelines read its input width to check the added conditioning they build.
+        unet.add_embedding = pipe.unet.add_embedding
     # Bypass DiffusionPipeline.__setattr__, which would record the stand-in in the pipeline's config.
-    object.__setattr__(ort_pipe, "unet", OrtUNet(onnx_path, pipe.unet.config, providers, threads))
+    object.__setattr__(ort_pipe, "unet", unet)
     return ort_pipe
