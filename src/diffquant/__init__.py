@@ -8,6 +8,7 @@ The public API follows the notebook flow::
     baseline = dq.generate(pipe, prompts, seed=1024)
     q = dq.quantize_unet(pipe, "int8-w")           # a new pipeline; `pipe` is untouched
     images = dq.generate(q, prompts, seed=1024)
+    w8a8 = dq.quantize_unet(pipe, "w8a8-int8", calibration=dq.calibrate(pipe, prompts))  # activations too
     print(dq.compare(baseline, images, prompts).summary())
     dq.export_onnx(q, "out/int8-w")
 
@@ -19,7 +20,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "load_pipeline": "pipeline", "quantize_unet": "quantize", "save_quantized": "quantize",
+    "load_pipeline": "pipeline", "calibrate": "calibration", "quantize_unet": "quantize", "save_quantized": "quantize",
     "load_quantized": "quantize", "layer_report": "quantize", "generate": "generation",
     "default_prompts": "generation", "image_grid": "generation", "compare": "metrics", "export_onnx": "export",
     "export_pipeline": "onnx_pipeline",

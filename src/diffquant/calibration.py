@@ -24,6 +24,8 @@ from .generation import default_settings, generate
 
 logger = logging.getLogger(__name__)
 MEMORY_LIMIT_BYTES = 2 * 2**30  # captures beyond this are spilled to a temporary folder
+RANDOM_CALIBRATION = "random"
+CALIBRATION_SEED = 31_337  # shapes-sd calibration captions; evaluation captions use other seeds
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class CalibrationSet(Sequence):
         self._bytes = 0
         self._spill: Path | None = None
         self.timesteps: list[int] = []
+        self.description: dict = {}  # where the data came from, set by `calibrate` (written to results.json)
 
     def append(self, item: dict) -> None:
         self.timesteps.append(int(item["timestep"].reshape(-1)[0]))
@@ -178,3 +181,64 @@ def random_calibration(unet, n: int, sequence_length: int, seed: int = 0) -> lis
         item["timestep"] = torch.randint(0, 1000, (2,), generator=gen).to(item["timestep"].device)
         items.append(item)
     return items
+
+
+def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, steps: int | None = None,
+              timesteps: int | None = 8, guidance: float | None = None, column: str | None = None,
+              split: str = "train") -> CalibrationSet:
+    """The calibration data of activation (W8A8) recipes: the UNet's inputs captured while the pipeline
+    generates from calibration prompts::
+
+        calibration = dq.calibrate(pipe, prompts)
+        q = dq.quantize_unet(pipe, "w8a8-int8", calibration=calibration)
+
+    Args:
+        pipe: a pipeline from `load_pipeline`.
+        prompts: a list of prompts (all of them are used); or a source to read `size` prompts from: a
+            .txt/.csv/.jsonl/.parquet file, a dataset folder or a Hugging Face dataset id; or "random"
+            for random inputs (the naive baseline); None for the model's own (shapes-sd captions drawn
+            with a seed disjoint from evaluation; other models need prompts).
+        size: prompts read from a source (or random inputs made).
+        steps: denoising steps of the capture run (None: the model's default).
+        timesteps: steps kept per trajectory, spread uniformly (None: all).
+        guidance: classifier-free guidance of the capture run (None: the model's default).
+        column, split: the prompt column and split of a tabular source or dataset.
+
+    Returns:
+        A `CalibrationSet`; its `description` says where the data came from.
+    """
+    from .generation import as_prompt_list, check_settings
+    from .pipeline import is_shapes_sd
+    from .prompt_sources import load_prompts
+
+    check_settings(steps, guidance)
+    if isinstance(prompts, str) and prompts == RANDOM_CALIBRATION:
+        captured = CalibrationSet()
+        for item in random_calibration(pipe.unet, n=size, sequence_length=pipe.tokenizer.model_max_length):
+            captured.append(item)
+        captured.description = {
+            "source": "random inputs (Gaussian latents and text embeddings, uniform timesteps)", "prompts": 0,
+            "unet_calls": len(captured), "steps": None,
+            "timesteps": sorted({int(t) for item in captured for t in item["timestep"]}, reverse=True)}
+        return captured
+    if isinstance(prompts, str):
+        if " " in prompts.strip() and not Path(prompts).expanduser().exists():
+            raise DiffquantError(f"{prompts!r} is neither a prompt file nor a dataset id: pass prompts as a list, "
+                                 f"e.g. calibrate(pipe, [{prompts!r}])")
+        source, texts = prompts, None
+    elif prompts is None:
+        source, texts = None, None
+    else:
+        source, texts = "given prompts", as_prompt_list(prompts)
+    if texts is None:
+        from .shapes.dataset import sample_captions
+
+        default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if is_shapes_sd(pipe) else None
+        texts = load_prompts(source, size, column=column, split=split, default=default)
+    config = CalibrationConfig(size=max(len(texts), 1), steps=steps or default_settings(pipe).steps,
+                               timesteps=timesteps, guidance=guidance)
+    captured = capture_unet_inputs(pipe, texts, config)
+    captured.description = {"source": source or "shapes-sd captions (seed disjoint from evaluation)",
+                            "prompts": len(texts), "unet_calls": len(captured),
+                            "timesteps": sorted(set(captured.timesteps), reverse=True), "steps": config.steps}
+    return captured

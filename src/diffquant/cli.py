@@ -10,10 +10,12 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from .errors import DiffquantError
+from .errors import DiffquantError, Terminated, describe_write_error
 
 logger = logging.getLogger("diffquant")
 
@@ -30,7 +32,8 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hub id or local diffusers folder (default: the embedded shapes-sd)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (ROCm GPUs are cuda too)")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 "
+                                                   "(bf16: with --no-export only)")
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -51,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "measure what it costs, export to ONNX.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help="debug logs")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads of torch and ONNX Runtime (default: $DIFFQUANT_THREADS, else "
+                             "$OMP_NUM_THREADS if set, else the CPUs this process may use)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .recipes import DEFAULT_RECIPES, RECIPES
@@ -91,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help=f"one of: {', '.join(RECIPES)}")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of module names kept in float (repeatable)")
+    _add_calibration(p)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("compare", help="fidelity of generated folders against a baseline folder")
@@ -149,20 +156,32 @@ def _calibration_options(args) -> dict:
 
 
 def _cmd_sensitivity(args) -> int:
+    from .artifacts import output_folder
+
+    with output_folder(args.out) as out:
+        return _sensitivity(args, out)
+
+
+def _sensitivity(args, out: Path) -> int:
     from .artifacts import write_json
-    from .generation import default_settings
+    from .generation import check_settings, default_settings
     from .pipeline import load_pipeline
     from .recipes import get_recipe
     from .sensitivity import analyze_sensitivity
-    from .workflow import RunConfig, calibrate
+    from .workflow import RunConfig, calibrate_for_run
 
+    check_settings(args.steps)
+    for flag, value in (("--keep-float", args.keep_float), ("--max-keep", args.max_keep)):
+        if value is not None and value < 0:
+            raise DiffquantError(f"{flag} must be 0 or more, got {value}")
     recipe = get_recipe(args.recipe)
+    config = RunConfig(model=args.model, **_calibration_options(args))
+    config.validate()
     pipe = load_pipeline(args.model, args.device, args.dtype)
     settings = default_settings(pipe)
-    config = RunConfig(model=args.model, **_calibration_options(args))
-    calibration, described = calibrate(pipe, config, steps=args.steps or settings.steps, guidance=settings.guidance)
+    calibration, described = calibrate_for_run(pipe, config, steps=args.steps or settings.steps,
+                                                guidance=settings.guidance)
     result = analyze_sensitivity(pipe, recipe, calibration, unit=args.by, max_keep=args.max_keep)
-    out = Path(args.out)
     data = result.to_dict() | {"calibration": described}
     print(f"all {args.by}s quantized: {result.full_sqnr_db:.2f} dB; most sensitive:")
     for name, sqnr in result.ranking[:10]:
@@ -197,11 +216,11 @@ def summary_table(results: dict) -> str:
     for name, r in results.get("recipes", {}).items():
         mean = r["metrics"]["mean"]
         se = mean.get("shapeeval")
-        onnx_mb = r["onnx"]["size_bytes"] / 1e6 if r.get("onnx") else float("nan")
+        onnx_mb = f"{r['onnx']['size_bytes'] / 1e6:.1f}" if r.get("onnx") else "-"  # - : not exported
         gen = timings.get(f"generate {name} (simulated fake-quant)", float("nan"))
         score = f"{se['overall']:.3f}" if se else "n/a"
         lines.append(f"{name:<16} {mean['psnr_db']:>8.2f} {mean['ssim']:>7.4f} "
-                     f"{score:>9} {r['unet_sqnr_db']:>8.2f} {onnx_mb:>8.1f} {gen:>7.1f}")
+                     f"{score:>9} {r['unet_sqnr_db']:>8.2f} {onnx_mb:>8} {gen:>7.1f}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
                  "Baseline 'ONNX MB' is the fp32 parameter size.")
     return "\n".join(lines + adherence_lines(results))
@@ -221,56 +240,89 @@ def adherence_lines(results: dict) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
+    from .artifacts import output_folder
+    from .generation import check_settings
+
+    if args.quantized and args.model:
+        raise DiffquantError("pass --model or --quantized, not both: a quantized folder names its own model")
+    check_settings(args.steps, args.guidance, args.num_images)
+    if args.prompts is not None and not all(p.strip() for p in args.prompts):
+        raise DiffquantError("empty --prompt: pass a non-empty text, or no --prompt for the model's defaults")
+    with output_folder(args.out) as out:
+        return _generate(args, out)
+
+
+def _generate(args, out: Path) -> int:
     from .artifacts import save_image, write_json
     from .generation import default_prompts, default_settings, generate
     from .pipeline import load_pipeline
     from .quantize import load_quantized
 
-    if args.quantized and args.model:
-        raise DiffquantError("pass --model or --quantized, not both: a quantized folder names its own model")
     pipe = load_quantized(args.quantized, args.device, args.dtype) if args.quantized else \
         load_pipeline(args.model, args.device, args.dtype)
     settings = default_settings(pipe, args.seed)
     prompts = args.prompts or default_prompts(pipe, args.num_images or 6)
     if args.prompts and args.num_images:
         prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
-    steps = args.steps or settings.steps
+    steps = settings.steps if args.steps is None else args.steps
     guidance = settings.guidance if args.guidance is None else args.guidance
-    images = generate(pipe, prompts, seed=args.seed, steps=steps, guidance=guidance)
-    out = Path(args.out)
-    for k, image in enumerate(images):
-        save_image(image, out / "images" / f"{k:03d}.png")
+    # Written first, and each image as soon as it is made: an interrupted folder says what it holds.
     write_json(out / "prompts.json", {"prompts": prompts, "seed": args.seed, "steps": steps, "guidance": guidance,
                                       "model": args.model, "quantized": args.quantized})
+    images = generate(pipe, prompts, seed=args.seed, steps=steps, guidance=guidance,
+                      on_image=lambda k, image: save_image(image, out / "images" / f"{k:03d}.png"))
     print(f"wrote {len(images)} images to {out / 'images'}")
     return 0
 
 
 def _load_generated(folder: str):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     meta_file = Path(folder) / "prompts.json"
     if not meta_file.is_file():
         raise DiffquantError(f"{folder} has no prompts.json: pass a folder written by `diffquant generate`")
-    meta = json.loads(meta_file.read_text())
-    images = [Image.open(Path(folder) / "images" / f"{k:03d}.png").convert("RGB") for k in range(len(meta["prompts"]))]
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as error:
+        raise DiffquantError(f"{meta_file} is not valid JSON ({error}): generate the folder again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("prompts"), list) or "seed" not in meta:
+        raise DiffquantError(f"{meta_file} lacks its prompts or seed: pass a folder written by `diffquant generate`")
+    paths = [Path(folder) / "images" / f"{k:03d}.png" for k in range(len(meta["prompts"]))]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise DiffquantError(f"{folder} lacks {len(missing)} of its {len(paths)} images (first: images/{missing[0]}): "
+                             "generate the folder again")
+    try:
+        images = [Image.open(p).convert("RGB") for p in paths]
+    except (UnidentifiedImageError, OSError) as error:
+        raise DiffquantError(f"an image of {folder} cannot be read ({error}): generate the folder again") from None
     return meta, images
 
 
 def _cmd_compare(args) -> int:
+    from .artifacts import output_folder
+
+    base_meta, base_images = _load_generated(args.baseline)
+    loaded = {}
+    for folder in args.others:  # every folder is read and checked before any metric is computed
+        meta, images = _load_generated(folder)
+        if meta["prompts"] != base_meta["prompts"] or meta["seed"] != base_meta["seed"]:
+            raise DiffquantError(f"{folder} was generated with other prompts or seeds than {args.baseline}: compare like with like")
+        loaded[folder] = (meta, images)
+    with output_folder(args.out) as out:
+        _compare(args, out, base_images, loaded)
+    return 0
+
+
+def _compare(args, out: Path, base_images, loaded: dict) -> None:
     from .artifacts import save_image, write_json
     from .generation import image_grid
     from .metrics import compare
 
-    base_meta, base_images = _load_generated(args.baseline)
     rows, results = {"baseline": base_images}, {}
-    for folder in args.others:
-        meta, images = _load_generated(folder)
-        if meta["prompts"] != base_meta["prompts"] or meta["seed"] != base_meta["seed"]:
-            raise DiffquantError(f"{folder} was generated with other prompts or seeds than {args.baseline}: compare like with like")
+    for folder, (meta, images) in loaded.items():
         results[folder] = compare(base_images, images, meta["prompts"]).to_dict()
         rows[Path(folder).name] = images
-    out = Path(args.out)
     save_image(image_grid(rows), out / "grid.png")
     write_json(out / "comparison.json", {"baseline": args.baseline, "results": results})
     for folder, r in results.items():
@@ -279,34 +331,47 @@ def _cmd_compare(args) -> int:
         print(f"{folder}: PSNR {mean['psnr_db']:.2f} dB, SSIM {mean['ssim']:.4f}"
               + (f", ShapeEval {se['overall']:.3f}" if se else ""))
     print(f"wrote {out / 'comparison.json'} and {out / 'grid.png'}")
-    return 0
 
 
 def _cmd_quantize(args) -> int:
+    from .artifacts import output_folder
+    from .generation import default_settings
     from .pipeline import load_pipeline
     from .quantize import layer_report, quantize_unet, save_quantized
+    from .recipes import get_recipe
+    from .workflow import RunConfig, calibrate_for_run
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    quantized = quantize_unet(pipe, args.recipe, exclude=args.exclude)
-    save_quantized(quantized, args.out, model=args.model)
+    recipe = get_recipe(args.recipe)
+    config = RunConfig(model=args.model, **_calibration_options(args))
+    config.validate()
+    with output_folder(args.out) as out:
+        pipe = load_pipeline(args.model, args.device, args.dtype)
+        calibration = None
+        if recipe.needs_calibration:
+            settings = default_settings(pipe)
+            calibration, _ = calibrate_for_run(pipe, config, steps=settings.steps, guidance=settings.guidance)
+        quantized = quantize_unet(pipe, recipe, calibration=calibration, exclude=args.exclude)
+        save_quantized(quantized, out, model=args.model)
     report = layer_report(quantized.unet)
-    print(f"quantized {len(report.quantized)} layers ({len(report.float_layers)} left in float); saved to {args.out}")
+    print(f"quantized {len(report.quantized)} layers ({len(report.float_layers)} left in float); saved to {out}")
     return 0
 
 
 def _cmd_export(args) -> int:
+    from .artifacts import output_folder
     from .export import export_onnx
     from .quantize import load_quantized
 
-    quantized = load_quantized(args.quantized, args.device, "auto")
-    if args.pipeline:
-        from .onnx_pipeline import export_pipeline
+    with output_folder(args.out) as out:
+        quantized = load_quantized(args.quantized, args.device, "auto")
+        if args.pipeline:
+            from .onnx_pipeline import export_pipeline
 
-        exported = export_pipeline(quantized, args.out)
-        print(f"wrote {exported.path} ({exported.size_bytes / 1e6:.1f} MB); run it without diffquant: "
-              f"optimum.onnxruntime.ORTDiffusionPipeline.from_pretrained({str(exported.path)!r})")
-        return 0
-    result = export_onnx(quantized, args.out)
+            exported = export_pipeline(quantized, out)
+            print(f"wrote {exported.path} ({exported.size_bytes / 1e6:.1f} MB); run it without diffquant: "
+                  f"optimum.onnxruntime.ORTDiffusionPipeline.from_pretrained({str(exported.path)!r})")
+            return 0
+        result = export_onnx(quantized, out)
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB); ONNX Runtime vs torch: "
           f"max-abs {result.max_abs_error:.2e}, relative {result.relative_error:.2e}")
     return 0
@@ -322,10 +387,15 @@ def _cmd_view(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .artifacts import new_run_dir
+    from .artifacts import output_folder
+
+    with output_folder(args.out) as out:
+        return _bench(args, out)
+
+
+def _bench(args, out: Path) -> int:
     from .bench import benchmark
 
-    out = Path(args.out) if args.out else new_run_dir()
     result = benchmark(model=args.model, arch=args.arch, recipe=args.recipe, iterations=args.iterations,
                        warmup=args.warmup, batch=args.batch, images=args.images, out=out,
                        fake_quant_compiled=not args.no_compile)
@@ -356,7 +426,8 @@ def _cmd_env(args) -> int:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     backend = "ROCm " + torch.version.hip if getattr(torch.version, "hip", None) else \
         ("CUDA " + torch.version.cuda if torch.version.cuda else "CPU build")
-    print(f"{'torch build':<14} {backend}; GPU: {gpu}; CPU threads: {torch.get_num_threads()}")
+    print(f"{'torch build':<14} {backend}; GPU: {gpu}; CPU threads: {torch.get_num_threads()} "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     compile_setting = os.environ.get("QUARK_DISABLE_COMPILE")
     print(f"{'quark compile':<14} QUARK_DISABLE_COMPILE={compile_setting or 'unset'} "
           f"(diffquant sets 1 on CPU unless you set it)")
@@ -368,6 +439,44 @@ def _cmd_env(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "sensitivity": _cmd_sensitivity, "generate": _cmd_generate, "quantize": _cmd_quantize, "compare": _cmd_compare,
             "export": _cmd_export, "view": _cmd_view, "env": _cmd_env, "bench": _cmd_bench}
+
+
+# Commands that compute (torch or ONNX Runtime threads matter); `view` only serves a file.
+_COMPUTE = {"run", "sensitivity", "generate", "quantize", "compare", "export", "bench", "env"}
+
+
+def configure_threads(requested: int | None = None) -> int | None:
+    """Set torch's CPU threads (ONNX Runtime sessions of a run take the same count); returns the count
+    set, or None when the user's OMP_NUM_THREADS decides.
+
+    Order: `requested` (--threads), $DIFFQUANT_THREADS, a user-set $OMP_NUM_THREADS (left to torch),
+    else the CPUs this process may run on (its affinity mask, which torch's default ignores).
+    """
+    # Idle OpenMP workers sleep instead of spinning (read when torch first loads). Measured on 2 cores
+    # with a 2-thread training beside it: `generate` of 4 shapes-sd images took 274 s with spinning
+    # workers, 11.9 s with passive ones, 10.7 s with one thread.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    source = "--threads"
+    if requested is None and os.environ.get("DIFFQUANT_THREADS"):
+        source, requested = "DIFFQUANT_THREADS", os.environ["DIFFQUANT_THREADS"]
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        return None
+    if requested is None:
+        requested = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        threads = int(requested)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise DiffquantError(f"{source} must be a whole number of at least 1, got {requested!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,14 +498,31 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         for noisy in ("diffusers", "transformers", "torch.onnx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C: temporary files are removed.
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        if args.command in _COMPUTE:
+            configure_threads(args.threads)
         return COMMANDS[args.command](args)
     except DiffquantError as error:
         print(f"diffquant: error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("diffquant: terminated; finished artifacts are complete, nothing half-written was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("diffquant: interrupted; finished artifacts are complete, nothing half-written was kept", file=sys.stderr)
         return 130
+    except Exception as error:
+        line = describe_write_error(error, getattr(args, "out", None))
+        if line is None:
+            raise
+        print(f"diffquant: error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

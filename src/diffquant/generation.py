@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
 
+from .errors import DiffquantError
 from .progress import progress
 
 logger = logging.getLogger(__name__)
@@ -44,21 +48,50 @@ def default_prompts(pipe, num_images: int = 3) -> list[str]:
     return [TUTORIAL_PROMPT] * num_images
 
 
+def check_settings(steps: int | None = None, guidance: float | None = None, num_images: int | None = None) -> None:
+    """Refuse settings no pipeline can honour (None means the model default), before any slow work."""
+    for name, value in (("steps", steps), ("number of images", num_images)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise DiffquantError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise DiffquantError(f"guidance must be a number of at least 0 (0 or 1 turns classifier-free guidance off), "
+                             f"got {guidance!r}")
+
+
+def as_prompt_list(prompts: str | list[str]) -> list[str]:
+    """A list of prompts; one string is one prompt, as in diffusers' own `pipe(prompt=...)`."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise DiffquantError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
+                             + ("" if not isinstance(prompts, (list, tuple)) else
+                                f" holding {', '.join(sorted({type(p).__name__ for p in prompts}))}"))
+    return list(prompts)
+
+
 @torch.inference_mode()
-def generate(pipe, prompts: list[str], seed: int = 1024, steps: int | None = None,
-             guidance: float | None = None, batch_size: int = 8, desc: str = "generate") -> list[Image.Image]:
+def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None = None,
+             guidance: float | None = None, batch_size: int = 8, desc: str = "generate",
+             on_image: Callable[[int, Image.Image], None] | None = None) -> list[Image.Image]:
     """Generate one image per prompt; image k uses its own CPU generator seeded `seed + k`.
 
     Args:
         pipe: a diffusers text-to-image pipeline.
-        prompts: one prompt per image.
+        prompts: one prompt per image; a single string is one prompt (one image).
         seed: the first image's seed.
         steps, guidance: None for the model's defaults (see `default_settings`).
         batch_size: images per pipeline call; it does not change the images.
+        on_image: called as `on_image(k, image)` as soon as each batch is made (e.g. to save it, so
+            an interrupted run keeps the images already generated).
 
     Returns:
         PIL images, in prompt order.
     """
+    prompts = as_prompt_list(prompts)
+    check_settings(steps, guidance)
+    if batch_size < 1:
+        raise DiffquantError(f"batch_size must be at least 1, got {batch_size}")
     defaults = default_settings(pipe, seed)
     steps = defaults.steps if steps is None else steps
     guidance = defaults.guidance if guidance is None else guidance
@@ -68,7 +101,10 @@ def generate(pipe, prompts: list[str], seed: int = 1024, steps: int | None = Non
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
         out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
-        images.extend(out.images)
+        for k, image in enumerate(out.images, start=start):
+            if on_image is not None:
+                on_image(k, image)
+            images.append(image)
     return images
 
 

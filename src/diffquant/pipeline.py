@@ -62,7 +62,14 @@ def _model_index(model: str) -> tuple[dict, str]:
         index = path / "model_index.json"
         if not index.is_file():
             raise DiffquantError(f"{path} has no model_index.json: pass a diffusers pipeline folder (save_pretrained layout)")
-        return json.loads(index.read_text()), "local"
+        try:
+            data = json.loads(index.read_text())
+        except ValueError as error:
+            raise DiffquantError(f"{index} is not valid JSON ({error}): re-save the pipeline with save_pretrained") from None
+        if not isinstance(data, dict):
+            raise DiffquantError(f"{index} holds a {type(data).__name__}, not a pipeline description: re-save the "
+                                 "pipeline with save_pretrained")
+        return data, "local"
     if path.exists():
         raise DiffquantError(f"{path} is a file: pass a diffusers pipeline folder or a Hugging Face Hub id")
     if not _HUB_ID.match(model):
@@ -88,7 +95,7 @@ def _model_index(model: str) -> tuple[dict, str]:
 def check_supported(index: dict, model: str) -> None:
     """Refuse pipelines whose denoiser is not a UNet2DConditionModel, naming what is supported."""
     pipeline_class = index.get("_class_name", "?")
-    if "transformer" in index and "unet" not in index:
+    if "transformer" in index:
         denoiser = index["transformer"][1] if isinstance(index["transformer"], list) else "a transformer"
         raise DiffquantError(f"{model} is a {pipeline_class} with a {denoiser} (DiT) denoiser: not yet supported; "
                              f"diffquant quantizes {', '.join(SUPPORTED_DENOISERS)} pipelines (SD 1.x/2.x, SDXL)")
@@ -97,6 +104,20 @@ def check_supported(index: dict, model: str) -> None:
     if unet_class not in SUPPORTED_DENOISERS:
         raise DiffquantError(f"{model} is a {pipeline_class} whose denoiser is {unet_class or 'missing'}: diffquant "
                              f"supports {', '.join(SUPPORTED_DENOISERS)} (SD 1.x/2.x, SDXL)")
+    # The index may name a unet that its pipeline class never takes (a FluxPipeline with a unet entry):
+    # diffusers would fail deep inside from_pretrained.
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None) if isinstance(pipeline_class, str) else None
+    if cls is None:
+        raise DiffquantError(f"{model} names the pipeline class {pipeline_class!r}, which is not one of diffusers' "
+                             "pipelines: diffquant loads diffusers' own pipelines only (remote code is never run)")
+    if "unet" not in inspect.signature(cls.__init__).parameters:
+        raise DiffquantError(f"{model} is a {pipeline_class}, which takes no UNet (its model_index.json lists one "
+                             f"anyway): diffquant supports pipelines with a {', '.join(SUPPORTED_DENOISERS)} "
+                             "(SD 1.x/2.x, SDXL)")
 
 
 def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto"):

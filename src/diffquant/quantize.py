@@ -189,8 +189,25 @@ def load_quantized(path: str | Path, device: str = "auto", dtype: str = "auto"):
     meta_file = path / ARTIFACT_FILE
     if not meta_file.is_file():
         raise DiffquantError(f"{path} holds no quantized UNet ({ARTIFACT_FILE} missing): run `diffquant quantize --out {path}` first")
-    meta = json.loads(meta_file.read_text())
-    recipe = recipe_from_dict(meta["recipe"])
+    fix = "quantize again with `diffquant quantize`"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as error:
+        raise DiffquantError(f"{meta_file} is not valid JSON ({error}): {fix}") from None
+    if not isinstance(meta, dict) or meta.get("type") != "QuantizedUNet" or meta.get("version") != ARTIFACT_VERSION:
+        found = f"{meta.get('type')} v{meta.get('version')}" if isinstance(meta, dict) else type(meta).__name__
+        raise DiffquantError(f"{meta_file} is not a diffquant quantized UNet of version {ARTIFACT_VERSION} "
+                             f"(found {found}): {fix}")
+    if not isinstance(meta.get("recipe"), dict) or not isinstance(meta.get("model"), (str, type(None))):
+        raise DiffquantError(f"{meta_file} lacks its recipe or names its model wrongly: {fix}")
+    try:
+        recipe = recipe_from_dict(meta["recipe"])
+    except DiffquantError as error:
+        raise DiffquantError(f"{meta_file}: {error}") from None
+    except (KeyError, TypeError) as error:
+        raise DiffquantError(f"{meta_file} holds a broken recipe ({type(error).__name__}: {error}): {fix}") from None
+    if not (path / STATE_FILE).is_file():
+        raise DiffquantError(f"{path / STATE_FILE} is missing: {fix}")
     pipe = load_pipeline(meta.get("model"), device, dtype)
     try:
         state = load_file(str(path / STATE_FILE))

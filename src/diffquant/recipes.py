@@ -63,6 +63,9 @@ class Recipe:
     conv_output: TensorQuant | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or any(c in self.name for c in "/\\") \
+                or self.name in (".", ".."):
+            raise DiffquantError(f"recipe name {self.name!r} cannot name a folder: use letters, digits and dashes")
         if isinstance(self.exclude, (list, str)):
             raise DiffquantError(f"Recipe.exclude must be a tuple of patterns, not {type(self.exclude).__name__}")
         if self.conv_output is not None and self.activation is None:
@@ -112,21 +115,50 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
 
+RECIPE_FIELDS = ("type", "version", "name", "weight", "activation", "conv_output", "exclude", "description")
+QUANT_FIELDS = ("dtype", "granularity", "observer", "axis")
+
+
+def _check_fields(data: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise DiffquantError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                             f"{where}: the fields are {', '.join(allowed)}")
+
+
 def recipe_from_dict(data: dict) -> Recipe:
-    """Inverse of `Recipe.to_dict` (checks the type and version)."""
+    """Inverse of `Recipe.to_dict` (checks the type, the version and that every field is known)."""
+    if not isinstance(data, dict):
+        raise DiffquantError(f"a recipe is a JSON object (as written by Recipe.to_dict), not a {type(data).__name__}")
     if data.get("type") != "Recipe" or data.get("version") not in READABLE_VERSIONS:
         versions = " or ".join(map(str, READABLE_VERSIONS))
         raise DiffquantError(f"not a diffquant recipe of version {versions}: {data.get('type')} "
                              f"v{data.get('version')}; re-create it with this diffquant version")
+    _check_fields(data, RECIPE_FIELDS, "the recipe")
 
-    def quant(q: dict | None) -> TensorQuant | None:
+    def quant(key: str) -> TensorQuant | None:
+        q = data.get(key)
         if q is None:
             return None
-        granularity = PerChannel(q.get("axis", 0)) if q["granularity"] == "PerChannel" else PerTensor()
-        return TensorQuant(q["dtype"], granularity, q["observer"])
+        if not isinstance(q, dict):
+            raise DiffquantError(f"recipe field {key!r} must be an object with {', '.join(QUANT_FIELDS)} or null")
+        _check_fields(q, QUANT_FIELDS, f"the recipe's {key!r}")
+        granularity = q.get("granularity", "PerTensor")
+        if granularity not in ("PerTensor", "PerChannel"):
+            raise DiffquantError(f"unknown granularity {granularity!r} in the recipe's {key!r}: use PerTensor or PerChannel")
+        return TensorQuant(q["dtype"], PerChannel(q.get("axis", 0)) if granularity == "PerChannel" else PerTensor(),
+                           q.get("observer", "min_max"))
 
-    return Recipe(data["name"], quant(data["weight"]), quant(data["activation"]), tuple(data["exclude"]),
-                  data.get("description", ""), quant(data.get("conv_output")))
+    if "weight" not in data or data["weight"] is None:
+        raise DiffquantError("the recipe has no 'weight' quantization: every recipe quantizes weights")
+    exclude = data.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+        raise DiffquantError("recipe field 'exclude' must be a list of fnmatch patterns (strings)")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise DiffquantError("the recipe has no 'name': give it one (it labels results and images)")
+    return Recipe(name, quant("weight"), quant("activation"), tuple(exclude), data.get("description", ""),
+                  quant("conv_output"))
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
@@ -142,9 +174,15 @@ def get_recipe(name: str | Recipe) -> Recipe:
         if not path.is_file():
             raise DiffquantError(f"recipe file {path} does not exist: pass a name ({', '.join(RECIPES)}) or a .json file")
         try:
-            return recipe_from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError) as error:
-            raise DiffquantError(f"recipe file {path} is not a diffquant recipe ({error})") from None
+            data = json.loads(path.read_text())
+        except (ValueError, OSError) as error:
+            raise DiffquantError(f"recipe file {path} is not JSON ({error})") from None
+        try:
+            return recipe_from_dict(data)
+        except DiffquantError as error:
+            raise DiffquantError(f"recipe file {path}: {error}") from None
+        except (KeyError, TypeError) as error:
+            raise DiffquantError(f"recipe file {path} is not a diffquant recipe ({type(error).__name__}: {error})") from None
     try:
         return RECIPES[name]
     except KeyError:
@@ -158,7 +196,15 @@ def parse_recipes(names: str | list[str]) -> list[Recipe]:
         raise DiffquantError(f"empty recipe name in {names!r}: pass comma-separated names like int8-w,fp8-w")
     if len(set(items)) != len(items):
         raise DiffquantError(f"recipe listed twice in {names!r}: name each recipe once")
-    return [get_recipe(n) for n in items]
+    recipes = [get_recipe(n) for n in items]
+    seen: dict[str, str] = {}
+    for item, recipe in zip(items, recipes):
+        if recipe.name in seen:  # results, images and exports are keyed by the recipe's name
+            label = item if isinstance(item, str) else f"Recipe {recipe.name!r}"
+            raise DiffquantError(f"{seen[recipe.name]} and {label} are both named {recipe.name!r}: give each recipe "
+                                 "its own name (the \"name\" field of a recipe file)")
+        seen[recipe.name] = item if isinstance(item, str) else f"Recipe {recipe.name!r}"
+    return recipes
 
 
 def to_quark_config(recipe: Recipe, exclude: list[str] | None = None):
