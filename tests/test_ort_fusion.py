@@ -9,22 +9,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from diffquant.ort_fusion import prepare_for_ort_fusion
+from diffquant.runtime import session_options
 
 RNG = np.random.default_rng(0)
 
 
 def _run(model, feed, optimize: bool):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options = session_options(optimize=optimize)  # diffquant's sessions: exact int8 products on every CPU
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)[0]
 
 
 def _fused_ops(model, tmp_path) -> list[str]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
@@ -32,7 +29,8 @@ def _fused_ops(model, tmp_path) -> list[str]:
 
 def _quark_like_linear_graph(identical_chains: bool):
     """What Quark exports for attention: one quantized input read by three Linears (weights stored
-    as [out, in] int8 codes per output channel, then DequantizeLinear -> Transpose -> MatMul) and by
+    as [out, in] int8 codes with zero zero points per output channel, as `compress_weights` writes
+    them, then DequantizeLinear -> Transpose -> MatMul) and by
     a float ReduceSum. Small models get one shared QuantizeLinear -> DequantizeLinear chain; above
     2 GB the export has one identical chain per Linear, reading the same scale and zero point."""
     k, n = 32, 24
@@ -41,12 +39,13 @@ def _quark_like_linear_graph(identical_chains: bool):
     nodes = []
     for i in range(3):
         initializers += [numpy_helper.from_array(RNG.integers(-127, 128, (n, k)).astype(np.int8), f"w{i}"),
-                         numpy_helper.from_array((RNG.random(n) + 0.5).astype(np.float32) * 1e-2, f"w{i}_scale")]
+                         numpy_helper.from_array((RNG.random(n) + 0.5).astype(np.float32) * 1e-2, f"w{i}_scale"),
+                         numpy_helper.from_array(np.zeros(n, np.int8), f"w{i}_zero")]
         chain = f"_{i}" if identical_chains else ""
         if identical_chains or i == 0:
             nodes += [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], [f"x_q{chain}"]),
                       helper.make_node("DequantizeLinear", [f"x_q{chain}", "x_scale", "x_zero"], [f"x_dq{chain}"])]
-        nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"w{i}_scale"], [f"w{i}_dq"], axis=0),
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"w{i}_scale", f"w{i}_zero"], [f"w{i}_dq"], axis=0),
                   helper.make_node("Transpose", [f"w{i}_dq"], [f"w{i}_t"], perm=[1, 0]),
                   helper.make_node("MatMul", [f"x_dq{chain}", f"w{i}_t"], [f"y{i}"])]
     if identical_chains:

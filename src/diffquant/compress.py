@@ -111,12 +111,18 @@ def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
         name = f"{_module_name(node.name)}.weight_{kind}"
         graph.initializer.append(_initializer(name, codes))
         node.input[0] = name
-        # Symmetric codes: drop the zero point, which Quark shares as one scalar even for per-channel
-        # scales (ONNX Runtime wants none or one per channel).
+        # Symmetric codes: Quark shares one scalar zero point even for per-channel scales, which ONNX
+        # Runtime rejects (none or one per channel). int8 codes get zeros shaped like their scale: with
+        # no zero point, ORT's exact-int8 option (runtime.EXACT_INT8_PRODUCTS) rewrites a per-channel
+        # DequantizeLinear that it does not fuse to u8 with a scalar zero point, and then rejects it.
         if len(node.input) == 3:
             zero = initializers.get(node.input[2])
             assert zero is None or not onnx.numpy_helper.to_array(zero).any(), f"{node.name}: non-zero zero point"
             del node.input[2]
+        if kind == "int8":
+            zero = onnx.numpy_helper.from_array(np.zeros(onnx_scale.shape, np.int8), f"{name}_zero")
+            graph.initializer.append(zero)
+            node.input.append(zero.name)
         counts[kind] += 1
     for node in dropped_nodes:
         graph.node.remove(node)

@@ -12,6 +12,15 @@ import torch
 from .errors import DiffquantError
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+# On x86 CPUs, ONNX Runtime's int8 MatMul/Conv kernels multiply u8 activations by s8 weights. Without
+# VNNI (AVX2-only CPUs such as AMD EPYC before Zen 4, AVX-512 before Cascade Lake) they use vpmaddubsw,
+# which adds each pair of products in int16 and saturates once the pair passes 32767; with int8
+# weights beyond [-64, 63] that silently changes results (7% of a fused Linear's outputs in the
+# tests; 7.3% instead of 0.6% relative error on shapes-sd W8A8). This key makes ORT store such
+# weights as u8 (+128, zero point moved with them: the same products) for its exact u8u8 kernels.
+# ORT acts on it on x86 only, where it also gives up the VNNI/AMX u8s8 kernels, which were exact:
+# speed for the same numbers on every CPU.
+EXACT_INT8_PRODUCTS = "session.x64quantprecision"
 
 
 def _quantizes_activations_to_fp8(path: Path) -> bool:
@@ -22,9 +31,23 @@ def _quantizes_activations_to_fp8(path: Path) -> bool:
     return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in fp8 for n in graph.node)
 
 
+def session_options(options=None, optimize: bool = True):
+    """diffquant's ONNX Runtime session options: all graph optimizations (QDQ fusion into integer
+    kernels; `optimize=False` runs the graph as written), warnings only, and int8 products computed
+    exactly (`EXACT_INT8_PRODUCTS`). Sets them on `options` when given, else on new options."""
+    import onnxruntime as ort
+
+    options = options or ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    options.add_session_config_entry(EXACT_INT8_PRODUCTS, "1")
+    return options
+
+
 def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = None, threads: int | None = None,
             options=None):
-    """An ONNX Runtime session with all graph optimizations (QDQ fusion into integer kernels).
+    """An ONNX Runtime session with `session_options` (QDQ fusion into integer kernels).
 
     A graph with fp8 activations runs without the QDQ fusion pass: it has no integer kernel to fuse
     into, and ONNX Runtime 1.31's pass moves fp8 tensors through Transpose, which has no fp8 kernel
@@ -40,9 +63,7 @@ def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = No
     if missing:
         raise DiffquantError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here "
                              f"(available: {', '.join(available)}): install onnxruntime-gpu / onnxruntime-rocm")
-    options = options or ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options = session_options(options)
     if threads:
         options.intra_op_num_threads = threads
     disabled = ["QDQSelectorActionTransformer"] if _quantizes_activations_to_fp8(path) else None
