@@ -80,47 +80,25 @@ def test_shipped_model_loads_offline_with_plain_diffusers():
 
 
 def test_trained_model_follows_prompts_where_random_weights_do_not(shapes_pipe):
-    """The shipped model beats a random-weight model of the same architecture by a wide margin,
-    so a broken or untrained model fails this test."""
+    """The shipped model follows colour and position words where a random-weight model of the same
+    architecture does not (measured on these 24 captions at 10 steps: colours 100% vs 15%, position
+    10/10 vs 2/10, all named attributes 38% vs 0%), so a broken or untrained model fails this test.
+    Shape class (46% here, chance 33%) is not yet followed well enough to carry a bar."""
     from diffusers import StableDiffusionPipeline
 
     from diffquant import generate
     from diffquant.shapes.model import build_components
     from diffquant.pipeline import shapes_sd_path
 
-    captions = sample_captions(12, seed=77)
+    captions = sample_captions(24, seed=77)
     trained = evaluate(generate(shapes_pipe, captions, seed=0, steps=10), captions)
     vae, unet, text_encoder, tokenizer = build_components(shapes_sd_path() / "tokenizer")
     random_pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                           scheduler=shapes_pipe.scheduler, safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False)
     untrained = evaluate(generate(random_pipe, captions, seed=0, steps=10), captions)
-    colours = (trained["background"] + trained["color"]) / 2
-    assert colours >= 0.75, trained
-    assert (untrained["background"] + untrained["color"]) / 2 <= 0.4, untrained
-    assert trained["overall"] > untrained["overall"]
-
-
-def test_captions_read_as_english_and_parse_either_article():
-    assert ShapeSpec("orange", "circle", "blue").caption == "an orange circle on a blue background"
-    assert ShapeSpec("red", "square", "orange", "large").caption == "a large red square on an orange background"
-    assert parse_caption("an orange circle on a white background") == ShapeSpec("orange", "circle", "white")
-    assert parse_caption("a orange triangle on an purple background") == ShapeSpec("orange", "triangle", "purple")
-    for caption in sample_captions(500, seed=3):
-        words = caption.split()
-        for article, following in zip(words, words[1:]):
-            if article in ("a", "an"):  # "an" exactly before a vowel
-                assert (article == "an") == (following[0] in "aeiou"), caption
-        assert parse_caption(caption).caption == caption
-
-
-def test_agreement_counts_images_whose_detections_match_the_reference():
-    from diffquant.shapes.shapeeval import agreement
-
-    specs = [ShapeSpec("red", "circle", "blue", "large", "on the left"),
-             ShapeSpec("green", "square", "white", "small", "at the top")]
-    reference = [render(s, seed=k) for k, s in enumerate(specs)]
-    assert agreement(reference, reference)["all"] == 1.0
-    changed = [reference[0], render(ShapeSpec("green", "triangle", "white", "small", "at the top"), seed=1)]
-    result = agreement(reference, changed)
-    assert result["all"] == 0.5 and result["shape"] == 0.5 and result["background"] == 1.0
+    for result, follows in ((trained, True), (untrained, False)):
+        colours = (result["background"] + result["color"]) / 2
+        assert (colours >= 0.9) is follows, result
+        assert (result["position"] >= 0.7) is follows, result  # 5 positions: chance is 0.2
+        assert (result["overall"] >= 0.25) is follows, result

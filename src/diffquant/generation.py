@@ -29,7 +29,7 @@ class GenerationSettings:
 
 
 def default_settings(pipe, seed: int = 1024) -> GenerationSettings:
-    """shapes-sd: 25 DDIM steps, guidance 4; real models: the tutorial's 50 steps, guidance 7.5."""
+    """shapes-sd: 25 DDIM steps, guidance 3; real models: the tutorial's 50 steps, guidance 7.5."""
     from .pipeline import is_shapes_sd
     from .shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
