@@ -381,8 +381,13 @@ def _cmd_view(args) -> int:
     from .viewer import view, wait
 
     url = view(args.onnx, args.port, browse=not args.no_browser)
-    print(f"Netron serving {args.onnx} at {url} (Ctrl-C to stop)", flush=True)
-    wait()
+    try:  # a Ctrl-C right after the message (before wait() listens for it) also stops cleanly
+        print(f"Netron serving {args.onnx} at {url} (Ctrl-C to stop)", flush=True)
+        wait()
+    except KeyboardInterrupt:
+        import netron
+
+        netron.stop()
     return 0
 
 
