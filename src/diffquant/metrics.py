@@ -114,9 +114,9 @@ def compare(baseline_images: list[Image.Image], images: list[Image.Image], promp
         comparison.lpips = [float(lpips(t[None], r[None], net_type="alex", normalize=True)) for r, t in zip(ref, test)]
     else:
         comparison.notes.append(reason)
-    if _are_shapes_captions(prompts):
-        from .shapes.shapeeval import agreement, evaluate
+    comparison.shapeeval = prompt_adherence(images, prompts)
+    if comparison.shapeeval is not None:
+        from .shapes.shapeeval import agreement
 
-        comparison.shapeeval = evaluate(images, prompts)
         comparison.shapeeval_agreement = agreement(baseline_images, images)
     return comparison
