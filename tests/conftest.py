@@ -69,6 +69,74 @@ def build_tiny_sdxl():
         tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler())
 
 
+T5_TOKENIZER = FIXTURES / "t5_tokenizer"  # written by diffquant.shapes.model_sd3.write_t5_tokenizer
+
+
+def _t5_encoder(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   decoder_start_token_id=0))
+
+
+def build_tiny_sd3():
+    """An SD3-style pipeline: a 2-layer MMDiT, two CLIP encoders with projection (32 + 32 = the joint
+    width 64), a tiny T5; 16x16 images, 8x8 latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    t5_tokenizer = T5TokenizerFast.from_pretrained(T5_TOKENIZER)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=8)
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=_text_encoder(tokenizer, True), tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(tokenizer, True), tokenizer_2=tokenizer,
+        text_encoder_3=_t5_encoder(t5_tokenizer, 64), tokenizer_3=t5_tokenizer)
+
+
+def build_tiny_flux(guidance_embeds: bool = True):
+    """A FLUX.1-dev-style pipeline: one double and one single block, CLIP pooled + T5 sequence;
+    in_channels is 4x the VAE's latent channels (2x2 packing), the RoPE axes sum to the head width."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    t5_tokenizer = T5TokenizerFast.from_pretrained(T5_TOKENIZER)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6],
+        guidance_embeds=guidance_embeds)
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.0)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_text_encoder(tokenizer),
+                        tokenizer=tokenizer, text_encoder_2=_t5_encoder(t5_tokenizer, 64), tokenizer_2=t5_tokenizer,
+                        transformer=transformer)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-flux")
+    build_tiny_flux().save_pretrained(path, safe_serialization=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """A tiny SD-1.x pipeline saved as a local diffusers folder (the layout of a Hub snapshot)."""
