@@ -27,25 +27,9 @@ from . import dataset
 from .model import WEIGHTS_DIR, write_tokenizer
 from .model_sd3 import (SD3_DEFAULT_GUIDANCE, SD3_DEFAULT_STEPS, SD3_MAX_SEQUENCE_LENGTH, build_sd3_components,
                         sd3_scheduler_config, write_t5_tokenizer)
-from .train import CAPTION_DROPOUT, TRAIN_P_POSITION, _cosine_lr
+from .train import AUX_WEIGHT, CAPTION_DROPOUT, TRAIN_P_POSITION, _cosine_lr, attribute_heads, attribute_loss
 
 logger = logging.getLogger(__name__)
-# The first shapes-sd's text encoder gave "circle" and "square" captions embeddings with cosine 0.98
-# (colours: 0.62) and its UNet drew shapes at chance. Small linear heads on the pooled prompt embedding
-# that must name each attribute of the caption push the encoders to keep the words apart; they are
-# used in training only and not saved.
-AUX_WEIGHT = 0.1
-AUX_CLASSES = {
-    "color": dataset.COLORS, "shape": dataset.SHAPES, "background": dataset.COLORS,
-    "size": (None, *dataset.SIZES), "position": (None, *dataset.POSITIONS),
-}
-
-
-def _attribute_targets(captions: list[str]) -> dict[str, torch.Tensor]:
-    specs = [dataset.parse_caption(c) for c in captions]
-    return {name: torch.tensor([classes.index(getattr(s, name)) for s in specs]) for name, classes in AUX_CLASSES.items()}
-
-
 def sd3_pipeline(vae, transformer, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_3):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -64,7 +48,7 @@ def train_transformer(pipe, steps: int, batch_size: int, lr: float, log: csv.wri
 
     models = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
     pooled_width = pipe.transformer.config.pooled_projection_dim
-    heads = torch.nn.ModuleDict({n: torch.nn.Linear(pooled_width, len(c)) for n, c in AUX_CLASSES.items()})
+    heads = attribute_heads(pooled_width)  # trained with the rest, not saved (see train.AUX_WEIGHT)
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
@@ -90,10 +74,7 @@ def train_transformer(pipe, steps: int, batch_size: int, lr: float, log: csv.wri
         pred = pipe.transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
                                 timestep=sigma.flatten() * 1000).sample
         flow = F.mse_loss(pred, noise - latents)
-        aux = torch.zeros(())
-        if keep.any():
-            targets = _attribute_targets([c for c, k in zip(captions, keep.tolist()) if k])
-            aux = sum(F.cross_entropy(heads[n](pooled[keep]), targets[n]) for n in AUX_CLASSES) / len(AUX_CLASSES)
+        aux = attribute_loss(heads, pooled, captions, keep)
         loss = flow + AUX_WEIGHT * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
