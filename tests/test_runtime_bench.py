@@ -97,7 +97,8 @@ def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monke
     from diffquant import architectures
     from diffquant.bench import benchmark
 
-    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny", dict(tiny_sd.unet.config))
+    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny",
+                        architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
     result = benchmark(arch="tiny", recipe="w8a8-int8", iterations=2, warmup=1, out=tmp_path,
                        fake_quant_compiled=False)
     assert [r.name for r in result.rows][-1] == "ORT w8a8-int8 (QDQ)"

@@ -158,15 +158,10 @@ def _dir_mb(path: Path) -> float:
 
 
 def build_arch(arch: str):
-    """The real UNet architecture named by `arch` ('sd15') from its config, with random weights."""
-    from diffusers import UNet2DConditionModel
+    """The real denoiser architecture named by `arch` (see architectures.py) from its config, random weights."""
+    from .architectures import build
 
-    from .architectures import ARCHITECTURES
-
-    if arch not in ARCHITECTURES:
-        raise DiffquantError(f"unknown --arch {arch!r}: choose from {', '.join(ARCHITECTURES)}")
-    torch.manual_seed(0)
-    return UNet2DConditionModel.from_config(ARCHITECTURES[arch]).eval()
+    return build(arch)
 
 
 def benchmark(model: str | None = None, arch: str | None = None, recipe: str = DEFAULT_RECIPE, iterations: int = 10,

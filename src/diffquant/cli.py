@@ -30,7 +30,10 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="Hub id or local diffusers folder (default: the embedded shapes-sd)")
+    p.add_argument("--model", help="shapes-sd (the default, embedded), shapes-sd3 (embedded), a Hub id or a local "
+                                   "diffusers folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1)")
+    p.add_argument("--no-t5", action="store_true",
+                   help="SD3: load without the T5 text encoder (less memory; prompts read by CLIP only)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (ROCm GPUs are cuda too)")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 "
                                                    "(bf16: with --no-export only)")
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-pipeline", action="store_true",
                    help="also write each recipe's whole pipeline as ONNX in Optimum's layout (pipeline/<recipe>/)")
     p.add_argument("--out", help="output folder (default ./diffquant-out/<timestamp>/; never overwritten)")
+    p.add_argument("--config", metavar="CONFIG_JSON",
+                   help="replay the config.json of an earlier run (every other option but --out is ignored)")
 
     p = sub.add_parser("sensitivity", help="rank layers by the error they add alone; emit a mixed-precision recipe")
     _add_model(p)
@@ -135,17 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from .workflow import RunConfig, run
+    from .config import RunConfig
+    from .workflow import run
 
-    config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
-                       steps=args.steps, guidance=args.guidance,
-                       recipes=[n.strip() for n in args.recipes.split(",")],
-                       device=args.device, dtype=args.dtype, export=not args.no_export,
-                       export_pipeline=args.export_pipeline, out=args.out,
-                       exclude=args.exclude, **_calibration_options(args))
+    if args.config:  # replay: the saved config, with only --out changed (a run never overwrites a folder)
+        config = RunConfig.load(args.config).replace(out=args.out)
+    else:
+        config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
+                           steps=args.steps, guidance=args.guidance,
+                           recipes=[n.strip() for n in args.recipes.split(",")],
+                           device=args.device, dtype=args.dtype, no_t5=args.no_t5, export=not args.no_export,
+                           export_pipeline=args.export_pipeline, out=args.out,
+                           exclude=args.exclude, **_calibration_options(args))
     results = run(config)
     print(summary_table(results))
-    print(f"report: {Path(results['out_dir']) / 'report.html'}")
+    print(f"report: {Path(results.out_dir) / 'report.html'}")
     return 0
 
 
@@ -168,7 +177,8 @@ def _sensitivity(args, out: Path) -> int:
     from .pipeline import load_pipeline
     from .recipes import get_recipe
     from .sensitivity import analyze_sensitivity
-    from .workflow import RunConfig, calibrate_for_run
+    from .config import RunConfig
+    from .workflow import calibrate_for_run
 
     check_settings(args.steps)
     for flag, value in (("--keep-float", args.keep_float), ("--max-keep", args.max_keep)):
@@ -176,7 +186,6 @@ def _sensitivity(args, out: Path) -> int:
             raise DiffquantError(f"{flag} must be 0 or more, got {value}")
     recipe = get_recipe(args.recipe)
     config = RunConfig(model=args.model, **_calibration_options(args))
-    config.validate()
     pipe = load_pipeline(args.model, args.device, args.dtype)
     settings = default_settings(pipe)
     calibration, described = calibrate_for_run(pipe, config, steps=args.steps or settings.steps,
@@ -205,28 +214,26 @@ def _sensitivity(args, out: Path) -> int:
     return 0
 
 
-def summary_table(results: dict) -> str:
-    """A plain-text table of the run's quality, sizes and (labelled) times."""
+def summary_table(results) -> str:
+    """A plain-text table of the run's quality, sizes and (labelled) times (`results`: a RunResult)."""
     lines = [f"{'recipe':<16} {'PSNR dB':>8} {'SSIM':>7} {'ShapeEval':>9} {'SQNR dB':>8} {'ONNX MB':>8} {'gen s*':>7}"]
-    baseline_se = (results.get("baseline") or {}).get("shapeeval")
-    timings = results.get("timings", {})
+    baseline_se = results.baseline_shapeeval
+    timings = results.timings
     baseline_score = f"{baseline_se['overall']:.3f}" if baseline_se else "n/a"
     lines.append(f"{'baseline':<16} {'':>8} {'':>7} {baseline_score:>9} {'':>8} "
-                 f"{results.get('unet_fp32_bytes', 0) / 1e6:>8.1f} {timings.get('generate baseline', 0):>7.1f}")
-    for name, r in results.get("recipes", {}).items():
-        mean = r["metrics"]["mean"]
-        se = mean.get("shapeeval")
-        onnx_mb = f"{r['onnx']['size_bytes'] / 1e6:.1f}" if r.get("onnx") else "-"  # - : not exported
+                 f"{results.denoiser_fp32_bytes / 1e6:>8.1f} {timings.get('generate baseline', 0):>7.1f}")
+    for name, r in results.recipes.items():
+        q = r.quality
+        onnx_mb = f"{r.onnx['size_bytes'] / 1e6:.1f}" if r.onnx else "-"  # - : not exported
         gen = timings.get(f"generate {name} (simulated fake-quant)", float("nan"))
-        score = f"{se['overall']:.3f}" if se else "n/a"
-        lines.append(f"{name:<16} {mean['psnr_db']:>8.2f} {mean['ssim']:>7.4f} "
-                     f"{score:>9} {r['unet_sqnr_db']:>8.2f} {onnx_mb:>8} {gen:>7.1f}")
+        score = f"{q.shapeeval['overall']:.3f}" if q.shapeeval else "n/a"
+        lines.append(f"{name:<16} {q.psnr_db:>8.2f} {q.ssim:>7.4f} {score:>9} {r.sqnr_db:>8.2f} {onnx_mb:>8} {gen:>7.1f}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
                  "Baseline 'ONNX MB' is the fp32 parameter size.")
     return "\n".join(lines + adherence_lines(results))
 
 
-def adherence_lines(results: dict) -> list[str]:
+def adherence_lines(results) -> list[str]:
     """ShapeEval per attribute, as plain-text lines (none when the prompts are not shapes captions)."""
     from .report import adherence_table
 
@@ -339,11 +346,11 @@ def _cmd_quantize(args) -> int:
     from .pipeline import load_pipeline
     from .quantize import layer_report, quantize_unet, save_quantized
     from .recipes import get_recipe
-    from .workflow import RunConfig, calibrate_for_run
+    from .config import RunConfig
+    from .workflow import calibrate_for_run
 
     recipe = get_recipe(args.recipe)
     config = RunConfig(model=args.model, **_calibration_options(args))
-    config.validate()
     with output_folder(args.out) as out:
         pipe = load_pipeline(args.model, args.device, args.dtype)
         calibration = None

@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 from .artifacts import write_json, write_text
+from .results import Quality, RunResult
 
-SCHEMA_VERSION = 1
 _PACKAGES = ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "onnx", "onnxruntime", "torchmetrics")
 
 
@@ -27,9 +27,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_results(out_dir: Path, results: dict) -> Path:
-    """Write results.json atomically, stamped with the schema version."""
-    return write_json(Path(out_dir) / "results.json", {"schema_version": SCHEMA_VERSION, **results})
+def write_results(out_dir: Path, results: RunResult) -> Path:
+    """Write results.json atomically (a versioned `RunResult`)."""
+    return write_json(Path(out_dir) / "results.json", results.to_dict())
 
 
 def _img(path: Path, alt: str) -> str:
@@ -55,68 +55,66 @@ _ADHERENCE_LABELS = {"background": "background", "color": "colour", "shape": "sh
                      "position": "position"}
 
 
-def adherence_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+def adherence_table(results: RunResult) -> tuple[list[str], list[list[str]]] | None:
     """ShapeEval per attribute (with n) for the baseline, each recipe and its ONNX Runtime images, and
     the share of images whose detections agree with the baseline's; None when prompts are not shapes captions.
 
     Returns (headers, rows) of plain strings, shared by report.html and the terminal table."""
-    baseline = (results.get("baseline") or {}).get("shapeeval")
+    baseline = results.baseline_shapeeval
     if not baseline:
         return None
     names = [a for a in _ADHERENCE_LABELS if a in baseline]
     headers = (["images"] + [f"{_ADHERENCE_LABELS[a]} (n={int(baseline[f'n_{a}'])})" for a in names]
-               + [f"all named (n={len(results.get('prompts', []))})", "agree with fp32"])
+               + [f"all named (n={len(results.prompts)})", "agree with fp32"])
 
     def pct(value) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    def row(label: str, mean: dict | None) -> list[str]:
-        se = (mean or {}).get("shapeeval") or {}
-        agree = (mean or {}).get("shapeeval_agreement") or {}
-        return [label] + [pct(se.get(a)) for a in names] + [pct(se.get("overall")), pct(agree.get("all"))]
+    def row(label: str, shapeeval: dict, agreement: dict | None) -> list[str]:
+        return ([label] + [pct(shapeeval.get(a)) for a in names]
+                + [pct(shapeeval.get("overall")), pct((agreement or {}).get("all"))])
 
-    rows = [row("baseline (fp32)", {"shapeeval": baseline})]
-    for name, r in results.get("recipes", {}).items():
-        rows.append(row(name, r.get("metrics", {}).get("mean")))
-        if r.get("ort"):
-            rows.append(row(f"{name} ORT", r["ort"].get("vs_baseline", {}).get("mean")))
+    rows = [row("baseline (fp32)", baseline, None)]
+    for name, r in results.recipes.items():
+        rows.append(row(name, r.quality.shapeeval or {}, r.quality.shapeeval_agreement))
+        if r.ort is not None:
+            rows.append(row(f"{name} ORT", r.ort.vs_baseline.shapeeval or {}, r.ort.vs_baseline.shapeeval_agreement))
     return headers, rows
 
 
-def render_html(out_dir: Path, results: dict) -> str:
+def render_html(out_dir: Path, results: RunResult) -> str:
     """The report page for a run folder: every figure inlined, so the file stands alone."""
     out_dir = Path(out_dir)
     e = html.escape
-    parts = [f"<h1>diffquant report: {e(str(results.get('model', '')))}</h1>"]
-    prompts = results.get("prompts", [])
-    parts.append("<h2>Prompts</h2><ol>" + "".join(f"<li>{e(p)}</li>" for p in prompts) + "</ol>")
-    settings = results.get("settings", {})
-    parts.append(f"<p>seed {e(str(settings.get('seed')))} (image k uses seed + k), "
-                 f"{e(str(settings.get('steps')))} steps, guidance {e(str(settings.get('guidance')))}</p>")
-    if results.get("grid"):
+    denoiser = results.denoiser
+    parts = [f"<h1>diffquant report: {e(results.model)}</h1><p>denoiser: {e(denoiser)}</p>"]
+    parts.append("<h2>Prompts</h2><ol>" + "".join(f"<li>{e(p)}</li>" for p in results.prompts) + "</ol>")
+    settings = results.settings
+    parts.append(f"<p>seed {e(str(settings['seed']))} (image k uses seed + k), "
+                 f"{e(str(settings['steps']))} steps, guidance {e(str(settings['guidance']))}</p>")
+    if results.grid:
         parts.append("<h2>Images</h2><p>Rows: baseline, then each recipe; columns: prompts.</p>"
-                     + _img(out_dir / results["grid"], "comparison grid"))
+                     + _img(out_dir / results.grid, "comparison grid"))
 
-    calibration = results.get("calibration")
+    calibration = results.calibration
     if calibration:
         timesteps = calibration["timesteps"]
         shown = ", ".join(map(str, timesteps[:12])) + (f" ... ({len(timesteps)} in all)" if len(timesteps) > 12 else "")
         trajectory = f" of a {calibration['steps']}-step trajectory" if calibration.get("steps") else ""
-        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['unet_calls']))} UNet calls from "
+        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['calls']))} {e(denoiser)} calls from "
                      f"{e(str(calibration['prompts']))} prompts of {e(str(calibration['source']))} "
-                     f"(both guidance halves), at timesteps {e(shown)}{e(trajectory)}.</p>")
-    recipes = results.get("recipes", {})
-    baseline_se = results.get("baseline", {}).get("shapeeval")
+                     f"(both guidance halves where the pipeline uses them), at timesteps {e(shown)}"
+                     f"{e(trajectory)}.</p>")
+    baseline_se = results.baseline_shapeeval
     rows = []
     if baseline_se:
         rows.append(["baseline", "-", "-", "-", _fmt(baseline_se.get("overall"), 3), "-"])
-    for name, r in recipes.items():
-        mean = r.get("metrics", {}).get("mean", {})
-        se = mean.get("shapeeval") or {}
-        rows.append([e(name), _fmt(mean.get("psnr_db")), _fmt(mean.get("ssim"), 4), _fmt(mean.get("lpips"), 4),
-                     _fmt(se.get("overall"), 3) if se else "n/a", _fmt(r.get("unet_sqnr_db"))])
+    for name, r in results.recipes.items():
+        q: Quality = r.quality
+        rows.append([e(name), _fmt(q.psnr_db), _fmt(q.ssim, 4), _fmt(q.lpips, 4),
+                     _fmt(q.shapeeval.get("overall"), 3) if q.shapeeval else "n/a", _fmt(r.sqnr_db)])
     parts.append("<h2>Quality vs baseline</h2>" + _table(
-        ["recipe", "PSNR (dB)", "SSIM", "LPIPS", "ShapeEval overall", "UNet output SQNR (dB)"], rows))
+        ["recipe", "PSNR (dB)", "SSIM", "LPIPS", "ShapeEval overall", "denoiser output SQNR (dB)"], rows))
     adherence = adherence_table(results)
     if adherence:
         headers, adherence_rows = adherence
@@ -124,39 +122,38 @@ def render_html(out_dir: Path, results: dict) -> str:
                      "the caption, over the captions that name it; <i>agree with fp32</i>: share of images "
                      "whose five detected attributes equal those of the baseline image of the same seed.</p>"
                      + _table(headers, [[e(c) for c in r] for r in adherence_rows]))
-    notes = sorted({n for r in recipes.values() for n in r.get("metrics", {}).get("notes", [])})
+    notes = sorted({n for r in results.recipes.values() for n in r.notes})
     parts.extend(f"<p class=note>{e(n)}</p>" for n in notes)
 
     size_rows = []
-    fp32_bytes = results.get("unet_fp32_bytes") or 1
-    for name, r in recipes.items():
-        onnx = r.get("onnx")
+    fp32_bytes = results.denoiser_fp32_bytes or 1
+    for name, r in results.recipes.items():
+        onnx = r.onnx
         if onnx:
-            ort = r.get("ort", {})
             size_rows.append([e(name), _fmt(onnx["size_bytes"] / 1e6), _fmt(onnx["size_bytes"] / fp32_bytes),
                               _fmt(onnx["max_abs_error"], 5), _fmt(onnx["relative_error"], 5),
-                              _fmt(ort.get("vs_torch", {}).get("mean", {}).get("psnr_db")),
+                              _fmt(r.ort.vs_torch.psnr_db if r.ort else None),
                               e(json.dumps(onnx.get("weight_dtypes", {})))])
     if size_rows:
         parts.append("<h2>ONNX exports (checked in ONNX Runtime)</h2>" + _table(
             ["recipe", "size (MB)", "x fp32 params", "ORT vs torch max-abs", "ORT vs torch relative L2",
              "ORT images vs torch fake-quant PSNR (dB)", "initializer dtypes"], size_rows))
-        parts.append(f"<p>fp32 UNet parameters: {_fmt(results.get('unet_fp32_bytes', 0) / 1e6)} MB</p>")
+        parts.append(f"<p>fp32 {e(denoiser)} parameters: {_fmt(results.denoiser_fp32_bytes / 1e6)} MB</p>")
 
-    timing_rows = [[e(step), _fmt(seconds)] for step, seconds in results.get("timings", {}).items()]
+    timing_rows = [[e(step), _fmt(seconds)] for step, seconds in results.timings.items()]
     parts.append("<h2>Timings (s)</h2>" + _table(["step", "seconds"], timing_rows))
     parts.append("<p class=note>Quantized generation runs Quark's fake quantization (quantize then dequantize "
                  "in float): its times are <b>simulated</b> and show no speedup; real low-precision speed "
                  "needs an int8/fp8 runtime path.</p>")
     parts.append("<h2>Layers</h2>")
-    for name, r in recipes.items():
-        layers = r.get("layers", {})
-        parts.append(f"<details><summary>{e(name)}: {layers.get('n_quantized', 0)} quantized, "
-                     f"{layers.get('n_float', 0)} float</summary><p>float: {e(', '.join(layers.get('float', [])) or 'none')}"
+    for name, r in results.recipes.items():
+        layers = r.layers
+        parts.append(f"<details><summary>{e(name)}: {layers['n_quantized']} quantized, "
+                     f"{layers['n_float']} float</summary><p>float: {e(', '.join(layers['float']) or 'none')}"
                      f"</p></details>")
     parts.append("<h2>Versions</h2>" + _table(["package", "version"],
-                                                [[e(k), e(v)] for k, v in results.get("versions", {}).items()]))
-    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(results.get("config", {}), indent=2)) + "</pre>")
+                                                [[e(k), e(v)] for k, v in results.versions.items()]))
+    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(results.config, indent=2)) + "</pre>")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>diffquant report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
 
@@ -179,6 +176,6 @@ def write_table_report(out_dir: Path, title: str, headers: list[str], rows: list
     return write_text(Path(out_dir) / "report.html", page)
 
 
-def write_report(out_dir: Path, results: dict) -> Path:
+def write_report(out_dir: Path, results: RunResult) -> Path:
     """Write report.html atomically into `out_dir`."""
     return write_text(Path(out_dir) / "report.html", render_html(out_dir, results))

@@ -1,0 +1,123 @@
+"""The run configuration: frozen, versioned, written to config.json and replayable from it.
+
+    config = RunConfig(recipes=("int8-w",))
+    RunConfig.from_dict(json.loads(Path("out/config.json").read_text())) == config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import DiffquantError
+from .generation import as_prompt_list, check_settings
+from .recipes import DEFAULT_RECIPES
+
+CONFIG_VERSION = 2  # 2: frozen, tuples, no_t5; version 1 files (lists) still load
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run (None: the model profile's default)."""
+
+    model: str | None = None
+    prompts: tuple[str, ...] | None = None
+    num_images: int | None = None
+    seed: int = 1024
+    steps: int | None = None
+    guidance: float | None = None
+    recipes: tuple[str, ...] = tuple(DEFAULT_RECIPES)
+    device: str = "auto"
+    dtype: str = "auto"
+    no_t5: bool = False
+    export: bool = True
+    export_pipeline: bool = False
+    out: str | None = None
+    exclude: tuple[str, ...] = ()
+    calib_prompts: str | None = None
+    calib_size: int = 64
+    calib_steps: int | None = None
+    calib_timesteps: int | None = 8
+    calib_column: str | None = None
+    calib_split: str = "train"
+
+    def __post_init__(self) -> None:
+        # Normalise containers to tuples so the config is hashable and cannot be mutated through an alias.
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", tuple(as_prompt_list(self.prompts)))
+        for name in ("recipes", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.model is not None:
+            object.__setattr__(self, "model", str(self.model))
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that cannot run, before any slow work (one DiffquantError naming the fix)."""
+        check_settings(self.steps, self.guidance, self.num_images)
+        if self.prompts is not None and (not self.prompts or not all(p.strip() for p in self.prompts)):
+            raise DiffquantError("empty prompt: pass non-empty --prompt texts, or none for the model's defaults")
+        for name in ("calib_size", "calib_steps", "calib_timesteps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                flag = "--" + name.replace("_", "-")
+                raise DiffquantError(f"{flag} must be a whole number of at least 1, got {value!r}")
+        if str(self.dtype).lower() in ("bf16", "bfloat16") and self.export:
+            # Measured: the int8/fp8 weight codes of a bf16 denoiser do not match Quark's fake-quantized
+            # weights, so the ONNX export fails after all the generation work.
+            raise DiffquantError("--dtype bf16 cannot be exported to ONNX: pass --no-export with bf16, or --dtype "
+                                 "fp32 (CPU) / fp16 (GPU)")
+        if self.export_pipeline and not self.export:
+            raise DiffquantError("--export-pipeline writes the exported denoiser into the pipeline folder: drop "
+                                 "--no-export")
+
+    def replace(self, **changes) -> RunConfig:
+        """A copy with `changes` applied (validated); unknown names are refused in one line."""
+        unknown = [key for key in changes if key not in self.__dataclass_fields__]
+        if unknown:
+            raise DiffquantError(f"unknown run option {unknown[0]!r}: the options are "
+                                 f"{', '.join(self.__dataclass_fields__)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return {"type": "RunConfig", "version": CONFIG_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        """The config a `to_dict` (config.json) describes.
+
+        Raises:
+            DiffquantError: not a RunConfig, a newer version, or an unknown field.
+        """
+        if not isinstance(data, dict) or data.get("type") != "RunConfig":
+            raise DiffquantError("not a diffquant run config (no \"type\": \"RunConfig\"): pass the config.json a "
+                                 "run wrote")
+        version = data.get("version")
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise DiffquantError(f"run config version {version!r} is newer than this diffquant reads "
+                                 f"({CONFIG_VERSION}): upgrade diffquant")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k not in ("type", "version")}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DiffquantError(f"unknown field {unknown[0]!r} in the run config: the fields are {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read a config.json written by a run."""
+        import json
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DiffquantError(f"{path} does not exist: pass the config.json of an earlier run") from None
+        except ValueError as error:
+            raise DiffquantError(f"{path} is not valid JSON ({error})") from None
+        return cls.from_dict(data)

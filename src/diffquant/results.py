@@ -1,0 +1,105 @@
+"""What a run produced: frozen, versioned dataclasses written to results.json and read back by the CLI,
+the report and the tests (`RunResult.load(path)`), instead of dicts probed with `.get` chains."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import DiffquantError
+
+RESULTS_VERSION = 2  # 2: typed results, the denoiser named (was "unet_*" keys)
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Mean image metrics of a set of images against a reference set (same prompts and seeds)."""
+
+    psnr_db: float
+    ssim: float
+    lpips: float | None = None
+    shapeeval: dict | None = None  # per-attribute accuracy vs the captions (shapes models only)
+    shapeeval_agreement: dict | None = None  # share of images whose detections equal the reference's
+
+    @classmethod
+    def from_comparison(cls, comparison: dict) -> Quality:
+        mean = comparison["mean"]
+        return cls(**{f.name: mean.get(f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class OrtImages:
+    """The quantized denoiser's ONNX export run by ONNX Runtime inside the pipeline."""
+
+    images: tuple[str, ...]
+    vs_torch: Quality  # against the torch fake-quant images: what the export changes
+    vs_baseline: Quality
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    recipe: dict
+    images: tuple[str, ...]
+    quality: Quality
+    sqnr_db: float  # denoiser output vs fp32 over recorded inputs of the evaluation trajectories
+    layers: dict  # {"n_quantized", "n_float", "quantized": [...], "float": [...]}
+    notes: tuple[str, ...] = ()
+    onnx: dict | None = None  # OnnxExport.to_dict(), path relative to the run folder
+    ort: OrtImages | None = None
+    pipeline: dict | None = None  # the deployable ONNX pipeline folder, when asked
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out_dir: str
+    status: str  # running | complete | interrupted | failed
+    model: str
+    denoiser: str  # the diffusers class of the denoiser
+    prompts: tuple[str, ...]
+    settings: dict  # seed, steps, guidance
+    config: dict  # RunConfig.to_dict()
+    versions: dict
+    denoiser_fp32_bytes: int
+    baseline_images: tuple[str, ...] = ()
+    baseline_shapeeval: dict | None = None
+    recipes: dict[str, RecipeResult] = field(default_factory=dict)
+    calibration: dict | None = None
+    timings: dict = field(default_factory=dict)
+    grid: str | None = None
+    error: str | None = None
+
+    def with_recipe(self, name: str, result: RecipeResult) -> RunResult:
+        return replace(self, recipes={**self.recipes, name: result})
+
+    def to_dict(self) -> dict:
+        return {"type": "RunResult", "version": RESULTS_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunResult:
+        if not isinstance(data, dict) or data.get("type") != "RunResult":
+            raise DiffquantError("not a diffquant results file (no \"type\": \"RunResult\"): pass the results.json "
+                                 "a run wrote")
+        if data.get("version") != RESULTS_VERSION:
+            raise DiffquantError(f"results version {data.get('version')!r} is not the {RESULTS_VERSION} this "
+                                 "diffquant reads: rerun with this version")
+        values = {k: v for k, v in data.items() if k not in ("type", "version")}
+        recipes = {}
+        for name, r in values.pop("recipes").items():
+            ort = r.pop("ort")
+            if ort is not None:
+                ort = OrtImages(tuple(ort["images"]), Quality(**ort["vs_torch"]), Quality(**ort["vs_baseline"]))
+            recipes[name] = RecipeResult(**{**r, "images": tuple(r["images"]), "quality": Quality(**r["quality"]),
+                                            "notes": tuple(r["notes"]), "ort": ort})
+        return cls(**{**values, "prompts": tuple(values["prompts"]), "baseline_images": tuple(values["baseline_images"]),
+                      "recipes": recipes})
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunResult:
+        """Read a results.json (or the run folder holding it)."""
+        path = Path(path)
+        path = path / "results.json" if path.is_dir() else path
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise DiffquantError(f"{path} does not exist: pass a run folder or its results.json") from None
