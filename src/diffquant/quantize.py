@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from .backends.quark.config import to_quark_config
 from .errors import DiffquantError
-from .recipes import Recipe, get_recipe, to_quark_config
+from .recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
 QUANTIZABLE = (torch.nn.Linear, torch.nn.Conv2d)
