@@ -1,5 +1,6 @@
-"""Quantization: recipes become the Quark modules they claim; exclusions hold from both sides;
-the original pipeline is untouched; a saved quantized UNet reloads to the same outputs."""
+"""Quantization of a UNet: recipes become the Quark modules they claim; exclusions hold from both sides;
+the original pipeline is untouched; a saved quantized UNet reloads to the same outputs (transformers:
+test_backends.py)."""
 
 import pytest
 import torch
@@ -76,16 +77,35 @@ def test_saved_quantized_unet_reloads_to_identical_outputs(tiny_sd, tiny_sd_dir,
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-int8", "w8a8-fp8"])
-def test_saved_w8a8_unet_reloads_its_activation_scales(tiny_w8a8, tiny_sd_dir, tmp_path, recipe):
-    """The reload rebuilds the Quark modules on a placeholder input; the saved state must replace
-    every calibrated activation scale, or the outputs would differ."""
+def test_saved_w8a8_unet_reloads_its_activation_scales(tiny_w8a8, tiny_sd_dir, tmp_path, recipe, monkeypatch):
+    """The reload rebuilds Quark's modules and loads the saved state into them: Quark never quantizes
+    (calibrates) again, and the calibrated activation scales are the ones used."""
     from diffquant import load_quantized, save_quantized
+    from diffquant.backends.quark import internals
 
     quantized = tiny_w8a8(recipe)
     save_quantized(quantized, tmp_path / "q", model=str(tiny_sd_dir))
+    monkeypatch.setattr(internals.import_quark().ModelQuantizer, "quantize_model", None)  # calling it would fail
     reloaded = load_quantized(tmp_path / "q", device="cpu")
     assert layer_report(reloaded.unet).quantized == layer_report(quantized.unet).quantized
     assert torch.equal(_output(quantized.unet), _output(reloaded.unet))
+    saved, loaded = internals.activation_scales(quantized.unet), internals.activation_scales(reloaded.unet)
+    assert saved and saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_a_version_1_quantized_unet_still_loads(tiny_int8_w, tiny_sd_dir, tmp_path):
+    """Folders written before transformers were supported: type QuantizedUNet, no list of float layers."""
+    import json
+
+    from diffquant import load_quantized, save_quantized
+
+    save_quantized(tiny_int8_w, tmp_path / "q", model=str(tiny_sd_dir))
+    meta_file = tmp_path / "q" / "diffquant_quantized.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({"type": "QuantizedUNet", "version": 1, "model": meta["model"],
+                                     "recipe": meta["recipe"]}))
+    reloaded = load_quantized(tmp_path / "q", device="cpu")
+    assert torch.equal(_output(tiny_int8_w.unet), _output(reloaded.unet))
 
 
 def test_corrupt_quantized_artifact_is_one_clear_error(tiny_int8_w, tiny_sd_dir, tmp_path):
