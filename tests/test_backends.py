@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from diffquant import layer_report, load_quantized, quantize_unet, save_quantized
+from diffquant import layer_report, load_quantized, quantize, save_quantized
 from diffquant.backends import get_backend
 from diffquant.backends.quark import internals
 from diffquant.denoisers import denoiser_of
@@ -67,7 +67,7 @@ def test_every_recipe_quantizes_every_linear_of_the_transformer(tiny, name):
     float_module = denoiser_of(pipe).module
     layers = _layers(float_module)
     assert not any(internals.is_quant_layer(m) for m in float_module.modules())
-    quantized = quantize_unet(pipe, recipe, calibration=calibration)
+    quantized = quantize(pipe, recipe, calibration=calibration)
     module = denoiser_of(quantized).module
     modules = dict(module.named_modules())
     for layer_name in layers:  # read from the modules themselves, not from the config
@@ -96,7 +96,7 @@ def test_every_recipe_quantizes_every_linear_of_the_transformer(tiny, name):
 def test_the_float_pipeline_is_left_untouched(tiny):
     pipe, calibration = tiny
     before = _outputs(pipe.transformer, calibration)
-    quantized = quantize_unet(pipe, "int8-w")
+    quantized = quantize(pipe, "int8-w")
     assert quantized.transformer is not pipe.transformer and quantized.vae is pipe.vae
     assert type(quantized) is type(pipe)
     assert not layer_report(pipe.transformer).quantized
@@ -122,7 +122,7 @@ def test_exclusions_hold_from_both_sides(tiny):
     names = _layers(pipe.transformer)
     excluded = _expected_float(family, names)
     assert 0 < len(excluded) < len(names)
-    quantized = quantize_unet(pipe, "int8-w", exclude=EXCLUDE[family])
+    quantized = quantize(pipe, "int8-w", exclude=EXCLUDE[family])
     modules = dict(quantized.transformer.named_modules())
     for name in names:
         layer = modules[name]
@@ -138,14 +138,14 @@ def test_the_familys_default_exclusions_apply(tiny, monkeypatch):
     pipe, _ = tiny
     family = type(denoiser_of(pipe))
     monkeypatch.setattr(family, "default_exclusions", ("proj_out", "*no_such_module*"))  # defaults never fail
-    report = layer_report(quantize_unet(pipe, "int8-w").transformer)
+    report = layer_report(quantize(pipe, "int8-w").transformer)
     assert report.float_layers == ["proj_out"]
 
 
 def test_an_exclusion_matching_nothing_names_the_modules(tiny):
     pipe, _ = tiny
     with pytest.raises(DiffquantError, match=r"matches no module of the .*Transformer2DModel.*transformer_blocks"):
-        quantize_unet(pipe, "int8-w", exclude=["transformer_block.*"])
+        quantize(pipe, "int8-w", exclude=["transformer_block.*"])
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def no_calibration(monkeypatch):
 @pytest.mark.parametrize("recipe", ["int8-w-pc", "w8a8-int8-ort", "w8a8-fp8"])
 def test_a_saved_transformer_reloads_to_identical_outputs_without_calibration(tiny, recipe, tmp_path, request):
     pipe, calibration = tiny
-    quantized = quantize_unet(pipe, recipe, calibration=calibration, exclude=["proj_out"])
+    quantized = quantize(pipe, recipe, calibration=calibration, exclude=["proj_out"])
     save_quantized(quantized, tmp_path / "q", model="some/model")
     meta = json.loads((tmp_path / "q" / "diffquant_quantized.json").read_text())
     assert meta["type"] == "QuantizedDenoiser" and meta["denoiser"] == type(pipe.transformer).__name__
@@ -185,7 +185,7 @@ def test_a_saved_transformer_reloads_to_identical_outputs_without_calibration(ti
 
 def test_reloading_into_another_denoiser_is_one_clear_error(tiny, tiny_sd, tmp_path):
     pipe, _ = tiny
-    save_quantized(quantize_unet(pipe, "int8-w"), tmp_path / "q")
+    save_quantized(quantize(pipe, "int8-w"), tmp_path / "q")
     with pytest.raises(DiffquantError, match="holds a quantized .*Transformer2DModel, but the pipeline's denoiser is a "
                                              "UNet2DConditionModel"):
         load_quantized(tmp_path / "q", pipe=tiny_sd)

@@ -5,7 +5,7 @@ test_backends.py)."""
 import pytest
 import torch
 
-from diffquant import layer_report, quantize_unet
+from diffquant import layer_report, quantize
 from diffquant.errors import DiffquantError
 from diffquant.export import example_inputs
 from diffquant.metrics import sqnr_db
@@ -25,7 +25,7 @@ def _output(unet):
 def test_recipe_quantizes_every_linear_and_conv_as_claimed(tiny_sd, name, dtype, scheme):
     n_layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in tiny_sd.unet.modules())
     n_params = sum(p.numel() for p in tiny_sd.unet.parameters())
-    quantized = quantize_unet(tiny_sd, name)
+    quantized = quantize(tiny_sd, name)
     report = layer_report(quantized.unet)
     assert len(report.quantized) == n_layers and not report.float_layers
     assert set(report.quantized.values()) == {f"{dtype} {scheme}"}
@@ -38,7 +38,7 @@ def test_recipe_quantizes_every_linear_and_conv_as_claimed(tiny_sd, name, dtype,
 
 def test_original_pipeline_is_left_untouched(tiny_sd):
     before = _output(tiny_sd.unet)
-    quantized = quantize_unet(tiny_sd, "int8-w")
+    quantized = quantize(tiny_sd, "int8-w")
     assert quantized.unet is not tiny_sd.unet and quantized.vae is tiny_sd.vae
     assert not layer_report(tiny_sd.unet).quantized
     assert torch.equal(before, _output(tiny_sd.unet))
@@ -46,7 +46,7 @@ def test_original_pipeline_is_left_untouched(tiny_sd):
 
 
 def test_exclusions_hold_from_both_sides(tiny_sd):
-    quantized = quantize_unet(tiny_sd, "int8-w", exclude=["conv_in", "time_embedding", "*attn2.to_k"])
+    quantized = quantize(tiny_sd, "int8-w", exclude=["conv_in", "time_embedding", "*attn2.to_k"])
     report = layer_report(quantized.unet)
     assert "conv_in" in report.float_layers
     assert {"time_embedding.linear_1", "time_embedding.linear_2"} <= set(report.float_layers)
@@ -57,19 +57,19 @@ def test_exclusions_hold_from_both_sides(tiny_sd):
 
 def test_exclusion_matching_nothing_is_reported(tiny_sd):
     with pytest.raises(DiffquantError, match="matches no module"):
-        quantize_unet(tiny_sd, "int8-w", exclude=["conv_inn"])
+        quantize(tiny_sd, "int8-w", exclude=["conv_inn"])
 
 
 def test_activation_recipe_refuses_empty_calibration(tiny_sd):
     w8a8 = Recipe("w8a8-test", TensorQuant("int8", PerChannel()), TensorQuant("int8"))
     with pytest.raises(DiffquantError, match="empty list"):
-        quantize_unet(tiny_sd, w8a8, calibration=[])
+        quantize(tiny_sd, w8a8, calibration=[])
 
 
 def test_saved_quantized_unet_reloads_to_identical_outputs(tiny_sd, tiny_sd_dir, tmp_path):
     from diffquant import load_quantized, save_quantized
 
-    quantized = quantize_unet(tiny_sd, "fp8-w-pc", exclude=["conv_out"])
+    quantized = quantize(tiny_sd, "fp8-w-pc", exclude=["conv_out"])
     save_quantized(quantized, tmp_path / "q", model=str(tiny_sd_dir))
     reloaded = load_quantized(tmp_path / "q", device="cpu")
     assert torch.equal(_output(quantized.unet), _output(reloaded.unet))

@@ -180,7 +180,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     from .export import example_inputs, export_fp32_onnx, export_onnx
     from .generation import default_prompts, generate
     from .pipeline import load_pipeline
-    from .quantize import quantize_module
+    from .quantization import quantize_module
     from .recipes import get_recipe
     from .runtime import OrtUNet, ort_pipeline, profile_operators
 

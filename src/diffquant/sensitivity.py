@@ -19,7 +19,7 @@ from .denoisers import denoiser_of
 from .errors import DiffquantError
 from .metrics import sqnr_db
 from .progress import progress
-from .quantize import layer_report, quantize_unet
+from .quantization import layer_report, quantize
 from .recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: li
     if unit not in ("layer", "block"):
         raise DiffquantError(f"unknown sensitivity unit {unit!r}: use layer or block")
     recipe = get_recipe(recipe)
-    quantized = quantize_unet(pipe, recipe, calibration=calibration if recipe.needs_calibration else None)
+    quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None)
     eval_inputs = list(eval_inputs or [calibration[i] for i in range(min(8, len(calibration)))])
     if not eval_inputs:
         raise DiffquantError("sensitivity needs evaluation inputs: pass calibration data")

@@ -19,7 +19,7 @@ from .export import export_onnx
 from .generation import as_prompt_list, check_settings, default_prompts, default_settings, generate, image_grid
 from .metrics import compare, prompt_adherence, sqnr_db
 from .pipeline import load_pipeline
-from .quantize import layer_report, quantize_unet
+from .quantization import layer_report, quantize
 from .runtime import ort_pipeline
 from .recipes import DEFAULT_RECIPES, parse_recipes
 from .report import versions, write_report, write_results
@@ -204,8 +204,8 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
     for recipe in recipes:
         entry: dict = {"recipe": recipe.to_dict()}
         with _timed(timings, f"quantize {recipe.name}"):
-            quantized = quantize_unet(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
-                                      exclude=config.exclude)
+            quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
+                                 exclude=config.exclude)
         with _timed(timings, f"generate {recipe.name} (simulated fake-quant)"):
             images, entry["images"] = _generate_saved(quantized, prompts, out_dir, recipe.name, recipe.name, gen)
         rows[recipe.name] = images

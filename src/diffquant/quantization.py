@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from .backends import DEFAULT_BACKEND, QUANTIZABLE, LayerReport, get_backend
-from .backends.quark.internals import import_quark  # noqa: F401  (export.py imports it from here)
 from .denoisers import DENOISERS, denoiser_for, denoiser_of
 from .errors import DiffquantError
 from .recipes import Recipe, get_recipe
@@ -59,7 +58,7 @@ def excluded_layers(module: torch.nn.Module, recipe: Recipe) -> list[str]:
 
 def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: list[dict] | None = None,
                     exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND) -> torch.nn.Module:
-    """Quantize a copy of a bare denoiser module (see `quantize_unet`); `module` is left untouched."""
+    """Quantize a copy of a bare denoiser module (see `quantize`); `module` is left untouched."""
     recipe = get_recipe(recipe)
     if exclude:
         recipe = recipe.with_exclude(tuple(exclude))
@@ -95,8 +94,8 @@ def _with_denoiser(pipe, attribute: str, module: torch.nn.Module):
     return made
 
 
-def quantize_unet(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
-                  exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND):
+def quantize(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
+             exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND):
     """Quantize a copy of the pipeline's denoiser (`pipe.unet` or `pipe.transformer`) and return a new
     pipeline that uses it.
 
@@ -149,7 +148,7 @@ def save_quantized(quantized_pipe, out_dir: str | Path, model: str | None = None
     module = family.module
     recipe = getattr(module, "diffquant_recipe", None)
     if recipe is None:
-        raise DiffquantError(f"this pipeline's {family.name} was not quantized by diffquant.quantize_unet: nothing to save")
+        raise DiffquantError(f"this pipeline's {family.name} was not quantized by diffquant.quantize: nothing to save")
     backend = get_backend(module.diffquant_backend)
     with atomic_dir(Path(out_dir)) as tmp:
         save_file(backend.state_dict(module), str(tmp / state_file(family.pipeline_attribute)))
