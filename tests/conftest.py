@@ -192,13 +192,13 @@ def tiny_calibration(tiny_sd):
 def tiny_w8a8(tiny_sd, tiny_calibration):
     """A function: W8A8 recipe name -> the tiny SD pipeline quantized by it on `tiny_calibration`
     (each recipe quantized once per session)."""
-    from diffquant import quantize_unet
+    from diffquant import quantize
 
     cache = {}
 
     def quantized(recipe: str):
         if recipe not in cache:
-            cache[recipe] = quantize_unet(tiny_sd, recipe, calibration=tiny_calibration)
+            cache[recipe] = quantize(tiny_sd, recipe, calibration=tiny_calibration)
         return cache[recipe]
 
     return quantized
@@ -207,9 +207,9 @@ def tiny_w8a8(tiny_sd, tiny_calibration):
 @pytest.fixture(scope="session")
 def tiny_int8_w(tiny_sd):
     """The tiny SD pipeline with its UNet quantized by `int8-w`."""
-    from diffquant import quantize_unet
+    from diffquant import quantize
 
-    return quantize_unet(tiny_sd, "int8-w")
+    return quantize(tiny_sd, "int8-w")
 
 
 @pytest.fixture(scope="session")
@@ -223,9 +223,9 @@ def tiny_int8_w_export(tiny_int8_w, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl_int8_w_export(tiny_sdxl, tmp_path_factory):
     """(the tiny SDXL pipeline quantized by `int8-w`, its UNet's ONNX ExportResult)."""
-    from diffquant import export_onnx, quantize_unet
+    from diffquant import export_onnx, quantize
 
-    quantized = quantize_unet(tiny_sdxl, "int8-w")
+    quantized = quantize(tiny_sdxl, "int8-w")
     return quantized, export_onnx(quantized, tmp_path_factory.mktemp("tiny-sdxl-int8-w") / "int8-w")
 
 

@@ -430,7 +430,7 @@ def test_calibrate_is_public_and_feeds_w8a8(tiny_sd):
     prompts = ["a red circle on a blue background", "a green square on a white background"]
     calibration = dq.calibrate(tiny_sd, prompts, steps=2, timesteps=2)
     assert len(calibration) == 2 and calibration.description["prompts"] == 2  # 2 batched calls, 2 timesteps
-    quantized = dq.quantize_unet(tiny_sd, "w8a8-int8", calibration=calibration)
+    quantized = dq.quantize(tiny_sd, "w8a8-int8", calibration=calibration)
     assert all(", act int8" in d for d in dq.layer_report(quantized.unet).quantized.values())
     with pytest.raises(DiffquantError, match="pass prompts as a list"):
         dq.calibrate(tiny_sd, "a red circle on a blue background")

@@ -4,7 +4,7 @@ import onnx
 import pytest
 import torch
 
-from diffquant import layer_report, quantize_unet
+from diffquant import layer_report, quantize
 from diffquant.calibration import (CalibrationConfig, CalibrationSet, capture_unet_inputs, kept_step_indices,
                                    random_calibration)
 from diffquant.errors import DiffquantError
@@ -69,13 +69,13 @@ def test_w8a8_quantizes_weights_and_activations(tiny_sd, tiny_calibration, tiny_
 
 def test_w8a8_without_calibration_is_refused(tiny_sd):
     with pytest.raises(DiffquantError, match="needs calibration"):
-        quantize_unet(tiny_sd, "w8a8-int8")
+        quantize(tiny_sd, "w8a8-int8")
 
 
 def test_real_calibration_beats_random_inputs(tiny_sd, tiny_calibration, tiny_w8a8):
     random = random_calibration(tiny_sd.unet, n=len(tiny_calibration), sequence_length=16)
     real_q = tiny_w8a8("w8a8-int8")
-    random_q = quantize_unet(tiny_sd, "w8a8-int8", calibration=random)
+    random_q = quantize(tiny_sd, "w8a8-int8", calibration=random)
 
     def sqnr(unet):
         with torch.no_grad():
@@ -92,7 +92,7 @@ def test_w8a8_export_has_activation_qdq_and_matches_ort(shapes_pipe, shapes_cali
     from diffquant import export_onnx
     from diffquant.export import MAX_RELATIVE_ERROR
 
-    result = export_onnx(quantize_unet(shapes_pipe, "w8a8-int8", calibration=shapes_calibration),
+    result = export_onnx(quantize(shapes_pipe, "w8a8-int8", calibration=shapes_calibration),
                          tmp_path / "w8a8")
     model = onnx.load(str(result.path))
     initializers = {t.name for t in model.graph.initializer}

@@ -132,8 +132,8 @@ def test_interrupted_run_keeps_finished_artifacts_valid(tmp_path, tiny_sd_dir, m
             raise KeyboardInterrupt
         return original(pipe, recipe, *args, **kwargs)
 
-    original = workflow.quantize_unet
-    monkeypatch.setattr(workflow, "quantize_unet", quantize_then_interrupt)
+    original = workflow.quantize
+    monkeypatch.setattr(workflow, "quantize", quantize_then_interrupt)
     out = tmp_path / "out"
     status = main(["--quiet", "run", "--model", str(tiny_sd_dir), "--steps", "2", "--num-images", "2",
                    "--recipes", "int8-w,fp8-w", "--no-export", "--out", str(out)])

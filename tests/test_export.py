@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from diffquant import export_onnx, quantize_unet
+from diffquant import export_onnx, quantize
 from diffquant.export import MAX_RELATIVE_ERROR, example_inputs, run_onnx
 
 
@@ -47,7 +47,7 @@ def test_a_wrong_export_fails_loudly(tiny_int8_w, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_fp8_w_pc_export(tiny_sd, tmp_path_factory):
-    quantized = quantize_unet(tiny_sd, "fp8-w-pc")
+    quantized = quantize(tiny_sd, "fp8-w-pc")
     return quantized, export_onnx(quantized, tmp_path_factory.mktemp("fp8-w-pc") / "fp8-w-pc")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffquant import compare, export_onnx, export_pipeline, generate, quantize_unet
+from diffquant import compare, export_onnx, export_pipeline, generate, quantize
 from diffquant.errors import DiffquantError
 from diffquant.export import MAX_RELATIVE_ERROR, example_inputs
 
@@ -48,7 +48,7 @@ print(json.dumps({"pipeline": type(pipe).__name__, "unet": type(pipe.unet).__nam
 def deployed(shapes_pipe, tmp_path_factory):
     """shapes-sd quantized with int8-w, its UNet exported by diffquant, and the pipeline folder built on it."""
     root = tmp_path_factory.mktemp("deploy")
-    quantized = quantize_unet(shapes_pipe, "int8-w")
+    quantized = quantize(shapes_pipe, "int8-w")
     unet = export_onnx(quantized, root / "unet-export")
     text_config = dict(vars(shapes_pipe.text_encoder.config))
     folder = export_pipeline(quantized, root / "pipeline", unet_onnx=unet.path)
@@ -159,7 +159,7 @@ def test_sdxl_folder_runs_in_optimums_xl_pipeline_with_the_added_conditioning(ti
 
     from diffquant import load_pipeline
 
-    quantized = quantize_unet(load_pipeline(str(tiny_sdxl_dir), device="cpu"), "int8-w")
+    quantized = quantize(load_pipeline(str(tiny_sdxl_dir), device="cpu"), "int8-w")
     result = export_pipeline(quantized, tmp_path / "sdxl")  # the UNet is exported (and checked) here
     assert result.unet["relative_error"] <= result.unet["relative_error_bound"]
     unet_inputs, _ = _signature(_session(tmp_path / "sdxl" / "unet" / "model.onnx"))

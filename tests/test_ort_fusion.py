@@ -78,9 +78,9 @@ def test_linear_rewrite_is_exact_and_unlocks_integer_matmuls(tmp_path, identical
 
 @pytest.fixture(scope="module")
 def ort_recipe_export(shapes_pipe, shapes_calibration, tmp_path_factory):
-    from diffquant import export_onnx, quantize_unet
+    from diffquant import export_onnx, quantize
 
-    quantized = quantize_unet(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration)
+    quantized = quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration)
     return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ort") / "w8a8-int8-ort")
 
 
@@ -121,9 +121,9 @@ def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, 
 def test_fp8_w8a8_export_is_left_to_onnx_runtime_as_it_is(shapes_pipe, shapes_calibration, tmp_path):
     """The rewrites touch int8 chains only: split fp8 chains would make ORT fuse them into an
     integer MatMul that rejects fp8 (an invalid graph)."""
-    from diffquant import export_onnx, quantize_unet
+    from diffquant import export_onnx, quantize
 
-    result = export_onnx(quantize_unet(shapes_pipe, "w8a8-fp8", calibration=shapes_calibration),
+    result = export_onnx(quantize(shapes_pipe, "w8a8-fp8", calibration=shapes_calibration),
                          tmp_path / "fp8")
     assert result.fusion["folded_transposes"] == result.fusion["split_quantize"] == 0
     assert result.weight_dtypes.get("FLOAT8E4M3FN", 0) > 0

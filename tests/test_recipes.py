@@ -55,22 +55,3 @@ def test_version_1_recipe_files_still_load():
 def test_conv_output_quantization_needs_activation_quantization():
     with pytest.raises(DiffquantError, match="conv_output needs activation"):
         Recipe("x", TensorQuant("int8"), conv_output=TensorQuant("int8"))
-
-
-def test_quark_config_matches_the_recipe():
-    from quark.torch.quantization.config.type import Dtype, QSchemeType
-
-    from diffquant.recipes import to_quark_config
-
-    layer = to_quark_config(get_recipe("int8-w")).global_quant_config
-    assert layer.weight.dtype == Dtype.int8 and layer.weight.qscheme == QSchemeType.per_tensor
-    assert layer.weight.symmetric and layer.input_tensors is None
-    layer = to_quark_config(get_recipe("fp8-w-pc")).global_quant_config
-    assert layer.weight.dtype == Dtype.fp8_e4m3 and layer.weight.qscheme == QSchemeType.per_channel
-    w8a8 = Recipe("x", TensorQuant("int8", PerChannel()), TensorQuant("int8"))
-    assert to_quark_config(w8a8).global_quant_config.input_tensors.dtype == Dtype.int8
-    import torch
-
-    config = to_quark_config(get_recipe("w8a8-int8-ort"))
-    assert config.global_quant_config.output_tensors is None  # Linear outputs stay float
-    assert config.layer_type_quant_config[torch.nn.Conv2d].output_tensors.dtype == Dtype.int8

@@ -6,9 +6,9 @@ The public API follows the notebook flow::
     pipe = dq.load_pipeline()                      # the embedded shapes-sd, a Hub id or a local folder
     prompts = dq.default_prompts(pipe, 4)
     baseline = dq.generate(pipe, prompts, seed=1024)
-    q = dq.quantize_unet(pipe, "int8-w")           # a new pipeline; `pipe` is untouched
+    q = dq.quantize(pipe, "int8-w")                # a new pipeline; `pipe` is untouched
     images = dq.generate(q, prompts, seed=1024)
-    w8a8 = dq.quantize_unet(pipe, "w8a8-int8", calibration=dq.calibrate(pipe, prompts))  # activations too
+    w8a8 = dq.quantize(pipe, "w8a8-int8", calibration=dq.calibrate(pipe, prompts))  # activations too
     print(dq.compare(baseline, images, prompts).summary())
     dq.export_onnx(q, "out/int8-w")
 
@@ -20,8 +20,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "load_pipeline": "pipeline", "calibrate": "calibration", "quantize_unet": "quantize", "save_quantized": "quantize",
-    "load_quantized": "quantize", "layer_report": "quantize", "generate": "generation",
+    "load_pipeline": "pipeline", "calibrate": "calibration", "quantize": "quantization", "save_quantized": "quantization",
+    "load_quantized": "quantization", "layer_report": "quantization", "generate": "generation",
     "default_prompts": "generation", "image_grid": "generation", "compare": "metrics", "export_onnx": "export",
     "export_pipeline": "onnx_pipeline",
     "view": "viewer", "run": "workflow", "RunConfig": "workflow", "Recipe": "recipes", "RECIPES": "recipes",

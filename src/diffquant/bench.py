@@ -5,7 +5,6 @@ the torch fp32 row, measured in the same process and run."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import statistics
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_path, write_json
+from .backends.quark.internals import quark_compile
 from .errors import DiffquantError
 
 logger = logging.getLogger(__name__)
@@ -121,19 +121,6 @@ class _PeakRss:
         self._thread.join()
 
 
-@contextlib.contextmanager
-def quark_compile(enabled: bool):
-    """Turn Quark's torch.compile of fake quantization on or off for the duration."""
-    from quark.torch.quantization import tensor_quantize
-
-    before = tensor_quantize.QUARK_DISABLE_COMPILE
-    tensor_quantize.QUARK_DISABLE_COMPILE = not enabled
-    try:
-        yield
-    finally:
-        tensor_quantize.QUARK_DISABLE_COMPILE = before
-
-
 def _time_calls(call, warmup: int, iterations: int) -> tuple[float, list[float]]:
     started = time.perf_counter()
     call()
@@ -188,7 +175,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     from .export import example_inputs, export_fp32_onnx, export_onnx
     from .generation import default_prompts, generate
     from .pipeline import load_pipeline
-    from .quantize import quantize_module
+    from .quantization import quantize_module
     from .recipes import get_recipe
     from .runtime import OrtUNet, ort_pipeline, profile_operators
 

@@ -154,7 +154,7 @@ def capture_unet_inputs(pipe, prompts: list[str], config: CalibrationConfig = Ca
 
     Returns:
         A `CalibrationSet` of kwargs dicts (`sample`, `timestep`, `encoder_hidden_states`, and SDXL's
-        `added_cond_kwargs`) that `quantize_unet(..., calibration=...)` hands to Quark.
+        `added_cond_kwargs`) that `quantize(..., calibration=...)` hands to Quark.
     """
     if not prompts:
         raise DiffquantError("no calibration prompts: pass --calib-prompts or use the model's default prompts")
@@ -190,7 +190,7 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
     generates from calibration prompts::
 
         calibration = dq.calibrate(pipe, prompts)
-        q = dq.quantize_unet(pipe, "w8a8-int8", calibration=calibration)
+        q = dq.quantize(pipe, "w8a8-int8", calibration=calibration)
 
     Args:
         pipe: a pipeline from `load_pipeline`.

@@ -263,7 +263,7 @@ def _generate(args, out: Path) -> int:
     from .artifacts import save_image, write_json
     from .generation import default_prompts, default_settings, generate
     from .pipeline import load_pipeline
-    from .quantize import load_quantized
+    from .quantization import load_quantized
 
     pipe = load_quantized(args.quantized, args.device, args.dtype) if args.quantized else \
         load_pipeline(args.model, args.device, args.dtype)
@@ -344,7 +344,7 @@ def _cmd_quantize(args) -> int:
     from .artifacts import output_folder
     from .generation import default_settings
     from .pipeline import load_pipeline
-    from .quantize import layer_report, quantize_unet, save_quantized
+    from .quantization import layer_report, quantize, save_quantized
     from .recipes import get_recipe
     from .config import RunConfig
     from .workflow import calibrate_for_run
@@ -357,7 +357,7 @@ def _cmd_quantize(args) -> int:
         if recipe.needs_calibration:
             settings = default_settings(pipe)
             calibration, _ = calibrate_for_run(pipe, config, steps=settings.steps, guidance=settings.guidance)
-        quantized = quantize_unet(pipe, recipe, calibration=calibration, exclude=args.exclude)
+        quantized = quantize(pipe, recipe, calibration=calibration, exclude=args.exclude)
         save_quantized(quantized, out, model=args.model)
     report = layer_report(quantized.unet)
     print(f"quantized {len(report.quantized)} layers ({len(report.float_layers)} left in float); saved to {out}")
@@ -367,7 +367,7 @@ def _cmd_quantize(args) -> int:
 def _cmd_export(args) -> int:
     from .artifacts import output_folder
     from .export import export_onnx
-    from .quantize import load_quantized
+    from .quantization import load_quantized
 
     with output_folder(args.out) as out:
         quantized = load_quantized(args.quantized, args.device, "auto")

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .backends.quark import internals
+
 logger = logging.getLogger(__name__)
-_WEIGHT_DQ = "/_weight_quantizer/DequantizeLinear"
 
 
 @dataclass
@@ -32,30 +33,6 @@ class CompressionReport:
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
-
-
-def _module_name(node_name: str) -> str:
-    # "/unet/down_blocks.1/resnets.0/conv1/_weight_quantizer/DequantizeLinear" -> "down_blocks.1.resnets.0.conv1"
-    path = node_name[: -len(_WEIGHT_DQ)]
-    return path.split("/", 2)[2].replace("/", ".")
-
-
-def _codes(module) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(codes, broadcast scale, 'int8'|'fp8') such that codes * scale == Quark's fake-quantized weight."""
-    quantizer = module._weight_quantizer
-    with torch.no_grad():
-        fake = quantizer(module.weight.detach()).float()
-    scale = quantizer.scale.detach().float()
-    if scale.dim() == 1:  # per channel along ch_axis (0: output channels)
-        shape = [1] * fake.dim()
-        shape[quantizer.ch_axis or 0] = -1
-        scale = scale.reshape(shape)
-    kind = "fp8" if "fp8" in str(quantizer.dtype) else "int8"
-    if kind == "int8":
-        codes = torch.round(fake / scale).clamp(-128, 127).to(torch.int8)
-    else:
-        codes = (fake / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return codes, scale, kind
 
 
 def _initializer(name: str, codes: torch.Tensor):
@@ -81,7 +58,7 @@ def drop_unused_initializers(graph) -> None:
 
 
 def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
-    """Rewrite `model` (an onnx.ModelProto from Quark's export of `unet`) in place.
+    """Rewrite `model` (an onnx.ModelProto from Quark's export of `unet`, a UNet or transformer) in place.
 
     Raises:
         AssertionError: a dequantized weight would not equal Quark's fake-quantized weight exactly.
@@ -96,19 +73,18 @@ def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
     dropped_nodes, counts = [], {"int8": 0, "fp8": 0}
     exact = 0
     for node in list(graph.node):
-        if node.op_type != "DequantizeLinear" or not node.name.endswith(_WEIGHT_DQ):
+        layer = internals.weight_dequantize_layer(node) if node.op_type == "DequantizeLinear" else None
+        if layer is None:
             continue
-        module = modules[_module_name(node.name)]
-        codes, scale, kind = _codes(module)
+        module = modules[layer]
+        codes, scale, kind = internals.weight_codes(module)
         onnx_scale = onnx.numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
         assert np.array_equal(onnx_scale.reshape(-1), scale.reshape(-1).numpy()), f"{node.name}: scale differs"
-        with torch.no_grad():
-            fake = module._weight_quantizer(module.weight.detach()).float()
-        exact += torch.equal(codes.float() * scale, fake)
+        exact += torch.equal(codes.float() * scale, internals.fake_quantized_weight(module))
         source = node.input[0]
         if source in producers and producers[source].op_type == "QuantizeLinear":
             dropped_nodes.append(producers[source])  # fp8: float weight -> QuantizeLinear, folded here
-        name = f"{_module_name(node.name)}.weight_{kind}"
+        name = f"{layer}.weight_{kind}"
         graph.initializer.append(_initializer(name, codes))
         node.input[0] = name
         # Symmetric codes: Quark shares one scalar zero point even for per-channel scales, which ONNX

@@ -196,7 +196,7 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence
     `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels.
 
     Args:
-        pipe_or_unet: a pipeline from `quantize_unet` (its tokenizer gives the text length) or a UNet.
+        pipe_or_unet: a pipeline from `quantize` (its tokenizer gives the text length) or a UNet.
         out_dir: folder to write to (replaced atomically: an interrupted export leaves nothing behind).
         batch_size: batch of the example inputs; the batch axis is dynamic in the graph.
         sequence_length: text tokens of the example inputs (default: the pipeline tokenizer's, or 77).
@@ -211,7 +211,7 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence
 
     from .compress import compress_weights
     from .ort_fusion import prepare_for_ort_fusion
-    from .quantize import import_quark
+    from .backends.quark import import_quark
 
     unet, default_length = _sequence_length(pipe_or_unet)
     sequence_length = sequence_length or default_length

@@ -146,7 +146,7 @@ def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = No
     diffquant: `ORTDiffusionPipeline.from_pretrained(out_dir)`.
 
     Args:
-        pipe: a pipeline from `quantize_unet` or `load_quantized`.
+        pipe: a pipeline from `quantize` or `load_quantized`.
         out_dir: the folder to write (replaced atomically: an interrupted export leaves nothing behind).
         unet_onnx: the UNet already exported from this pipeline by `export_onnx` (its `unet.onnx`), reused
             instead of exporting and checking it again; None exports it here.
@@ -157,7 +157,7 @@ def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = No
     recipe = getattr(pipe.unet, "diffquant_recipe", None)
     if recipe is None:
         raise DiffquantError("this pipeline's UNet is not quantized by diffquant: quantize it first "
-                             "(quantize_unet / `diffquant quantize`); a float pipeline exports with "
+                             "(quantize / `diffquant quantize`); a float pipeline exports with "
                              "`optimum-cli export onnx --model DIR OUT`")
     if unet_onnx is not None and not Path(unet_onnx).is_file():
         raise DiffquantError(f"no ONNX file at {unet_onnx}: pass the unet.onnx that export_onnx wrote, or None")

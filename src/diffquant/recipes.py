@@ -1,5 +1,5 @@
-"""Quantization recipes: small frozen dataclasses, a name table for the CLI, and the one place where
-a recipe becomes a Quark `QConfig`."""
+"""Quantization recipes: small frozen dataclasses and a name table for the CLI. Backend-free: each
+backend maps a recipe to its own configuration (Quark's in `backends/quark/config.py`)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class TensorQuant:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named quantization scheme for the UNet's Linear and Conv2d layers.
+    """A named quantization scheme for the Linear and Conv2d layers of a denoiser (UNet or transformer).
 
     `activation` None means weight-only (no calibration data needed). `conv_output` also quantizes
     the outputs of Conv2d layers: ONNX Runtime runs a Conv as an integer QLinearConv only when its
@@ -205,41 +205,3 @@ def parse_recipes(names: str | list[str]) -> list[Recipe]:
                                  "its own name (the \"name\" field of a recipe file)")
         seen[recipe.name] = item if isinstance(item, str) else f"Recipe {recipe.name!r}"
     return recipes
-
-
-def to_quark_config(recipe: Recipe, exclude: list[str] | None = None):
-    """The one mapping from a diffquant recipe to a Quark `QConfig`.
-
-    Args:
-        recipe: the recipe.
-        exclude: concrete module names to keep in float (already matched from the recipe's patterns).
-    """
-    from quark.torch.quantization.config.config import (
-        FP8E4M3PerChannelSpec, FP8E4M3PerTensorSpec, Int8PerChannelSpec, Int8PerTensorSpec, QConfig, QLayerConfig,
-    )
-
-    def spec(q: TensorQuant, is_weight: bool):
-        if q.dtype == INT8 and isinstance(q.granularity, PerTensor):
-            made = Int8PerTensorSpec(observer_method=q.observer, symmetric=True, scale_type="float",
-                                     round_method="half_even", is_dynamic=False)
-        elif q.dtype == INT8:
-            made = Int8PerChannelSpec(ch_axis=q.granularity.axis, symmetric=True, scale_type="float",
-                                      round_method="half_even", is_dynamic=False)
-        elif isinstance(q.granularity, PerTensor):
-            made = FP8E4M3PerTensorSpec(observer_method=q.observer, scale_type="float", is_dynamic=False)
-        else:
-            made = FP8E4M3PerChannelSpec(ch_axis=q.granularity.axis, scale_type="float", is_dynamic=False)
-        if not is_weight and isinstance(q.granularity, PerChannel):
-            raise DiffquantError(f"recipe {recipe.name}: activations support PerTensor() only")
-        return made.to_quantization_spec()
-
-    import torch
-
-    weight = spec(recipe.weight, is_weight=True)
-    inputs = None if recipe.activation is None else spec(recipe.activation, is_weight=False)
-    by_type = {}
-    if recipe.conv_output is not None:
-        by_type[torch.nn.Conv2d] = QLayerConfig(weight=weight, input_tensors=inputs,
-                                                output_tensors=spec(recipe.conv_output, is_weight=False))
-    return QConfig(global_quant_config=QLayerConfig(weight=weight, input_tensors=inputs),
-                   layer_type_quant_config=by_type, exclude=list(exclude or []))

@@ -1,9 +1,9 @@
-"""Sensitivity analysis: quantize one layer (or block) at a time, rank by the UNet output's SQNR,
+"""Sensitivity analysis: quantize one layer (or block) at a time, rank by the denoiser output's SQNR,
 and derive a mixed-precision recipe that keeps the most sensitive layers in float.
 
-The UNet is quantized and calibrated once; each candidate is then measured by turning Quark's fake
-quantization on for that layer only, which costs one evaluation pass per layer instead of one
-quantization per layer.
+The denoiser (UNet or transformer) is quantized and calibrated once; each candidate is then measured
+by turning Quark's fake quantization on for that layer only (its weight, input and output quantizers),
+which costs one evaluation pass per layer instead of one quantization per layer.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .backends.quark import internals
+from .denoisers import denoiser_of
 from .errors import DiffquantError
 from .metrics import sqnr_db
 from .progress import progress
-from .quantize import layer_report, quantize_unet
+from .quantization import layer_report, quantize
 from .recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SensitivityResult:
-    """Layers (or blocks) ranked from most to least sensitive, with the SQNR (dB) of the UNet output
+    """Layers (or blocks) ranked from most to least sensitive, with the SQNR (dB) of the denoiser output
     when only that unit is quantized; `keep_float_curve[k]` is the full model's SQNR with the k most
     sensitive units left in float."""
 
@@ -69,7 +71,7 @@ class SensitivityResult:
         fig, ax = plt.subplots(figsize=(8, 0.3 * len(shown) + 1.2))
         ax.barh([n for n, _ in shown], [s for _, s in shown], color="#c44")
         ax.axvline(self.full_sqnr_db, color="black", linestyle="--", label=f"all quantized: {self.full_sqnr_db:.1f} dB")
-        ax.set_xlabel("UNet output SQNR with only this unit quantized (dB, lower = more sensitive)")
+        ax.set_xlabel("denoiser output SQNR with only this unit quantized (dB, lower = more sensitive)")
         ax.set_title(f"{self.recipe.name}: most sensitive {self.unit}s")
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(loc="lower right", fontsize=8)
@@ -80,28 +82,18 @@ class SensitivityResult:
         return Path(path)
 
 
-def _quantizers(module) -> list:
-    return [q for q in (getattr(module, "_weight_quantizer", None), getattr(module, "_input_quantizer", None))
-            if q is not None]
-
-
-def _set_enabled(modules, enabled: bool) -> None:
-    for module in modules:
-        for quantizer in _quantizers(module):
-            quantizer.enable_fake_quant(enabled)
-
-
 def _unit_of(name: str, unit: str) -> str:
     if unit == "layer":
         return name
     parts = name.split(".")
-    # down_blocks.1.attentions.0.* -> down_blocks.1.attentions.0; conv_in -> conv_in
+    # down_blocks.1.attentions.0.* -> down_blocks.1.attentions.0; transformer_blocks.3.* -> transformer_blocks.3;
+    # conv_in -> conv_in
     return ".".join(parts[:4]) if parts[0] in ("down_blocks", "up_blocks") else ".".join(parts[:2])
 
 
 def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: list[dict] | None = None,
                         unit: str = "layer", max_keep: int = 16) -> SensitivityResult:
-    """Rank the UNet's layers (unit='layer') or blocks (unit='block') by how much quantizing them alone
+    """Rank the denoiser's layers (unit='layer') or blocks (unit='block') by how much quantizing them alone
     hurts the output SQNR on `eval_inputs` (default: up to 8 items of the calibration data).
 
     Returns:
@@ -110,40 +102,41 @@ def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: li
     if unit not in ("layer", "block"):
         raise DiffquantError(f"unknown sensitivity unit {unit!r}: use layer or block")
     recipe = get_recipe(recipe)
-    quantized = quantize_unet(pipe, recipe, calibration=calibration if recipe.needs_calibration else None)
+    quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None)
     eval_inputs = list(eval_inputs or [calibration[i] for i in range(min(8, len(calibration)))])
     if not eval_inputs:
         raise DiffquantError("sensitivity needs evaluation inputs: pass calibration data")
 
-    def outputs(unet) -> torch.Tensor:
+    def outputs(module) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([unet(**item, return_dict=False)[0].flatten().float() for item in eval_inputs])
+            return torch.cat([module(**item, return_dict=False)[0].flatten().float() for item in eval_inputs])
 
-    reference = outputs(pipe.unet)
-    modules = dict(quantized.unet.named_modules())
-    names = list(layer_report(quantized.unet).quantized)
+    denoiser = denoiser_of(quantized).module
+    reference = outputs(denoiser_of(pipe).module)
+    modules = dict(denoiser.named_modules())
+    names = list(layer_report(denoiser).quantized)
     units: dict[str, list[str]] = {}
     for name in names:
         units.setdefault(_unit_of(name, unit), []).append(name)
     all_modules = [modules[n] for n in names]
-    full = sqnr_db(reference, outputs(quantized.unet))
+    full = sqnr_db(reference, outputs(denoiser))
 
     scores = []
-    _set_enabled(all_modules, False)
+    internals.set_fake_quant(all_modules, False)
     try:
         for key in progress(units, desc=f"sensitivity ({unit})", total=len(units)):
             members = [modules[n] for n in units[key]]
-            _set_enabled(members, True)
-            scores.append((key, sqnr_db(reference, outputs(quantized.unet))))
-            _set_enabled(members, False)
+            internals.set_fake_quant(members, True)
+            scores.append((key, sqnr_db(reference, outputs(denoiser))))
+            internals.set_fake_quant(members, False)
         ranking = sorted(scores, key=lambda pair: pair[1])
-        _set_enabled(all_modules, True)
+        internals.set_fake_quant(all_modules, True)
         curve = [full]
         for key, _ in progress(ranking[:max_keep], desc="keep-float curve"):
-            _set_enabled([modules[n] for n in units[key]], False)
-            curve.append(sqnr_db(reference, outputs(quantized.unet)))
+            internals.set_fake_quant([modules[n] for n in units[key]], False)
+            curve.append(sqnr_db(reference, outputs(denoiser)))
     finally:
-        _set_enabled(all_modules, True)
+        internals.set_fake_quant(all_modules, True)
     logger.info("sensitivity of %s: all quantized %.1f dB; most sensitive %s (%.1f dB alone)",
                 recipe.name, full, ranking[0][0], ranking[0][1])
     return SensitivityResult(recipe, unit, full, ranking, units, curve)

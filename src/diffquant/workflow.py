@@ -20,7 +20,7 @@ from .export import export_onnx
 from .generation import default_prompts, default_settings, generate, image_grid
 from .metrics import compare, prompt_adherence, sqnr_db
 from .pipeline import load_pipeline
-from .quantize import layer_report, quantize_unet
+from .quantization import layer_report, quantize
 from .recipes import parse_recipes
 from .report import versions, write_report, write_results
 from .results import OrtImages, Quality, RecipeResult, RunResult
@@ -172,8 +172,8 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
 
     for recipe in recipes:
         with _timed(timings, f"quantize {recipe.name}"):
-            quantized = quantize_unet(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
-                                      exclude=list(config.exclude))
+            quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
+                                 exclude=config.exclude)
         q_module = denoiser_of(quantized).module
         with _timed(timings, f"generate {recipe.name} (simulated fake-quant)"):
             images, image_paths = _generate_saved(quantized, prompts, out_dir, recipe.name, recipe.name, gen)

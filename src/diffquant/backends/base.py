@@ -1,0 +1,81 @@
+"""What a quantization backend must do, and the registry that finds one by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..errors import DiffquantError
+from ..recipes import Recipe
+
+BACKENDS: dict[str, type[QuantBackend]] = {}
+DEFAULT_BACKEND = "quark"
+QUANTIZABLE = (torch.nn.Linear, torch.nn.Conv2d)  # the layer kinds a recipe speaks of
+
+
+def register(cls: type[QuantBackend]) -> type[QuantBackend]:
+    """Class decorator: make `cls` the backend named `cls.name`."""
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str = DEFAULT_BACKEND) -> QuantBackend:
+    """The backend registered as `name`.
+
+    Raises:
+        DiffquantError: no backend has that name.
+    """
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise DiffquantError(f"unknown quantization backend {name!r}: choose from {', '.join(BACKENDS)}") from None
+
+
+@dataclass
+class LayerReport:
+    """Which layers a quantized denoiser really quantized (read from its modules, not from the config)."""
+
+    quantized: dict[str, str] = field(default_factory=dict)  # name -> "int8 per_tensor" etc.
+    float_layers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"quantized": self.quantized, "float": self.float_layers,
+                "n_quantized": len(self.quantized), "n_float": len(self.float_layers)}
+
+
+class QuantBackend(ABC):
+    """One quantization library: it turns a float denoiser module into a quantized one following a recipe,
+    tells which layers it quantized, and rebuilds a saved quantized module without calibration data.
+
+    Modules are changed in place; the caller copies first when the float module must survive."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def quantize(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
+                 calibration: list[dict] | None) -> torch.nn.Module:
+        """Quantize the Linear/Conv2d layers of `module` except the layers named in `excluded`.
+
+        Args:
+            module: a denoiser module (changed in place).
+            recipe: what to quantize and how.
+            excluded: concrete module names kept in float.
+            calibration: forward-kwargs dicts, run through the module when the recipe quantizes activations.
+        """
+
+    @abstractmethod
+    def layer_report(self, module: torch.nn.Module) -> LayerReport:
+        """Each Linear/Conv2d of `module` (quantized or not): quantized, with its scheme, or float."""
+
+    @abstractmethod
+    def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Everything `restore` needs besides the recipe: weights, scales, zero points."""
+
+    @abstractmethod
+    def restore(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
+                state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Turn the float `module` (in place) into the quantized module whose `state_dict` was `state`,
+        without running it: no calibration data, the saved scales are the ones used."""

@@ -1,0 +1,69 @@
+"""AMD Quark as a diffquant backend: `ModelQuantizer` quantizes, Quark's module transformation plus
+`load_state_dict` reloads."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ...errors import DiffquantError
+from ...recipes import Recipe
+from ..base import QUANTIZABLE, LayerReport, QuantBackend, register
+from . import internals
+from .config import to_quark_config
+
+logger = logging.getLogger(__name__)
+
+
+@register
+class QuarkBackend(QuantBackend):
+    """Fake quantization with Quark: Linear/Conv2d become QuantLinear/QuantConv2d whose quantizers hold
+    the scales; the module stays un-frozen so that Quark's ONNX export writes real Q/DQ weights."""
+
+    name = "quark"
+
+    def quantize(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
+                 calibration: list[dict] | None) -> torch.nn.Module:
+        quark_torch = internals.import_quark(module.device)
+        quantizer = quark_torch.ModelQuantizer(to_quark_config(recipe, excluded))
+        started = time.perf_counter()
+        with torch.no_grad():
+            module = quantizer.quantize_model(module, calibration if recipe.needs_calibration else None)
+        logger.info("quantized %s with %s in %.1f s", type(module).__name__, recipe.name, time.perf_counter() - started)
+        return module
+
+    def layer_report(self, module: torch.nn.Module) -> LayerReport:
+        report = LayerReport()
+        for name, layer in module.named_modules():
+            if not isinstance(layer, QUANTIZABLE) and not internals.is_quant_layer(layer):
+                continue
+            weight_q = internals.weight_quantizer(layer)
+            if weight_q is None:
+                report.float_layers.append(name)
+                continue
+            description = internals.describe(weight_q)
+            input_q = internals.input_quantizer(layer)
+            if input_q is not None:
+                description += f", act {internals.describe(input_q)}"
+            report.quantized[name] = description
+        return report
+
+    def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        # The un-frozen state: float master weights plus each quantizer's scale and zero point.
+        return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+    def restore(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
+                state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        internals.import_quark(module.device)
+        qconfig = to_quark_config(recipe, excluded)
+        module = internals.transform(module, qconfig)
+        device = next(module.parameters()).device
+        try:
+            module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+        except RuntimeError as error:  # torch lists every missing/unexpected key; its first line says which model
+            raise DiffquantError(f"the saved quantized state does not fit this {type(module).__name__} "
+                                 f"({str(error).splitlines()[0]} ...): quantize the model again") from None
+        internals.finish_loading(module, qconfig)
+        return module

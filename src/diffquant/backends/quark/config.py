@@ -1,0 +1,47 @@
+"""The one place where a diffquant recipe becomes a Quark `QConfig`."""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import DiffquantError
+from ...recipes import INT8, PerChannel, PerTensor, Recipe, TensorQuant
+
+
+def to_quark_config(recipe: Recipe, exclude: list[str] | None = None):
+    """The one mapping from a diffquant recipe to a Quark `QConfig`.
+
+    Every Linear and Conv2d gets the recipe's weight (and input activation) spec; `conv_output` adds an
+    output spec to Conv2d layers only (Linear outputs stay float).
+
+    Args:
+        recipe: the recipe.
+        exclude: concrete module names to keep in float (already matched from the recipe's patterns).
+    """
+    from quark.torch.quantization.config.config import (
+        FP8E4M3PerChannelSpec, FP8E4M3PerTensorSpec, Int8PerChannelSpec, Int8PerTensorSpec, QConfig, QLayerConfig,
+    )
+
+    def spec(q: TensorQuant, is_weight: bool):
+        if not is_weight and isinstance(q.granularity, PerChannel):
+            raise DiffquantError(f"recipe {recipe.name}: activations support PerTensor() only")
+        if q.dtype == INT8 and isinstance(q.granularity, PerTensor):
+            made = Int8PerTensorSpec(observer_method=q.observer, symmetric=True, scale_type="float",
+                                     round_method="half_even", is_dynamic=False)
+        elif q.dtype == INT8:
+            made = Int8PerChannelSpec(ch_axis=q.granularity.axis, symmetric=True, scale_type="float",
+                                      round_method="half_even", is_dynamic=False)
+        elif isinstance(q.granularity, PerTensor):
+            made = FP8E4M3PerTensorSpec(observer_method=q.observer, scale_type="float", is_dynamic=False)
+        else:
+            made = FP8E4M3PerChannelSpec(ch_axis=q.granularity.axis, scale_type="float", is_dynamic=False)
+        return made.to_quantization_spec()
+
+    weight = spec(recipe.weight, is_weight=True)
+    inputs = None if recipe.activation is None else spec(recipe.activation, is_weight=False)
+    by_type = {}
+    if recipe.conv_output is not None:
+        by_type[torch.nn.Conv2d] = QLayerConfig(weight=weight, input_tensors=inputs,
+                                                output_tensors=spec(recipe.conv_output, is_weight=False))
+    return QConfig(global_quant_config=QLayerConfig(weight=weight, input_tensors=inputs),
+                   layer_type_quant_config=by_type, exclude=list(exclude or []))

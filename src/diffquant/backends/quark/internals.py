@@ -1,0 +1,168 @@
+"""Every read of Quark's internals in diffquant: its quantizer attributes on quantized layers
+(`_weight_quantizer`, `_input_quantizer`, `_output_quantizer`), their scales and flags, its module
+transformation and its torch.compile switch. These are not Quark's public API: when a Quark release
+renames one, this module is the only one to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def import_quark(device: torch.device | str = "cpu"):
+    """Import `quark.torch` only when quantizing: it costs seconds (and a JIT build the first time).
+
+    On CPU, Quark's fake-quant forward would go through a cold `torch.compile(max-autotune)` that
+    costs tens of seconds on its first call and is never faster than fp32 for a short job, so the
+    CPU default sets QUARK_DISABLE_COMPILE=1 (a user's own setting wins). Quark's chatty INFO logs
+    are lowered to errors unless QUARK_LOG_LEVEL is set.
+    """
+    if torch.device(device).type == "cpu":
+        os.environ.setdefault("QUARK_DISABLE_COMPILE", "1")
+    os.environ.setdefault("QUARK_LOG_LEVEL", "error")
+    started = time.perf_counter()
+    import quark.torch
+
+    logger.debug("import quark.torch took %.1f s", time.perf_counter() - started)
+    return quark.torch
+
+
+@contextlib.contextmanager
+def quark_compile(enabled: bool) -> Iterator[None]:
+    """Turn Quark's torch.compile of fake quantization on or off for the duration."""
+    from quark.torch.quantization import tensor_quantize
+
+    before = tensor_quantize.QUARK_DISABLE_COMPILE
+    tensor_quantize.QUARK_DISABLE_COMPILE = not enabled
+    try:
+        yield
+    finally:
+        tensor_quantize.QUARK_DISABLE_COMPILE = before
+
+
+# --- the quantizers of one layer ---------------------------------------------------------------
+
+def weight_quantizer(module: torch.nn.Module):
+    """The layer's weight fake-quantizer, or None (a float layer, or not a layer)."""
+    return getattr(module, "_weight_quantizer", None)
+
+
+def input_quantizer(module: torch.nn.Module):
+    """The layer's input-activation fake-quantizer, or None."""
+    return getattr(module, "_input_quantizer", None)
+
+
+def output_quantizer(module: torch.nn.Module):
+    """The layer's output-activation fake-quantizer, or None."""
+    return getattr(module, "_output_quantizer", None)
+
+
+def is_quant_layer(module: torch.nn.Module) -> bool:
+    """True for a layer Quark swapped in (QuantLinear, QuantConv2d), quantizing or not.
+
+    Quark's QuantConv2d is not an nn.Conv2d subclass; the quantizer attributes identify its layers."""
+    return hasattr(module, "_weight_quantizer")
+
+
+def quantizers(module: torch.nn.Module) -> list:
+    """The layer's weight, input and output quantizers that exist."""
+    return [q for q in (weight_quantizer(module), input_quantizer(module), output_quantizer(module)) if q is not None]
+
+
+def describe(quantizer) -> str:
+    """'int8 per_tensor', 'fp8_e4m3 per_channel', ...: the quantizer's dtype and scheme."""
+    dtype = str(getattr(quantizer, "dtype", "?")).split(".")[-1]
+    scheme = str(getattr(quantizer, "qscheme", "?")).split(".")[-1]
+    return f"{dtype} {scheme}"
+
+
+def has_output_quantizers(module: torch.nn.Module) -> bool:
+    """True when some layer of `module` also quantizes its output (recipes with conv_output)."""
+    return any(output_quantizer(m) is not None for m in module.modules())
+
+
+def activation_scales(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """'<layer>.input' / '<layer>.output' -> the static activation scale of every quantized layer."""
+    scales = {}
+    for name, layer in module.named_modules():
+        for kind, quantizer in (("input", input_quantizer(layer)), ("output", output_quantizer(layer))):
+            if quantizer is not None:
+                scales[f"{name}.{kind}"] = quantizer.scale.detach().clone()
+    return scales
+
+
+def set_fake_quant(layers: Iterable[torch.nn.Module], enabled: bool) -> None:
+    """Turn the fake quantization of `layers` (all their quantizers) on or off."""
+    for layer in layers:
+        for quantizer in quantizers(layer):
+            quantizer.enable_fake_quant(enabled)
+
+
+# --- weights as codes ---------------------------------------------------------------------------
+
+def fake_quantized_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight after Quark's quantize-dequantize (what its forward multiplies by), in float32."""
+    with torch.no_grad():
+        return weight_quantizer(layer)(layer.weight.detach()).float()
+
+
+def weight_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(codes, broadcast scale, 'int8'|'fp8') such that codes * scale == Quark's fake-quantized weight."""
+    quantizer = weight_quantizer(layer)
+    fake = fake_quantized_weight(layer)
+    scale = quantizer.scale.detach().float()
+    if scale.dim() == 1:  # per channel along ch_axis (0: output channels)
+        shape = [1] * fake.dim()
+        shape[quantizer.ch_axis or 0] = -1
+        scale = scale.reshape(shape)
+    kind = "fp8" if "fp8" in str(quantizer.dtype) else "int8"
+    if kind == "int8":
+        codes = torch.round(fake / scale).clamp(-128, 127).to(torch.int8)
+    else:
+        codes = (fake / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return codes, scale, kind
+
+
+_WEIGHT_DQ = "/_weight_quantizer/DequantizeLinear"
+
+
+def weight_dequantize_layer(node) -> str | None:
+    """The layer whose weight an ONNX node of Quark's export dequantizes, None for any other node:
+    "/unet/down_blocks.1/resnets.0/conv1/_weight_quantizer/DequantizeLinear" -> "down_blocks.1.resnets.0.conv1"
+    (the first path part is the export wrapper's attribute holding the denoiser)."""
+    if not node.name.endswith(_WEIGHT_DQ):
+        return None
+    return node.name[: -len(_WEIGHT_DQ)].split("/", 2)[2].replace("/", ".")
+
+
+# --- rebuilding a quantized module ----------------------------------------------------------------
+
+def transform(module: torch.nn.Module, qconfig) -> torch.nn.Module:
+    """Swap the layers that `qconfig` quantizes for Quark's quantized layers, in place, without running
+    anything: the step of `ModelQuantizer.quantize_model` before calibration, and what Quark's own
+    diffusers reload (`QuarkDiffusersQuantizer`) does before loading a state dict."""
+    from quark.torch.quantization.model_transformation import process_model_transformation
+
+    return process_model_transformation(module, qconfig)
+
+
+def finish_loading(module: torch.nn.Module, qconfig) -> None:
+    """Leave a transformed module whose state was just loaded as `quantize_model` leaves a calibrated
+    one: static quantizers stop observing (the loaded scales stay as they are) and fake-quantize,
+    and the module carries its QConfig and Quark's "quantized" flag, as Quark's exporters expect."""
+    from quark.torch.quantization.tensor_quantize import ScaledFakeQuantize
+
+    for quantizer in module.modules():
+        if isinstance(quantizer, ScaledFakeQuantize):
+            quantizer.enable_observer(bool(quantizer.is_dynamic))  # dynamic scales are computed per call
+            quantizer.enable_fake_quant()
+    module.quant_config = qconfig
+    module.quark_quantized = True
