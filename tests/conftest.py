@@ -237,3 +237,25 @@ def shapes_calibration(shapes_pipe):
 
     return capture_unet_inputs(shapes_pipe, sample_captions(4, seed=9),
                                CalibrationConfig(size=4, steps=6, timesteps=3, batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory) -> Path:
+    """A FLUX.1-schnell-style folder: the tiny Flux without a guidance embedding."""
+    path = tmp_path_factory.mktemp("tiny-flux-schnell")
+    build_tiny_flux(guidance_embeds=False).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    from diffquant import load_pipeline
+
+    return load_pipeline(str(tiny_sd3_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_flux_dir):
+    from diffquant import load_pipeline
+
+    return load_pipeline(str(tiny_flux_dir), device="cpu")

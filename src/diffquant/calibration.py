@@ -208,7 +208,7 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
         A `CalibrationSet`; its `description` says where the data came from.
     """
     from .generation import as_prompt_list, check_settings
-    from .pipeline import is_shapes_sd
+    from .profiles import profile_of
     from .prompt_sources import load_prompts
 
     check_settings(steps, guidance)
@@ -233,7 +233,7 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
     if texts is None:
         from .shapes.dataset import sample_captions
 
-        default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if is_shapes_sd(pipe) else None
+        default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if profile_of(pipe).prompt_source == "shapes" else None
         texts = load_prompts(source, size, column=column, split=split, default=default)
     config = CalibrationConfig(size=max(len(texts), 1), steps=steps or default_settings(pipe).steps,
                                timesteps=timesteps, guidance=guidance)

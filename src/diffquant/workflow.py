@@ -79,9 +79,9 @@ def _prompts(pipe, config: RunConfig) -> list[str]:
     if config.prompts:
         n = config.num_images or len(config.prompts)
         return [config.prompts[k % len(config.prompts)] for k in range(n)]
-    from .pipeline import is_shapes_sd
+    from .profiles import profile_of
 
-    return default_prompts(pipe, config.num_images or (6 if is_shapes_sd(pipe) else 3))
+    return default_prompts(pipe, config.num_images or profile_of(pipe).num_images)
 
 
 def _image_path(label: str, k: int) -> Path:
