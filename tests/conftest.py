@@ -182,9 +182,9 @@ CALIBRATION_PROMPTS = ["a red circle on a blue background", "a small green squar
 @pytest.fixture(scope="session")
 def tiny_calibration(tiny_sd):
     """Captured UNet inputs of the tiny SD pipeline: 3 prompts in batches of 2, 3 of 6 steps -> 6 calls."""
-    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+    from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
 
-    return capture_unet_inputs(tiny_sd, CALIBRATION_PROMPTS,
+    return capture_denoiser_inputs(tiny_sd, CALIBRATION_PROMPTS,
                                CalibrationConfig(size=3, steps=6, timesteps=3, batch_size=2))
 
 
@@ -232,10 +232,10 @@ def tiny_sdxl_int8_w_export(tiny_sdxl, tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_calibration(shapes_pipe):
     """shapes-sd's captured UNet inputs for the W8A8 tests: 4 captions, 3 of 6 steps."""
-    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+    from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
     from diffquant.shapes.dataset import sample_captions
 
-    return capture_unet_inputs(shapes_pipe, sample_captions(4, seed=9),
+    return capture_denoiser_inputs(shapes_pipe, sample_captions(4, seed=9),
                                CalibrationConfig(size=4, steps=6, timesteps=3, batch_size=4))
 
 

@@ -244,7 +244,7 @@ def test_w8a8_run_needs_calibration_prompts_for_a_real_model(tmp_path, tiny_sd_d
     prompts.write_text("a red circle on a blue background\n\na green square on a white background\n")
     assert main([*argv, "--calib-prompts", str(prompts), "--calib-timesteps", "2", "--out", str(tmp_path / "b")]) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert results["calibration"]["prompts"] == 2 and results["calibration"]["unet_calls"] == 2
+    assert results["calibration"]["prompts"] == 2 and results["calibration"]["denoiser_calls"] == 2
     assert len(results["calibration"]["timesteps"]) == 2
 
 

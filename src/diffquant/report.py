@@ -102,7 +102,7 @@ def render_html(out_dir: Path, results: dict) -> str:
         timesteps = calibration["timesteps"]
         shown = ", ".join(map(str, timesteps[:12])) + (f" ... ({len(timesteps)} in all)" if len(timesteps) > 12 else "")
         trajectory = f" of a {calibration['steps']}-step trajectory" if calibration.get("steps") else ""
-        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['unet_calls']))} UNet calls from "
+        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['denoiser_calls']))} denoiser calls from "
                      f"{e(str(calibration['prompts']))} prompts of {e(str(calibration['source']))} "
                      f"(both guidance halves), at timesteps {e(shown)}{e(trajectory)}.</p>")
     recipes = results.get("recipes", {})

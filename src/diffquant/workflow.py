@@ -14,7 +14,7 @@ import torch
 
 from .artifacts import output_folder, save_image, write_json
 from .errors import DiffquantError
-from .calibration import calibrate, recording_unet_inputs
+from .calibration import calibrate, recording_denoiser_inputs
 from .export import export_onnx
 from .generation import as_prompt_list, check_settings, default_prompts, default_settings, generate, image_grid
 from .metrics import compare, prompt_adherence, sqnr_db
@@ -195,7 +195,7 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
             calibration, results["calibration"] = calibrate_for_run(pipe, config, steps=steps, guidance=guidance)
 
     # The UNet inputs of the evaluation trajectories, for the UNet-output SQNR of each recipe.
-    with _timed(timings, "generate baseline"), recording_unet_inputs(pipe, steps, timesteps=4) as eval_inputs:
+    with _timed(timings, "generate baseline"), recording_denoiser_inputs(pipe, steps, timesteps=4) as eval_inputs:
         baseline, paths = _generate_saved(pipe, prompts, out_dir, "baseline", "baseline", gen)
     results["baseline"] = {"images": paths, "shapeeval": prompt_adherence(baseline, prompts)}
     rows = {"baseline": baseline}
