@@ -9,15 +9,12 @@ The numbers of real models are those of their model cards (the diffusers example
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import DiffquantError
-
-logger = logging.getLogger(__name__)
 
 GUIDANCE_KINDS = ("cfg", "distilled", "none")
 PROMPT_SOURCES = ("shapes", "tutorial")
@@ -154,7 +151,8 @@ def profile_of(pipe) -> ModelProfile:
     embedded = embedded_profile(getattr(pipe, "name_or_path", None))
     if embedded is not None:
         return embedded
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    denoiser = next((m for m in (getattr(pipe, "transformer", None), getattr(pipe, "unet", None)) if m is not None),
+                    None)
     config = getattr(denoiser, "config", None)
     if config is not None:
         config = {"_class_name": type(denoiser).__name__} | dict(config)
