@@ -182,9 +182,9 @@ CALIBRATION_PROMPTS = ["a red circle on a blue background", "a small green squar
 @pytest.fixture(scope="session")
 def tiny_calibration(tiny_sd):
     """Captured UNet inputs of the tiny SD pipeline: 3 prompts in batches of 2, 3 of 6 steps -> 6 calls."""
-    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+    from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
 
-    return capture_unet_inputs(tiny_sd, CALIBRATION_PROMPTS,
+    return capture_denoiser_inputs(tiny_sd, CALIBRATION_PROMPTS,
                                CalibrationConfig(size=3, steps=6, timesteps=3, batch_size=2))
 
 
@@ -232,8 +232,30 @@ def tiny_sdxl_int8_w_export(tiny_sdxl, tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_calibration(shapes_pipe):
     """shapes-sd's captured UNet inputs for the W8A8 tests: 4 captions, 3 of 6 steps."""
-    from diffquant.calibration import CalibrationConfig, capture_unet_inputs
+    from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
     from diffquant.shapes.dataset import sample_captions
 
-    return capture_unet_inputs(shapes_pipe, sample_captions(4, seed=9),
+    return capture_denoiser_inputs(shapes_pipe, sample_captions(4, seed=9),
                                CalibrationConfig(size=4, steps=6, timesteps=3, batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory) -> Path:
+    """A FLUX.1-schnell-style folder: the tiny Flux without a guidance embedding."""
+    path = tmp_path_factory.mktemp("tiny-flux-schnell")
+    build_tiny_flux(guidance_embeds=False).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    from diffquant import load_pipeline
+
+    return load_pipeline(str(tiny_sd3_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_flux_dir):
+    from diffquant import load_pipeline
+
+    return load_pipeline(str(tiny_flux_dir), device="cpu")

@@ -298,6 +298,93 @@ def test_a_flux_index_with_a_unet_entry_is_refused(tiny_sd_dir, tmp_path, capsys
                    "is a FluxPipeline, which takes no UNet")
 
 
+# ---- transformer (DiT) models: SD3 and FLUX.1 ----
+
+def test_an_unsupported_dit_is_one_line_naming_the_supported_ones(tmp_path, capsys):
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline",
+                                                         "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    one_line_error(capsys, ["generate", "--model", str(pixart), "--out", str(tmp_path / "o")],
+                   "is a PixArtAlphaPipeline whose denoiser is PixArtTransformer2DModel (DiT): not supported; "
+                   "diffquant supports UNet2DConditionModel (SD 1.x/2.x, SDXL), SD3Transformer2DModel")
+
+
+@pytest.mark.parametrize("damage", ["index", "folder"])
+def test_a_flux_folder_without_its_t5_is_one_line(damage, tiny_flux_dir, tmp_path, capsys):
+    flux = tmp_path / "flux"
+    shutil.copytree(tiny_flux_dir, flux)
+    if damage == "index":
+        index = json.loads((flux / "model_index.json").read_text())
+        del index["text_encoder_2"]
+        (flux / "model_index.json").write_text(json.dumps(index))
+    else:
+        shutil.rmtree(flux / "text_encoder_2")
+    expected = ("without its T5 text encoder (text_encoder_2 is missing" if damage == "index"
+                else "has no text_encoder_2 folder: FLUX.1 cannot run without its T5 text encoder")
+    one_line_error(capsys, ["generate", "--model", str(flux), "--out", str(tmp_path / "o")], expected)
+
+
+def test_an_sd3_folder_without_its_t5_names_no_t5(tiny_sd3_dir, tmp_path, capsys):
+    sd3 = tmp_path / "sd3"
+    shutil.copytree(tiny_sd3_dir, sd3)
+    shutil.rmtree(sd3 / "text_encoder_3")
+    one_line_error(capsys, ["generate", "--model", str(sd3), "--out", str(tmp_path / "o")],
+                   "has no text_encoder_3 folder: load SD3 without its T5 with no_t5 (--no-t5)")
+
+
+def test_a_transformer_in_pickle_format_only_is_one_line(tiny_sd3_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    sd3 = tmp_path / "sd3"
+    shutil.copytree(tiny_sd3_dir, sd3)
+    weights = sd3 / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    one_line_error(capsys, ["generate", "--model", str(sd3), "--out", str(tmp_path / "o")],
+                   "transformer holds pickle weights only (.bin): diffquant loads safetensors only")
+
+
+def test_guidance_on_flux_schnell_is_one_line(tiny_flux_schnell_dir, tmp_path, capsys):
+    one_line_error(capsys, ["generate", "--model", str(tiny_flux_schnell_dir), "--guidance", "3.5",
+                            "--out", str(tmp_path / "o")],
+                   "FLUX.1-schnell takes no guidance (it has no guidance embedding")
+    schnell = dq.load_pipeline(str(tiny_flux_schnell_dir), device="cpu")
+    with pytest.raises(DiffquantError, match="FLUX.1-schnell takes no guidance"):
+        dq.calibrate(schnell, ["a red circle on a blue background"], guidance=2.0)
+    image = dq.generate(schnell, "a red circle on a blue background", steps=1, guidance=0, height=32, width=32)[0]
+    assert image.size == (32, 32)  # 0 (its model card's value) is taken
+
+
+def _sd3_with_widths(joint: int, t5: int, path: Path) -> Path:
+    """The tiny SD3 (two CLIP encoders of 32 features) with a transformer of joint width `joint` and a T5 of
+    `t5` features, saved to `path`."""
+    from conftest import T5_TOKENIZER, _t5_encoder, build_tiny_sd3
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5TokenizerFast
+
+    pipe = build_tiny_sd3()
+    assert pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size == 64
+    pipe.transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=joint, caption_projection_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=8)
+    pipe.text_encoder_3 = _t5_encoder(T5TokenizerFast.from_pretrained(T5_TOKENIZER), t5)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize("joint, t5, expected", [
+    (48, 48, "CLIP text encoders' widths 32 + 32 = 64 exceed the transformer's joint_attention_dim 48, so the "
+             "pipeline would silently crop"),
+    (64, 96, "its T5 width 96 is not the transformer's joint_attention_dim 64"),
+])
+def test_sd3_text_widths_that_do_not_fit_are_one_line(joint, t5, expected, tmp_path, capsys):
+    model = _sd3_with_widths(joint, t5, tmp_path / "sd3")
+    one_line_error(capsys, ["generate", "--model", str(model), "--out", str(tmp_path / "o")], expected)
+
+
 @pytest.mark.parametrize("index", ["{ broken", "[]"])
 def test_a_broken_model_index_is_one_line(index, tiny_sd_dir, tmp_path, capsys):
     broken = tmp_path / "broken"

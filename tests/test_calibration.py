@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from diffquant import layer_report, quantize
-from diffquant.calibration import (CalibrationConfig, CalibrationSet, capture_unet_inputs, kept_step_indices,
-                                   random_calibration)
+from diffquant.calibration import (CalibrationConfig, CalibrationSet, calibrate, capture_denoiser_inputs,
+                                   kept_step_indices, random_calibration)
+from diffquant.denoisers.flux import FluxDenoiser
 from diffquant.errors import DiffquantError
 from diffquant.metrics import sqnr_db
 
@@ -36,11 +37,81 @@ def test_capture_records_every_kept_call_with_both_cfg_halves(tiny_sd, tiny_cali
 
 
 def test_capture_records_sdxl_added_conditioning(tiny_sdxl):
-    captured = capture_unet_inputs(tiny_sdxl, ["a red circle on a blue background"],
+    captured = capture_denoiser_inputs(tiny_sdxl, ["a red circle on a blue background"],
                                    CalibrationConfig(size=1, steps=4, timesteps=2))
     assert len(captured) == 2
     added = captured[0]["added_cond_kwargs"]
     assert added["text_embeds"].shape == (2, 32) and added["time_ids"].shape == (2, 6)
+
+
+PROMPTS = ["a red circle on a blue background", "a green square on a white background",
+           "a black triangle on a red background"]
+
+
+def _kept_schedule(pipe, steps: int, keep: int, scale: float = 1.0) -> list[float]:
+    """The timesteps the pipeline itself set on its scheduler in the last run, at the kept steps."""
+    schedule = [float(t) / scale for t in pipe.scheduler.timesteps]
+    assert len(schedule) == steps
+    return [schedule[i] for i in kept_step_indices(steps, keep)]
+
+
+def test_sd3_capture_keeps_k_flow_matching_timesteps_with_both_cfg_halves(tiny_sd3):
+    # 3 prompts in batches of 2 -> 2 pipeline calls; 3 of 7 steps kept -> 6 transformer calls.
+    captured = capture_denoiser_inputs(tiny_sd3, PROMPTS, CalibrationConfig(steps=7, timesteps=3, batch_size=2,
+                                                                            guidance=4.0))
+    assert len(captured) == 6
+    expected = _kept_schedule(tiny_sd3, 7, 3)  # the shifted sigmas x 1000 of FlowMatchEulerDiscreteScheduler
+    assert captured.timesteps[:3] == pytest.approx(expected) and captured.timesteps[3:] == captured.timesteps[:3]
+    assert len(set(captured.timesteps)) == 3
+    first, last = captured[0], captured[5]
+    assert set(first) == {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"}
+    assert first["hidden_states"].shape == (4, 4, 8, 8)  # 2 prompts x (unconditional, conditional)
+    assert last["hidden_states"].shape == (2, 4, 8, 8)  # the third prompt alone
+    assert first["encoder_hidden_states"].shape == (4, 16 + 256, 64)  # CLIP tokens + the profile's 256 T5 tokens
+    assert first["timestep"].shape == (4,) and float(first["timestep"][0]) == pytest.approx(expected[0])
+    uncond, cond = first["encoder_hidden_states"].chunk(2)
+    assert not torch.equal(uncond, cond)  # the empty prompt and the captions differ
+    assert not torch.equal(*first["pooled_projections"].chunk(2))
+    with torch.no_grad():  # records are forward kwargs the transformer takes as they are
+        assert torch.isfinite(tiny_sd3.transformer(**first, return_dict=False)[0]).all()
+
+
+def test_flux_capture_carries_the_guidance_asked_for(tiny_flux):
+    captured = capture_denoiser_inputs(tiny_flux, PROMPTS[:2], CalibrationConfig(
+        steps=5, timesteps=2, guidance=2.5, batch_size=2, height=32, width=32))
+    assert len(captured) == 2  # one pipeline call, 2 of 5 steps; FLUX.1-dev runs no classifier-free guidance
+    assert captured.timesteps == pytest.approx(_kept_schedule(tiny_flux, 5, 2, scale=1000))  # sigmas
+    record = captured[0]
+    assert set(record) == set(FluxDenoiser.capture_keys)
+    assert record["guidance"].tolist() == [2.5, 2.5]  # not the profile's 3.5
+    assert record["hidden_states"].shape == (2, (32 // 2 // 2) ** 2, 16)  # (B, packed tokens, 4 x latent channels)
+    assert record["encoder_hidden_states"].shape == (2, 512, 64)  # FLUX.1-dev's T5 length from its profile
+    with torch.no_grad():
+        assert torch.isfinite(tiny_flux.transformer(**record, return_dict=False)[0]).all()
+
+
+def test_flux_schnell_records_have_no_guidance(tiny_flux_schnell_dir):
+    from diffquant import load_pipeline
+
+    schnell = load_pipeline(str(tiny_flux_schnell_dir), device="cpu")
+    captured = capture_denoiser_inputs(schnell, PROMPTS[:1], CalibrationConfig(steps=2, timesteps=1, height=32,
+                                                                               width=32))
+    assert len(captured) == 1 and "guidance" not in captured[0]
+    assert captured[0]["encoder_hidden_states"].shape[1] == 256  # FLUX.1-schnell's T5 length
+
+
+@pytest.mark.parametrize("fixture, attribute", [("tiny_sd3", "transformer"), ("tiny_flux", "transformer"),
+                                                ("tiny_sd", "unet")])
+def test_random_calibration_feeds_every_family(fixture, attribute, request):
+    pipe = request.getfixturevalue(fixture)
+    module = getattr(pipe, attribute)
+    calibration = calibrate(pipe, "random", size=3)
+    assert len(calibration) == 3 and calibration.description["denoiser_calls"] == 3
+    timesteps = torch.cat([item["timestep"].flatten().float() for item in calibration])
+    assert timesteps.unique().numel() > 1  # uniform draws, not the example's one value
+    with torch.no_grad():
+        for item in calibration:
+            assert torch.isfinite(module(**item, return_dict=False)[0]).all()
 
 
 def test_spilled_calibration_round_trips(monkeypatch, tiny_calibration):

@@ -235,10 +235,7 @@ def test_step_subcommands_chain_on_saved_artifacts(tmp_path, tiny_sd_dir):
     assert Path(tmp_path / "cmp" / "grid.png").is_file()
 
 
-def test_w8a8_run_needs_calibration_prompts_for_a_real_model(tmp_path, tiny_sd_dir, capsys, monkeypatch):
-    import diffquant.pipeline
-
-    monkeypatch.setattr(diffquant.pipeline, "is_shapes_sd", lambda pipe: False)  # the tiny model shares its tokenizer
+def test_w8a8_run_needs_calibration_prompts_for_a_real_model(tmp_path, tiny_sd_dir, capsys):
     argv = ["--quiet", "run", "--model", str(tiny_sd_dir), "--recipes", "w8a8-int8", "--steps", "2",
             "--num-images", "1", "--no-export"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 2
@@ -247,7 +244,7 @@ def test_w8a8_run_needs_calibration_prompts_for_a_real_model(tmp_path, tiny_sd_d
     prompts.write_text("a red circle on a blue background\n\na green square on a white background\n")
     assert main([*argv, "--calib-prompts", str(prompts), "--calib-timesteps", "2", "--out", str(tmp_path / "b")]) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert results["calibration"]["prompts"] == 2 and results["calibration"]["unet_calls"] == 2
+    assert results["calibration"]["prompts"] == 2 and results["calibration"]["denoiser_calls"] == 2
     assert len(results["calibration"]["timesteps"]) == 2
 
 

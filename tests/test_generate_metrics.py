@@ -46,3 +46,46 @@ def test_compare_skips_shapeeval_for_free_text_and_notes_missing_lpips():
     result = compare([image], [image], ["A rabbit in a flower meadow"])
     assert result.shapeeval is None
     assert result.lpips is not None or any("LPIPS" in note for note in result.notes)
+
+
+def _text_lengths(pipe, **kwargs) -> set[int]:
+    """The text sequence lengths the transformer is called with while `generate` runs."""
+    lengths = set()
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kw: lengths.add(kw["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        generate(pipe, "a red circle on a blue background", steps=2, **kwargs)
+    finally:
+        handle.remove()
+    return lengths
+
+
+def test_shapes_sd3_profile_sets_defaults_and_the_t5_length(tiny_sd3_dir, tiny_sd3, tmp_path, monkeypatch):
+    """shapes-sd3 ships later: a copy of the tiny SD3 folder stands in for its weights."""
+    import shutil
+
+    import diffquant.profiles
+    from diffquant import default_prompts, load_pipeline
+    from diffquant.generation import default_settings
+    from diffquant.shapes.dataset import parse_caption
+    from diffquant.shapes.model_sd3 import SD3_DEFAULT_GUIDANCE, SD3_DEFAULT_STEPS, SD3_MAX_SEQUENCE_LENGTH
+
+    folders = diffquant.profiles.embedded_models() | {"shapes-sd3": shutil.copytree(tiny_sd3_dir, tmp_path / "w")}
+    monkeypatch.setattr(diffquant.profiles, "embedded_models", lambda: folders)
+    shapes_sd3 = load_pipeline("shapes-sd3", device="cpu")
+    settings = default_settings(shapes_sd3)
+    assert (settings.steps, settings.guidance) == (SD3_DEFAULT_STEPS, SD3_DEFAULT_GUIDANCE)
+    assert all(parse_caption(p) for p in default_prompts(shapes_sd3, 4))
+    assert default_prompts(tiny_sd3, 2) == ["A rabbit in a flower meadow"] * 2
+    clip = shapes_sd3.tokenizer.model_max_length
+    assert _text_lengths(shapes_sd3) == {clip + SD3_MAX_SEQUENCE_LENGTH}  # 16 T5 tokens, not the pipeline's 256
+    assert _text_lengths(tiny_sd3) == {clip + 256}
+
+
+def test_flux_generation_takes_its_profile_length_and_a_size(tiny_flux_schnell_dir):
+    from diffquant import load_pipeline
+
+    schnell = load_pipeline(str(tiny_flux_schnell_dir), device="cpu")
+    assert _text_lengths(schnell, height=32, width=48) == {256}  # FLUX.1-schnell's card, not the pipeline's 512
+    image = generate(schnell, "a red circle on a blue background", steps=1, height=32, width=48)[0]
+    assert image.size == (48, 32)

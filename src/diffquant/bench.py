@@ -171,7 +171,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     """
     import tempfile
 
-    from .calibration import CalibrationConfig, capture_unet_inputs, random_calibration
+    from .calibration import CalibrationConfig, capture_denoiser_inputs, random_calibration
     from .export import example_inputs, export_fp32_onnx, export_onnx
     from .generation import default_prompts, generate
     from .pipeline import load_pipeline
@@ -216,7 +216,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     measure("torch fp32", lambda: unet(**inputs), fp32_mb, p=pipe)
 
     if recipe.needs_calibration:
-        calibration = (capture_unet_inputs(pipe, default_prompts(pipe, 8), CalibrationConfig(size=8, timesteps=4))
+        calibration = (capture_denoiser_inputs(pipe, default_prompts(pipe, 8), CalibrationConfig(size=8, timesteps=4))
                        if pipe is not None else random_calibration(unet, 2, seq))
     else:
         calibration = None

@@ -1,7 +1,9 @@
-"""Stage 2, calibrate: run the real pipeline on calibration prompts and record the UNet's inputs at
-the timesteps it really sees (both classifier-free-guidance halves), as Quark's calibration data.
+"""Stage 2, calibrate: run the real pipeline on calibration prompts and record its denoiser's inputs (a
+UNet's, an SD3 MMDiT's or a FLUX.1 transformer's) at the timesteps it really sees, as Quark's calibration data:
+with classifier-free guidance each record's batch holds both halves, and FLUX.1-dev's records carry its
+distilled `guidance` input.
 
-A UNet's inputs are noisy latents, timesteps and text embeddings that change along the denoising
+A denoiser's inputs are noisy latents, timesteps and text embeddings that change along the denoising
 trajectory, so calibration captures them from real generation (as Quark's diffusers example,
 ModelOpt and Q-Diffusion do) instead of feeding raw captions or images to the quantizer.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .denoisers import Denoiser, denoiser_for, denoiser_of
 from .errors import DiffquantError
 from .generation import default_settings, generate
 
@@ -35,7 +38,8 @@ class CalibrationConfig:
     size: calibration prompts (the peers use 32-128; 64 is the default as a middle ground that fits a
         CPU budget); steps: denoising steps of the capture run (None: the generation default);
     timesteps: how many of those steps are kept, spread uniformly over the trajectory (None: all);
-    guidance: None for the model default; seed: the first prompt's seed.
+    guidance: None for the model default; seed: the first prompt's seed; height, width: image size
+    (None: the model's default), which sets the number of image tokens a DiT sees.
     """
 
     size: int = 64
@@ -44,6 +48,8 @@ class CalibrationConfig:
     guidance: float | None = None
     seed: int = 10_000
     batch_size: int = 8
+    height: int | None = None
+    width: int | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -60,20 +66,21 @@ def kept_step_indices(steps: int, keep: int | None) -> list[int]:
 
 
 class CalibrationSet(Sequence):
-    """UNet forward kwargs dicts, in memory or spilled to a temporary folder (deleted with the set).
+    """Denoiser forward kwargs dicts, in memory or spilled to a temporary folder (deleted with the set).
 
-    Quark's `quantize_model` iterates it and calls `unet(**item)` for each item.
+    Quark's `quantize_model` iterates it and calls `denoiser(**item)` for each item.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timestep_key: str = "timestep") -> None:
         self._items: list[dict | Path] = []
         self._bytes = 0
         self._spill: Path | None = None
-        self.timesteps: list[int] = []
+        self.timestep_key = timestep_key
+        self.timesteps: list[float] = []  # each record's timestep (UNet: an integer; FLUX.1: a sigma in [0, 1])
         self.description: dict = {}  # where the data came from, set by `calibrate` (written to results.json)
 
     def append(self, item: dict) -> None:
-        self.timesteps.append(int(item["timestep"].reshape(-1)[0]))
+        self.timesteps.append(_number(item[self.timestep_key]))
         size = sum(t.numel() * t.element_size() for t in _tensors(item))
         if self._spill is None and self._bytes + size > MEMORY_LIMIT_BYTES:
             self._spill = Path(tempfile.mkdtemp(prefix="diffquant-calib-"))
@@ -101,6 +108,12 @@ class CalibrationSet(Sequence):
             shutil.rmtree(self._spill, ignore_errors=True)
 
 
+def _number(timestep) -> float | int:
+    """A record's timestep as a number: an int when it is whole (UNet schedules), else a float."""
+    value = float(torch.as_tensor(timestep).reshape(-1)[0])
+    return int(value) if value.is_integer() else value
+
+
 def _tensors(item: dict) -> Iterator[torch.Tensor]:
     for value in item.values():
         if isinstance(value, torch.Tensor):
@@ -117,76 +130,93 @@ def _detach(value):
     return value
 
 
-_UNET_ARGS = ("sample", "timestep", "encoder_hidden_states")
-_KEPT_KWARGS = ("added_cond_kwargs", "timestep_cond", "class_labels")
-
-
 @contextmanager
-def recording_unet_inputs(pipe, steps: int, timesteps: int | None = None) -> Iterator[CalibrationSet]:
-    """While active, every call of `pipe.unet` at the kept steps (of a `steps`-step generation) is
-    recorded whole into the yielded set: with classifier-free guidance a call's batch holds the
-    unconditional and the conditional halves."""
-    # Keep calls by timestep value (not by call count), so batching and multi-call schedulers agree.
-    pipe.scheduler.set_timesteps(steps)
-    schedule = [float(t) for t in pipe.scheduler.timesteps]
-    keep = {schedule[i] for i in kept_step_indices(len(schedule), timesteps)}
-    captured = CalibrationSet()
+def recording_denoiser_inputs(pipe, steps: int, timesteps: int | None = None) -> Iterator[CalibrationSet]:
+    """While active, every call of the pipeline's denoiser at the kept steps (of `steps`-step generations) is
+    recorded whole into the yielded set, as the forward kwargs its family keeps (`Denoiser.capture_keys`):
+    with classifier-free guidance a call's batch holds the unconditional and the conditional halves."""
+    family = denoiser_of(pipe)
+    key = family.timestep_key
+    kept = set(kept_step_indices(steps, timesteps))
+    captured = CalibrationSet(key)
+    # Calls are kept by timestep value, not by call count, so batching and pipelines that call the denoiser
+    # twice per step agree. The n-th distinct value seen is step n: no need to recompute each pipeline's
+    # schedule (SD3/FLUX.1 shift their sigmas, FLUX.1 by the image size). Schedules only decrease, so a value
+    # seen before (after another one) means a new generation started.
+    seen: dict[float, int] = {}
+    last: list[float | None] = [None]
 
     def hook(module, args, kwargs):
-        given = dict(zip(_UNET_ARGS, args)) | {k: v for k, v in kwargs.items() if v is not None}
-        timestep = torch.as_tensor(given["timestep"])
-        if float(timestep.reshape(-1)[0]) not in keep:
+        record = family.record(args, kwargs)
+        timestep = torch.as_tensor(record[key])
+        value = float(timestep.reshape(-1)[0])
+        if value != last[0] and value in seen:
+            seen.clear()
+        last[0] = value
+        if seen.setdefault(value, len(seen)) not in kept:
             return
-        item = {k: _detach(given[k]) for k in _UNET_ARGS + _KEPT_KWARGS if k in given}
-        if timestep.dim() == 0:  # pipelines pass one scalar timestep for the whole batch
-            item["timestep"] = timestep.reshape(1).expand(item["sample"].shape[0]).clone()
+        item = {k: _detach(v) for k, v in record.items()}
+        if timestep.dim() == 0:  # UNet pipelines pass one scalar timestep for the whole batch
+            item[key] = timestep.reshape(1).expand(family.batch_size(item)).clone()
         captured.append(item)
 
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = family.module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield captured
     finally:
         handle.remove()
 
 
-def capture_unet_inputs(pipe, prompts: list[str], config: CalibrationConfig = CalibrationConfig()) -> CalibrationSet:
-    """Generate with the calibration prompts and record the UNet's inputs at the kept steps.
+def capture_denoiser_inputs(pipe, prompts: list[str],
+                            config: CalibrationConfig = CalibrationConfig()) -> CalibrationSet:
+    """Generate with the calibration prompts and record the denoiser's inputs at the kept steps.
 
     Returns:
-        A `CalibrationSet` of kwargs dicts (`sample`, `timestep`, `encoder_hidden_states`, and SDXL's
-        `added_cond_kwargs`) that `quantize(..., calibration=...)` hands to Quark.
+        A `CalibrationSet` of forward kwargs dicts (UNet: `sample`, `timestep`, `encoder_hidden_states`, SDXL's
+        `added_cond_kwargs`; SD3: `hidden_states`, `encoder_hidden_states`, `pooled_projections`, `timestep`;
+        FLUX.1: those plus `img_ids`, `txt_ids` and FLUX.1-dev's `guidance`) that `quantize(...,
+        calibration=...)` hands to Quark.
     """
     if not prompts:
         raise DiffquantError("no calibration prompts: pass --calib-prompts or use the model's default prompts")
     steps = config.steps or default_settings(pipe, config.seed).steps
-    with recording_unet_inputs(pipe, steps, config.timesteps) as captured:
+    with recording_denoiser_inputs(pipe, steps, config.timesteps) as captured:
         generate(pipe, prompts, seed=config.seed, steps=steps, guidance=config.guidance,
-                 batch_size=config.batch_size, desc="calibrate")
+                 batch_size=config.batch_size, desc="calibrate", height=config.height, width=config.width)
     if not len(captured):
-        raise DiffquantError("calibration captured no UNet call: check the steps and timesteps settings")
-    logger.info("captured %d UNet calls over %d prompts at %d timesteps", len(captured), len(prompts),
-                len(set(captured.timesteps)))
+        raise DiffquantError("calibration captured no denoiser call: check the steps and timesteps settings")
+    logger.info("captured %d %s calls over %d prompts at %d timesteps", len(captured), denoiser_of(pipe).name,
+                len(prompts), len(set(captured.timesteps)))
     return captured
 
 
-def random_calibration(unet, n: int, sequence_length: int, seed: int = 0) -> list[dict]:
+def random_calibration(denoiser: torch.nn.Module | Denoiser, n: int, sequence_length: int,
+                       seed: int = 0) -> list[dict]:
     """Calibration data of random inputs (Gaussian latents and text embeddings, uniform timesteps):
-    the naive baseline that shows what capturing real inputs is worth."""
-    from .export import example_inputs
+    the naive baseline that shows what capturing real inputs is worth.
 
+    Args:
+        denoiser: the denoiser module (a UNet, SD3 or FLUX.1 transformer) or its family.
+        n: how many records; sequence_length: text tokens per record; seed: the first record's seed.
+    """
+    family = denoiser if isinstance(denoiser, Denoiser) else denoiser_for(denoiser)
     gen = torch.Generator().manual_seed(seed)
     items = []
     for k in range(n):
-        item = example_inputs(unet, batch_size=2, sequence_length=sequence_length, seed=seed + k)
-        item["timestep"] = torch.randint(0, 1000, (2,), generator=gen).to(item["timestep"].device)
-        items.append(item)
+        flat = family.example_inputs(sequence_length=sequence_length, seed=seed + k)
+        # A family's example timestep sits mid-trajectory (UNet 500, SD3 500.0, FLUX.1 sigma 0.5), so twice it
+        # spans the timesteps that family takes.
+        middle = flat[family.timestep_key]
+        uniform = torch.rand(middle.shape, generator=gen).to(middle.device) * 2 * middle.float()
+        flat[family.timestep_key] = uniform.to(middle.dtype)
+        items.append(family.forward_kwargs(flat))
     return items
 
 
 def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, steps: int | None = None,
               timesteps: int | None = 8, guidance: float | None = None, column: str | None = None,
-              split: str = "train") -> CalibrationSet:
-    """The calibration data of activation (W8A8) recipes: the UNet's inputs captured while the pipeline
+              split: str = "train", height: int | None = None, width: int | None = None) -> CalibrationSet:
+    """The calibration data of activation (W8A8) recipes: the denoiser's inputs captured while the pipeline
     generates from calibration prompts::
 
         calibration = dq.calibrate(pipe, prompts)
@@ -196,30 +226,34 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
         pipe: a pipeline from `load_pipeline`.
         prompts: a list of prompts (all of them are used); or a source to read `size` prompts from: a
             .txt/.csv/.jsonl/.parquet file, a dataset folder or a Hugging Face dataset id; or "random"
-            for random inputs (the naive baseline); None for the model's own (shapes-sd captions drawn
-            with a seed disjoint from evaluation; other models need prompts).
+            for random inputs (the naive baseline); None for the model's own (the shapes models' captions
+            drawn with a seed disjoint from evaluation; other models need prompts).
         size: prompts read from a source (or random inputs made).
         steps: denoising steps of the capture run (None: the model's default).
         timesteps: steps kept per trajectory, spread uniformly (None: all).
-        guidance: classifier-free guidance of the capture run (None: the model's default).
+        guidance: guidance of the capture run (None: the model's default).
         column, split: the prompt column and split of a tabular source or dataset.
+        height, width: image size of the capture run (None: the model's default).
 
     Returns:
         A `CalibrationSet`; its `description` says where the data came from.
     """
     from .generation import as_prompt_list, check_settings
-    from .pipeline import is_shapes_sd
+    from .profiles import profile_of
     from .prompt_sources import load_prompts
 
     check_settings(steps, guidance)
+    profile = profile_of(pipe)
+    profile.check_guidance(guidance)
+    family = denoiser_of(pipe)
     if isinstance(prompts, str) and prompts == RANDOM_CALIBRATION:
-        captured = CalibrationSet()
-        for item in random_calibration(pipe.unet, n=size, sequence_length=pipe.tokenizer.model_max_length):
+        captured = CalibrationSet(family.timestep_key)
+        for item in random_calibration(family, n=size, sequence_length=family.sequence_length(pipe)):
             captured.append(item)
         captured.description = {
             "source": "random inputs (Gaussian latents and text embeddings, uniform timesteps)", "prompts": 0,
-            "unet_calls": len(captured), "steps": None,
-            "timesteps": sorted({int(t) for item in captured for t in item["timestep"]}, reverse=True)}
+            "denoiser_calls": len(captured), "steps": None,
+            "timesteps": sorted({_number(t) for item in captured for t in item[family.timestep_key]}, reverse=True)}
         return captured
     if isinstance(prompts, str):
         if " " in prompts.strip() and not Path(prompts).expanduser().exists():
@@ -233,12 +267,13 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
     if texts is None:
         from .shapes.dataset import sample_captions
 
-        default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if is_shapes_sd(pipe) else None
+        shapes = profile.prompt_source == "shapes"
+        default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if shapes else None
         texts = load_prompts(source, size, column=column, split=split, default=default)
-    config = CalibrationConfig(size=max(len(texts), 1), steps=steps or default_settings(pipe).steps,
-                               timesteps=timesteps, guidance=guidance)
-    captured = capture_unet_inputs(pipe, texts, config)
-    captured.description = {"source": source or "shapes-sd captions (seed disjoint from evaluation)",
-                            "prompts": len(texts), "unet_calls": len(captured),
+    config = CalibrationConfig(size=max(len(texts), 1), steps=steps or profile.steps, timesteps=timesteps,
+                               guidance=guidance, height=height, width=width)
+    captured = capture_denoiser_inputs(pipe, texts, config)
+    captured.description = {"source": source or f"{profile.title} captions (seed disjoint from evaluation)",
+                            "prompts": len(texts), "denoiser_calls": len(captured),
                             "timesteps": sorted(set(captured.timesteps), reverse=True), "steps": config.steps}
     return captured

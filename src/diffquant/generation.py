@@ -16,8 +16,6 @@ from .progress import progress
 
 logger = logging.getLogger(__name__)
 
-TUTORIAL_PROMPT = "A rabbit in a flower meadow"
-
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -29,23 +27,19 @@ class GenerationSettings:
 
 
 def default_settings(pipe, seed: int = 1024) -> GenerationSettings:
-    """shapes-sd: 25 DDIM steps, guidance 3; real models: the tutorial's 50 steps, guidance 7.5."""
-    from .pipeline import is_shapes_sd
-    from .shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    """The model profile's steps and guidance (see `profiles.py`): shapes-sd 25 steps at guidance 3, SD 1.x/2.x
+    the tutorial's 50 at 7.5, SD3 and FLUX.1 their model cards'."""
+    from .profiles import profile_of
 
-    if is_shapes_sd(pipe):
-        return GenerationSettings(DEFAULT_STEPS, DEFAULT_GUIDANCE, seed)
-    return GenerationSettings(50, 7.5, seed)
+    profile = profile_of(pipe)
+    return GenerationSettings(profile.steps, profile.guidance, seed)
 
 
 def default_prompts(pipe, num_images: int = 3) -> list[str]:
-    """shapes-sd: captions of its grammar; real models: the tutorial's prompt repeated."""
-    from .pipeline import is_shapes_sd
-    from .shapes.dataset import sample_captions
+    """The model profile's prompts: shapes captions for the shapes models, the tutorial's prompt repeated otherwise."""
+    from .profiles import profile_of
 
-    if is_shapes_sd(pipe):
-        return sample_captions(num_images, seed=2024)
-    return [TUTORIAL_PROMPT] * num_images
+    return profile_of(pipe).default_prompts(num_images)
 
 
 def check_settings(steps: int | None = None, guidance: float | None = None, num_images: int | None = None) -> None:
@@ -70,10 +64,26 @@ def as_prompt_list(prompts: str | list[str]) -> list[str]:
     return list(prompts)
 
 
+def pipeline_kwargs(pipe, guidance: float | None = None, height: int | None = None,
+                    width: int | None = None) -> dict:
+    """The model profile's extra pipeline call arguments (SD3: the T5 length; FLUX.1: size and T5 length), with
+    `height`/`width` when given; refuses a guidance the model cannot use (FLUX.1-schnell takes none)."""
+    from .profiles import profile_of
+
+    profile = profile_of(pipe)
+    profile.check_guidance(guidance)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise DiffquantError(f"{name} must be a whole number of pixels of at least 1, got {value!r}")
+    sizes = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    return profile.pipeline_kwargs() | sizes
+
+
 @torch.inference_mode()
 def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None = None,
              guidance: float | None = None, batch_size: int = 8, desc: str = "generate",
-             on_image: Callable[[int, Image.Image], None] | None = None) -> list[Image.Image]:
+             on_image: Callable[[int, Image.Image], None] | None = None, height: int | None = None,
+             width: int | None = None) -> list[Image.Image]:
     """Generate one image per prompt; image k uses its own CPU generator seeded `seed + k`.
 
     Args:
@@ -84,6 +94,7 @@ def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None
         batch_size: images per pipeline call; it does not change the images.
         on_image: called as `on_image(k, image)` as soon as each batch is made (e.g. to save it, so
             an interrupted run keeps the images already generated).
+        height, width: image size in pixels (None: the model profile's, else the pipeline's default).
 
     Returns:
         PIL images, in prompt order.
@@ -92,6 +103,7 @@ def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None
     check_settings(steps, guidance)
     if batch_size < 1:
         raise DiffquantError(f"batch_size must be at least 1, got {batch_size}")
+    extra = pipeline_kwargs(pipe, guidance, height, width)
     defaults = default_settings(pipe, seed)
     steps = defaults.steps if steps is None else steps
     guidance = defaults.guidance if guidance is None else guidance
@@ -100,7 +112,7 @@ def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None
     for start in progress(starts, desc=desc, total=len(starts)):
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
-        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
+        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators, **extra)
         for k, image in enumerate(out.images, start=start):
             if on_image is not None:
                 on_image(k, image)

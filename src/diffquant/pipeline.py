@@ -1,10 +1,13 @@
-"""Stage 1, load: a diffusers pipeline from the embedded shapes-sd, a Hub id or a local folder."""
+"""Stage 1, load: a diffusers pipeline (UNet, SD3 or FLUX.1) from an embedded shapes model, a Hub id or a local
+folder, with the checks that turn what diffusers would fail on deep inside (or do silently wrong) into one line."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,7 +16,6 @@ from .errors import DiffquantError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_DENOISERS = ("UNet2DConditionModel",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -21,11 +23,7 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 def shapes_sd_path() -> Path:
     """The folder of the embedded shapes-sd weights shipped inside the package."""
-    from .shapes.model import WEIGHTS_DIR
-
-    if not (WEIGHTS_DIR / "model_index.json").is_file():
-        raise DiffquantError(f"the embedded shapes-sd weights are missing from {WEIGHTS_DIR}: reinstall diffquant")
-    return WEIGHTS_DIR
+    return _embedded(None)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -40,12 +38,14 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise DiffquantError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' -> fp16 on a GPU, fp32 on CPU. fp16 on CPU is refused (missing or very slow kernels)."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
+                  gpu_default: torch.dtype = torch.float16) -> torch.dtype:
+    """'auto' -> `gpu_default` on a GPU (the model card's dtype), fp32 on CPU. fp16 on CPU is refused (missing
+    or very slow kernels)."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
-        resolved = torch.float16 if device.type == "cuda" else torch.float32
+        resolved = gpu_default if device.type == "cuda" else torch.float32
     elif dtype in _DTYPES:
         resolved = _DTYPES[dtype]
     else:
@@ -92,56 +92,167 @@ def _model_index(model: str) -> tuple[dict, str]:
             f"network (`hf download {model} --local-dir DIR`) and pass --model DIR") from None
 
 
-def check_supported(index: dict, model: str) -> None:
-    """Refuse pipelines whose denoiser is not a UNet2DConditionModel, naming what is supported."""
-    pipeline_class = index.get("_class_name", "?")
-    if "transformer" in index:
-        denoiser = index["transformer"][1] if isinstance(index["transformer"], list) else "a transformer"
-        raise DiffquantError(f"{model} is a {pipeline_class} with a {denoiser} (DiT) denoiser: not yet supported; "
-                             f"diffquant quantizes {', '.join(SUPPORTED_DENOISERS)} pipelines (SD 1.x/2.x, SDXL)")
-    unet = index.get("unet")
-    unet_class = unet[1] if isinstance(unet, list) and len(unet) == 2 else None
-    if unet_class not in SUPPORTED_DENOISERS:
-        raise DiffquantError(f"{model} is a {pipeline_class} whose denoiser is {unet_class or 'missing'}: diffquant "
-                             f"supports {', '.join(SUPPORTED_DENOISERS)} (SD 1.x/2.x, SDXL)")
-    # The index may name a unet that its pipeline class never takes (a FluxPipeline with a unet entry):
-    # diffusers would fail deep inside from_pretrained.
+def _entry(index: dict, name: str) -> str | None:
+    """The class a model_index.json entry names (["library", "Class"]), or None when absent or null."""
+    value = index.get(name)
+    return value[1] if isinstance(value, list) and len(value) == 2 and isinstance(value[1], str) else None
+
+
+def check_supported(index: dict, model: str) -> str:
+    """Refuse pipelines whose denoiser is not one of `denoisers.supported_classes()`, naming what is supported.
+
+    Returns:
+        The pipeline attribute that holds the denoiser ("unet" or "transformer").
+    """
     import inspect
 
     import diffusers
 
+    from .denoisers import supported_classes
+    from .profiles import supported_models
+
+    pipeline_class = index.get("_class_name", "?")
+    attribute = next((name for name in ("transformer", "unet") if name in index), None)
+    denoiser = _entry(index, attribute) if attribute else None
+    if denoiser not in supported_classes():
+        kind = " (DiT)" if attribute == "transformer" else ""
+        raise DiffquantError(f"{model} is a {pipeline_class} whose denoiser is {denoiser or 'missing'}{kind}: not "
+                             f"supported; diffquant supports {supported_models()}")
+    # The index may name a denoiser that its pipeline class never takes (a FluxPipeline with a unet entry):
+    # diffusers would fail deep inside from_pretrained.
     cls = getattr(diffusers, pipeline_class, None) if isinstance(pipeline_class, str) else None
     if cls is None:
         raise DiffquantError(f"{model} names the pipeline class {pipeline_class!r}, which is not one of diffusers' "
                              "pipelines: diffquant loads diffusers' own pipelines only (remote code is never run)")
-    if "unet" not in inspect.signature(cls.__init__).parameters:
-        raise DiffquantError(f"{model} is a {pipeline_class}, which takes no UNet (its model_index.json lists one "
-                             f"anyway): diffquant supports pipelines with a {', '.join(SUPPORTED_DENOISERS)} "
-                             "(SD 1.x/2.x, SDXL)")
+    if attribute not in inspect.signature(cls.__init__).parameters:
+        what = "UNet" if attribute == "unet" else "transformer"
+        raise DiffquantError(f"{model} is a {pipeline_class}, which takes no {what} (its model_index.json lists one "
+                             f"anyway): diffquant supports {supported_models()}")
+    return attribute
 
 
-def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto"):
-    """Load a text-to-image pipeline whose denoiser is a UNet2DConditionModel.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_components(index: dict, model: str, path: Path | None, no_t5: bool) -> None:
+    """Refuse, before loading, what diffusers would fail on deep inside or load silently wrong: a FLUX.1
+    without its T5, no_t5 on a pipeline without SD3's T5, and (in a local folder) a component folder that is
+    missing or holds pickle weights only (.bin/.pt/.ckpt: loading pickle can run code)."""
+    pipeline_class = index.get("_class_name", "?")
+    if no_t5 and "text_encoder_3" not in index:
+        raise DiffquantError(f"no_t5 drops the T5 text encoder of SD3/SD3.5 (text_encoder_3), which {model} (a "
+                             f"{pipeline_class}) does not have: leave no_t5 off")
+    if _entry(index, "transformer") == "FluxTransformer2DModel" and _entry(index, "text_encoder_2") is None:
+        raise DiffquantError(f"{model} is a FLUX.1 pipeline without its T5 text encoder (text_encoder_2 is missing "
+                             "from model_index.json): FLUX.1 cannot run without it; use the complete model folder")
+    if path is None:
+        return
+    for name in index:
+        if name.startswith("_") or _entry(index, name) is None or (no_t5 and name in ("text_encoder_3", "tokenizer_3")):
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            hint = ""
+            if name == "text_encoder_2" and _entry(index, "transformer") == "FluxTransformer2DModel":
+                hint = "FLUX.1 cannot run without its T5 text encoder; "
+            elif name in ("text_encoder_3", "tokenizer_3"):
+                hint = "load SD3 without its T5 with no_t5 (--no-t5), or "
+            raise DiffquantError(f"{model} lists {name} in model_index.json but has no {name} folder: {hint}"
+                                 "re-download or re-save the whole pipeline")
+        weights = [f.suffix for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES]
+        if weights and ".safetensors" not in weights:
+            raise DiffquantError(f"{folder} holds pickle weights only ({', '.join(sorted(set(weights)))}): diffquant "
+                                 "loads safetensors only (pickle can run code); convert it with diffusers' "
+                                 "save_pretrained(..., safe_serialization=True) where you trust the file")
+
+
+def check_text_widths(pipe, model: str) -> None:
+    """SD3: the pipeline pads the two CLIP encoders' concatenated features up to the joint width with F.pad,
+    which silently crops them when the widths sum past it; and its T5 features must have that width."""
+    from .denoisers import denoiser_of
+
+    family = denoiser_of(pipe)
+    if family.module_class != "SD3Transformer2DModel":
+        return
+    joint = family.config.joint_attention_dim
+    clip = [getattr(pipe, name).config.hidden_size for name in ("text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None]
+    if sum(clip) > joint:
+        raise DiffquantError(f"{model}: its CLIP text encoders' widths {' + '.join(map(str, clip))} = {sum(clip)} "
+                             f"exceed the transformer's joint_attention_dim {joint}, so the pipeline would silently "
+                             "crop the text features: use text encoders that match the transformer")
+    t5 = getattr(pipe, "text_encoder_3", None)
+    if t5 is not None and t5.config.d_model != joint:
+        raise DiffquantError(f"{model}: its T5 width {t5.config.d_model} is not the transformer's joint_attention_dim "
+                             f"{joint}: use the T5 that belongs to this transformer (or drop it with no_t5)")
+
+
+@contextmanager
+def _library_bars_off(off: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading bars off while `off` (diffquant's quiet mode), restored after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if off and lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
+
+
+def _embedded(model: str | Path | None) -> str | Path | None:
+    """An embedded model's folder for None (shapes-sd) or its name, else `model` unchanged."""
+    from .profiles import embedded_models
+
+    if model is None or str(model) in embedded_models():
+        name = "shapes-sd" if model is None else str(model)
+        folder = embedded_models()[name]
+        if not (folder / "model_index.json").is_file():
+            raise DiffquantError(f"the embedded {name} weights are missing from {folder}: reinstall diffquant")
+        return folder
+    return model
+
+
+def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto",
+                  no_t5: bool = False):
+    """Load a text-to-image pipeline whose denoiser diffquant supports (see `denoisers.supported_classes`):
+    SD 1.x/2.x and SDXL (UNet), SD3/SD3.5 (MMDiT) and FLUX.1 (Flux transformer).
 
     Args:
-        model: None for the embedded shapes-sd, a Hugging Face Hub id, or a local diffusers folder.
+        model: None for the embedded shapes-sd; an embedded model's name ("shapes-sd", "shapes-sd3"; these
+            names win over a folder of the same name); a Hugging Face Hub id; or a local diffusers folder.
         device: 'auto' (GPU when available), 'cpu' or 'cuda[:N]'.
-        dtype: 'auto' (fp16 on GPU, fp32 on CPU), 'fp32', 'fp16' or 'bf16'.
+        dtype: 'auto' (on a GPU what the model card uses: bf16 for SD3/FLUX.1, fp16 for UNet models; fp32
+            on CPU), 'fp32', 'fp16' or 'bf16'.
+        no_t5: SD3/SD3.5 only: load without the T5 text encoder (`text_encoder_3=None, tokenizer_3=None`, as
+            diffusers documents), saving its memory (4.7B parameters, about 9.5 GB in bf16) at some cost in
+            prompt adherence.
 
     Returns:
         The diffusers pipeline on `device`, safety checker off, progress bars off (diffquant shows its own).
     """
     from diffusers import DiffusionPipeline
 
+    from .profiles import class_profile, embedded_profile
+    from .progress import is_quiet
+
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    name = str(shapes_sd_path() if model is None else model)
+    name = str(_embedded(model))
     index, where = _model_index(name)
-    check_supported(index, name)
+    attribute = check_supported(index, name)
+    check_components(index, name, Path(name).expanduser() if where == "local" else None, no_t5)
+    profile = embedded_profile(name) or class_profile(index["_class_name"], {"_class_name": _entry(index, attribute)})
+    torch_dtype = resolve_dtype(dtype, torch_device, gpu_default=_DTYPES[profile.gpu_dtype])
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    if no_t5:
+        extra |= {"text_encoder_3": None, "tokenizer_3": None}
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            name, torch_dtype=torch_dtype, use_safetensors=True, trust_remote_code=False, **extra)
+        with _library_bars_off(is_quiet()):
+            pipe = DiffusionPipeline.from_pretrained(
+                name, torch_dtype=torch_dtype, use_safetensors=True, trust_remote_code=False, **extra)
     except OSError as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "safetensors" in message.lower() and where == "hub":
@@ -151,17 +262,7 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
         if type(error).__name__ == "SafetensorError":
             raise DiffquantError(f"corrupt weights in {name} ({error}): re-download or re-save the model") from None
         raise
+    check_text_widths(pipe, name)
     pipe.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s as %s", name, type(pipe).__name__, torch_device, torch_dtype)
     return pipe.to(torch_device)
-
-
-def is_shapes_sd(pipe) -> bool:
-    """True when the pipeline speaks the shapes grammar (its tokenizer's vocabulary is the grammar's words)."""
-    from .shapes.model import grammar_words
-
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None:
-        return False
-    vocab = tokenizer.get_vocab()
-    return len(vocab) < 200 and all(f"{w}</w>" in vocab for w in grammar_words())

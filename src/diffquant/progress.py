@@ -20,3 +20,8 @@ def set_quiet(quiet: bool) -> None:
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, disable: bool = False) -> Iterator[T]:
     """Iterate with a progress bar unless progress is turned off."""
     return iter(tqdm(iterable, desc=desc, total=total, disable=disable or _quiet, leave=False, dynamic_ncols=True))
+
+
+def is_quiet() -> bool:
+    """True when progress bars are turned off (libraries' own bars too: see `pipeline.load_pipeline`)."""
+    return _quiet

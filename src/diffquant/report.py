@@ -101,7 +101,7 @@ def render_html(out_dir: Path, results: RunResult) -> str:
         timesteps = calibration["timesteps"]
         shown = ", ".join(map(str, timesteps[:12])) + (f" ... ({len(timesteps)} in all)" if len(timesteps) > 12 else "")
         trajectory = f" of a {calibration['steps']}-step trajectory" if calibration.get("steps") else ""
-        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['calls']))} {e(denoiser)} calls from "
+        parts.append(f"<h2>Calibration</h2><p>{e(str(calibration['denoiser_calls']))} {e(denoiser)} calls from "
                      f"{e(str(calibration['prompts']))} prompts of {e(str(calibration['source']))} "
                      f"(both guidance halves where the pipeline uses them), at timesteps {e(shown)}"
                      f"{e(trajectory)}.</p>")

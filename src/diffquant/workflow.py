@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import output_folder, save_image, write_json
-from .calibration import calibrate, recording_unet_inputs
+from .calibration import calibrate, recording_denoiser_inputs
 from .config import RunConfig
 from .denoisers import denoiser_of
 from .export import export_onnx
@@ -35,9 +35,9 @@ def _prompts(pipe, config: RunConfig) -> list[str]:
     if config.prompts:
         n = config.num_images or len(config.prompts)
         return [config.prompts[k % len(config.prompts)] for k in range(n)]
-    from .pipeline import is_shapes_sd
+    from .profiles import profile_of
 
-    return default_prompts(pipe, config.num_images or (6 if is_shapes_sd(pipe) else 3))
+    return default_prompts(pipe, config.num_images or profile_of(pipe).num_images)
 
 
 def _image_path(label: str, k: int) -> Path:
@@ -163,7 +163,7 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
         saved.update(calibration=described)
 
     # The denoiser's inputs on the evaluation trajectories, for each recipe's output SQNR.
-    with _timed(timings, "generate baseline"), recording_unet_inputs(pipe, steps, timesteps=4) as eval_inputs:
+    with _timed(timings, "generate baseline"), recording_denoiser_inputs(pipe, steps, timesteps=4) as eval_inputs:
         baseline, paths = _generate_saved(pipe, prompts, out_dir, "baseline", "baseline", gen)
     saved.update(baseline_images=tuple(paths), baseline_shapeeval=prompt_adherence(baseline, prompts))
     rows = {"baseline": baseline}
