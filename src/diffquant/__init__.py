@@ -1,9 +1,10 @@
-"""diffquant: quantize Stable Diffusion UNets with AMD Quark, measure what it costs, export to ONNX.
+"""diffquant: quantize the denoiser of diffusion pipelines (SD 1.x/2.x and SDXL UNets, SD3/SD3.5 and FLUX.1
+transformers) with AMD Quark, measure what it costs, export to ONNX.
 
 The public API follows the notebook flow::
 
     import diffquant as dq
-    pipe = dq.load_pipeline()                      # the embedded shapes-sd, a Hub id or a local folder
+    pipe = dq.load_pipeline()                      # shapes-sd; "shapes-sd3", a Hub id or a local folder
     prompts = dq.default_prompts(pipe, 4)
     baseline = dq.generate(pipe, prompts, seed=1024)
     q = dq.quantize(pipe, "int8-w")                # a new pipeline; `pipe` is untouched
@@ -24,7 +25,8 @@ _API = {
     "load_quantized": "quantization", "layer_report": "quantization", "generate": "generation",
     "default_prompts": "generation", "image_grid": "generation", "compare": "metrics", "export_onnx": "export",
     "export_pipeline": "onnx_pipeline",
-    "view": "viewer", "run": "workflow", "RunConfig": "workflow", "Recipe": "recipes", "RECIPES": "recipes",
+    "view": "viewer", "run": "workflow", "RunConfig": "config", "RunResult": "results",
+    "denoiser_of": "denoisers", "profile_of": "profiles", "Recipe": "recipes", "RECIPES": "recipes",
     "TensorQuant": "recipes", "PerTensor": "recipes", "PerChannel": "recipes", "get_recipe": "recipes",
     "DiffquantError": "errors",
 }

@@ -25,8 +25,10 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
                    help="prompt (repeatable); default: shapes captions for shapes-sd, the tutorial's rabbit otherwise")
     p.add_argument("--num-images", type=int, help="images in all; prompts are cycled (image k uses seed + k)")
     p.add_argument("--seed", type=int, default=1024, help="seed of the first image (default 1024)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 25 for shapes-sd, 50 otherwise)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: 4 for shapes-sd, 7.5 otherwise)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model profile's, e.g. 25 for shapes-sd, "
+                                             "50 for SD 1.5, 28 for SD3)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model profile's, e.g. 3 for shapes-sd; "
+                                                  "FLUX.1-dev: the distilled guidance input; FLUX.1-schnell: none)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -53,8 +55,8 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffquant", description="Quantize Stable Diffusion UNets with AMD Quark, "
-                                     "measure what it costs, export to ONNX.")
+    parser = argparse.ArgumentParser(prog="diffquant", description="Quantize the denoiser of diffusion pipelines "
+                                     "(UNet or DiT) with AMD Quark, measure what it costs, export to ONNX.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help="debug logs")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -91,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration(p)
     p.add_argument("--out", required=True, help="folder for sensitivity.json, sensitivity.png and the recipe")
 
-    p = sub.add_parser("generate", help="generate seeded images with a model or a quantized UNet")
+    p = sub.add_parser("generate", help="generate seeded images with a model or a quantized denoiser")
     _add_model(p)
     _add_generation(p)
     p.add_argument("--quantized", help="folder written by `diffquant quantize` (its model is used)")
     p.add_argument("--out", required=True, help="folder for images/ and prompts.json")
 
-    p = sub.add_parser("quantize", help="quantize the UNet and save it for generate/export")
+    p = sub.add_parser("quantize", help="quantize the denoiser (UNet or transformer) and save it for generate/export")
     _add_model(p)
     p.add_argument("--recipe", required=True, help=f"one of: {', '.join(RECIPES)}")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("others", nargs="+", help="folders to compare (same prompts and seeds)")
     p.add_argument("--out", required=True, help="folder for comparison.json and grid.png")
 
-    p = sub.add_parser("export", help="export a quantized UNet to ONNX and check it in ONNX Runtime")
+    p = sub.add_parser("export", help="export a quantized denoiser to ONNX and check it in ONNX Runtime")
     p.add_argument("quantized", help="folder written by `diffquant quantize`")
     p.add_argument("--device", default="auto")
     p.add_argument("--pipeline", action="store_true",
@@ -186,7 +188,7 @@ def _sensitivity(args, out: Path) -> int:
             raise DiffquantError(f"{flag} must be 0 or more, got {value}")
     recipe = get_recipe(args.recipe)
     config = RunConfig(model=args.model, **_calibration_options(args))
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, no_t5=args.no_t5)
     settings = default_settings(pipe)
     calibration, described = calibrate_for_run(pipe, config, steps=args.steps or settings.steps,
                                                 guidance=settings.guidance)
@@ -266,7 +268,7 @@ def _generate(args, out: Path) -> int:
     from .quantization import load_quantized
 
     pipe = load_quantized(args.quantized, args.device, args.dtype) if args.quantized else \
-        load_pipeline(args.model, args.device, args.dtype)
+        load_pipeline(args.model, args.device, args.dtype, no_t5=args.no_t5)
     settings = default_settings(pipe, args.seed)
     prompts = args.prompts or default_prompts(pipe, args.num_images or 6)
     if args.prompts and args.num_images:
@@ -352,14 +354,16 @@ def _cmd_quantize(args) -> int:
     recipe = get_recipe(args.recipe)
     config = RunConfig(model=args.model, **_calibration_options(args))
     with output_folder(args.out) as out:
-        pipe = load_pipeline(args.model, args.device, args.dtype)
+        pipe = load_pipeline(args.model, args.device, args.dtype, no_t5=args.no_t5)
         calibration = None
         if recipe.needs_calibration:
             settings = default_settings(pipe)
             calibration, _ = calibrate_for_run(pipe, config, steps=settings.steps, guidance=settings.guidance)
         quantized = quantize(pipe, recipe, calibration=calibration, exclude=args.exclude)
         save_quantized(quantized, out, model=args.model)
-    report = layer_report(quantized.unet)
+    from .denoisers import denoiser_of
+
+    report = layer_report(denoiser_of(quantized).module)
     print(f"quantized {len(report.quantized)} layers ({len(report.float_layers)} left in float); saved to {out}")
     return 0
 
