@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from diffquant.ort_fusion import prepare_for_ort_fusion
-from diffquant.runtime import session_options
+from diffquant.runtimes.onnxruntime import prepare_for_ort_fusion
+from diffquant.runtimes.onnxruntime import session_options
 
 RNG = np.random.default_rng(0)
 
@@ -86,7 +86,7 @@ def ort_recipe_export(shapes_pipe, shapes_calibration, tmp_path_factory):
 
 def test_shapes_sd_runs_convs_and_attention_linears_on_integer_kernels(ort_recipe_export, tmp_path):
     from diffquant.export import example_inputs
-    from diffquant.runtime import profile_operators
+    from diffquant.runtimes.onnxruntime import profile_operators
 
     quantized, exported = ort_recipe_export
     unet = quantized.unet
@@ -108,7 +108,7 @@ def test_shapes_sd_runs_convs_and_attention_linears_on_integer_kernels(ort_recip
 
 def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, ort_recipe_export):
     from diffquant import compare, generate
-    from diffquant.runtime import ort_pipeline
+    from diffquant.runtimes.onnxruntime import ort_pipeline
     from diffquant.shapes.dataset import sample_captions
 
     quantized, exported = ort_recipe_export

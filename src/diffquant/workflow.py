@@ -20,7 +20,7 @@ from .generation import as_prompt_list, check_settings, default_prompts, default
 from .metrics import compare, prompt_adherence, sqnr_db
 from .pipeline import load_pipeline
 from .quantize import layer_report, quantize_unet
-from .runtime import ort_pipeline
+from .runtimes.onnxruntime import ort_pipeline
 from .recipes import DEFAULT_RECIPES, parse_recipes
 from .report import versions, write_report, write_results
 

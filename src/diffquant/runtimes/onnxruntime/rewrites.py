@@ -7,6 +7,11 @@ float bias itself). Quark's export stands in the way of the MatMul fusion twice:
 reaches MatMul through a Transpose after its DequantizeLinear, and one quantized activation feeds
 several layers (attention's to_q, to_k and to_v) through one shared chain, or through identical
 chains that ORT's common-subexpression pass merges into one; the fusion refuses a shared chain.
+Two more stand in the way of transformer Linears: torch exports a Linear on a 2-D input (timestep and
+pooled-text embedders, AdaLayerNorm modulation) as Gemm with a float bias, which ORT fuses into QGemm
+only without one; and ORT's MatMulAddFusion (level 1, before the QDQ fusions of level 2) turns a
+Linear's MatMul + Add into a float Gemm wherever the input shape is fully known (a fixed-shape export
+such as Flux's): outputs still match torch, but no integer kernel runs.
 Every rewrite here is exact. A Conv fuses only when its output is quantized too: that is the
 recipe's `conv_output`, not this pass.
 
@@ -22,20 +27,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .compress import drop_unused_initializers, read_tensor_names
+from ...compress import drop_unused_initializers, read_tensor_names
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class FusionReport:
-    """How many constant Identity nodes were bypassed, weight transposes folded into the codes and
-    quantized inputs split per layer."""
+    """How many constant Identity nodes were bypassed, weight transposes folded into the codes, quantized
+    inputs split per layer, Gemm biases moved out and MatMul biases shielded from MatMulAddFusion."""
 
     bypassed_identities: int
     folded_transposes: int
     split_quantize: int
     distinct_quantize: int
+    unbiased_gemms: int = 0
+    shielded_biases: int = 0
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -208,6 +215,70 @@ def distinct_quantize_constants(model) -> int:
     return renamed
 
 
+def _integer_dq(name: str, producers: dict, initializers: dict) -> bool:
+    """`name` is the output of a DequantizeLinear of int8/uint8 codes (a quantized weight or activation)."""
+    import onnx
+
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[2] not in initializers:
+        return False
+    return initializers[dq.input[2]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
+def unbias_quantized_gemms(model) -> int:
+    """Gemm(DQ(x), DQ(W), bias) becomes Gemm(DQ(x), DQ(W)) -> Add(bias): ONNX Runtime fuses a quantized
+    Gemm into QGemm (float output) only when it has no bias or an int32-quantized one, and re-quantizing
+    the float bias would not be exact."""
+    import onnx
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    moved = 0
+    for gemm in [n for n in graph.node if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2]]:
+        if not all(_integer_dq(name, producers, initializers) for name in gemm.input[:2]):
+            continue
+        if _attribute(gemm, "alpha", 1.0) != 1.0 or _attribute(gemm, "beta", 1.0) != 1.0:
+            continue
+        bias, output = gemm.input[2], gemm.output[0]
+        del gemm.input[2]
+        gemm.output[0] = f"{output}_unbiased"
+        position = list(graph.node).index(gemm) + 1
+        graph.node.insert(position, onnx.helper.make_node("Add", [gemm.output[0], bias], [output],
+                                                          name=f"{gemm.name or output}_bias"))
+        moved += 1
+    return moved
+
+
+def shield_matmul_biases(model) -> int:
+    """The 1-D bias of a quantized MatMul -> Add becomes (1, N): the same broadcast, but outside the bias
+    shapes that ONNX Runtime's MatMulAddFusion accepts for an N-D input, so the MatMul stays a MatMul
+    for the QDQ fusion into MatMulIntegerToFloat instead of becoming a float Gemm."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    shielded = 0
+    for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
+        if not all(_integer_dq(name, producers, initializers) for name in matmul.input[:2]):
+            continue
+        readers = consumers[matmul.output[0]]
+        if len(readers) != 1 or readers[0].op_type != "Add":
+            continue
+        add = readers[0]
+        k = 1 - list(add.input).index(matmul.output[0])
+        bias = initializers.get(add.input[k])
+        if bias is None or len(bias.dims) != 1:
+            continue
+        shielded += 1
+        name = f"{bias.name}_1xN"
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(bias).reshape(1, -1), name))
+        add.input[k] = name
+    return shielded
+
+
 def _copy(tensor, name: str):
     import onnx
 
@@ -223,7 +294,8 @@ def prepare_for_ort_fusion(model) -> FusionReport:
     bypassed = bypass_constant_identities(model)
     folded = fold_weight_transposes(model)
     split = split_shared_quantize(model)
-    report = FusionReport(bypassed, folded, split, distinct_quantize_constants(model))
+    distinct = distinct_quantize_constants(model)
+    report = FusionReport(bypassed, folded, split, distinct, unbias_quantized_gemms(model), shield_matmul_biases(model))
     drop_unused_initializers(model.graph)
     logger.info("ONNX Runtime fusion form: %s", report.to_dict())
     return report

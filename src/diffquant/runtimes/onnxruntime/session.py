@@ -1,16 +1,15 @@
-"""The UNet as an ONNX Runtime session inside a diffusers pipeline: the text encoder and VAE stay in
-torch, every denoising step runs the exported (int8 QDQ or fp32) graph, same seeds as torch."""
+"""ONNX Runtime sessions as diffquant opens them: every graph optimization (QDQ fusion into integer
+kernels), int8 products computed exactly on every CPU, providers checked with one clear error."""
 
 from __future__ import annotations
 
-import copy
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DiffquantError
+from ...errors import DiffquantError
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # On x86 CPUs, ONNX Runtime's int8 MatMul/Conv kernels multiply u8 activations by s8 weights. Without
@@ -87,95 +86,6 @@ def session(path: str | Path, providers: list[str] | tuple[str, ...] | None = No
     return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
 
 
-class OrtUNet(torch.nn.Module):
-    """A stand-in for `pipe.unet` that runs an exported UNet graph in ONNX Runtime.
-
-    It keeps the torch UNet's config (the pipeline reads channels and sizes from it) and returns
-    torch tensors, so the diffusers pipeline runs unchanged around it.
-    """
-
-    def __init__(self, onnx_path: str | Path, config, providers=None, threads: int | None = None):
-        super().__init__()
-        self.session = session(onnx_path, providers, threads)
-        self.config = config
-        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")  # inputs and outputs cross as CPU numpy arrays
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=False, **_):
-        batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep).reshape(-1).expand(batch)
-        feed = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
-                **(added_cond_kwargs or {})}
-        arrays = {}
-        for name, kind in self.input_types.items():
-            value = feed[name].detach().cpu()
-            arrays[name] = value.numpy().astype(np.int64 if "int64" in kind else np.float32)
-        out = torch.from_numpy(self.session.run(None, arrays)[0])
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
-
-
 def session_feed(session_, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The numpy feed of `session_`'s inputs, taken by name from torch `inputs`."""
     return {i.name: inputs[i.name].detach().cpu().numpy() for i in session_.get_inputs()}
-
-
-def profile_operators(path: str | Path, inputs: dict[str, torch.Tensor], out_dir: str | Path,
-                      runs: int = 1) -> tuple[dict[str, float], dict[str, int]]:
-    """Where ONNX Runtime spends a UNet call: (milliseconds per call by operator type, operator counts
-    of the graph after ORT's fusions). A QLinearConv or MatMulIntegerToFloat is an integer kernel;
-    a Conv or MatMul left beside DequantizeLinear nodes ran in float."""
-    import json
-    from collections import Counter, defaultdict
-
-    import onnx
-    import onnxruntime as ort
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(path).parent.name
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(out_dir / stem)
-    options.optimized_model_filepath = str(out_dir / f"{stem}.optimized.onnx")
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                     f"{stem}.optimized.onnx.data")
-    profiled = session(path, options=options)
-    feed = session_feed(profiled, inputs)
-    for _ in range(runs + 1):
-        profiled.run(None, feed)
-    events = json.loads(Path(profiled.end_profiling()).read_text())
-    # The first call includes one-time allocations: count only the nodes of the calls after it.
-    first_run = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    warm_from = first_run["ts"] + first_run["dur"]
-    per_op = defaultdict(float)
-    for event in events:
-        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
-                and event["ts"] >= warm_from):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
-    optimized = onnx.load(str(out_dir / f"{stem}.optimized.onnx"), load_external_data=False)
-    ops = Counter(node.op_type for node in optimized.graph.node)
-    return dict(sorted(per_op.items(), key=lambda item: -item[1])), dict(ops.most_common())
-
-
-def ort_pipeline(pipe, onnx_path: str | Path, providers=None, threads: int | None = None):
-    """A shallow copy of `pipe` whose UNet runs `onnx_path` in ONNX Runtime (CPU by default; pass
-    ["CUDAExecutionProvider"] or ["ROCMExecutionProvider"] on a GPU build of onnxruntime)."""
-    ort_pipe = copy.copy(pipe)
-    unet = OrtUNet(onnx_path, pipe.unet.config, providers, threads)
-    if getattr(pipe.unet, "add_embedding", None) is not None:
-        # SDXL pipelines read its input width to check the added conditioning they build.
-        unet.add_embedding = pipe.unet.add_embedding
-    # Bypass DiffusionPipeline.__setattr__, which would record the stand-in in the pipeline's config.
-    object.__setattr__(ort_pipe, "unet", unet)
-    return ort_pipe
