@@ -123,8 +123,9 @@ class GraphDenoiser(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The graph's float input type (the pipeline casts its latents and embeddings to it)."""
         floats = [dtype for dtype, _ in self.runner.inputs.values() if np.issubdtype(dtype, np.floating)]
-        return torch.from_numpy(np.zeros(0, floats[0] if floats else np.float32)).dtype
+        return torch.float16 if floats and floats[0] == np.float16 else torch.float32
 
     def cache_context(self, name: str):
         return nullcontext()
