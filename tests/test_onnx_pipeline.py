@@ -57,7 +57,7 @@ def deployed(shapes_pipe, tmp_path_factory):
 
 
 def test_optimum_loads_the_folder_and_draws_diffquants_onnx_runtime_images(shapes_pipe, deployed, tmp_path):
-    from diffquant.runtime import ort_pipeline
+    from diffquant.runtimes.onnxruntime import ort_pipeline
 
     prompts = ["a red circle on a white background", "a large blue square on the left on a black background",
                "a small yellow triangle at the top on a purple background", "a green circle on a orange background"]

@@ -1,6 +1,7 @@
 """The rewrite that lets ONNX Runtime run the quantized layers on integer kernels: exact on hand-built
-graphs, and on shapes-sd most Convs become QLinearConv and every attention/feed-forward Linear a
-MatMulIntegerToFloat, with images that match Quark's torch fake-quant."""
+graphs (attention's shared inputs, a transformer's biased Gemm and fixed-shape MatMul + Add), and on
+shapes-sd most Convs become QLinearConv and every Linear a MatMulIntegerToFloat or QGemm, with images
+that match Quark's torch fake-quant."""
 
 import numpy as np
 import onnx
@@ -8,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from diffquant.ort_fusion import prepare_for_ort_fusion
-from diffquant.runtime import session_options
+from diffquant.runtimes.onnxruntime import prepare_for_ort_fusion
+from diffquant.runtimes.onnxruntime import session_options
 
 RNG = np.random.default_rng(0)
 
@@ -76,6 +77,48 @@ def test_linear_rewrite_is_exact_and_unlocks_integer_matmuls(tmp_path, identical
     np.testing.assert_allclose(_run(model, feed, optimize=True), before, rtol=1e-4, atol=1e-4)
 
 
+def _quantized_linear_with_bias(gemm: bool):
+    """One quantized Linear with a float bias as Quark exports it for a transformer: on a 2-D input
+    (an embedder or an AdaLayerNorm modulation) torch writes Gemm(x, W, b, transB=1); on a 3-D input
+    of fixed shape (Flux's export) MatMul(x, W^T) -> Add(b), which ORT's MatMulAddFusion makes a Gemm."""
+    k, n = 32, 24
+    shape = [4, k] if gemm else [2, 7, k]
+    weights = RNG.integers(-127, 128, (n, k)).astype(np.int8)
+    initializers = [numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+                    numpy_helper.from_array(np.array(0, np.int8), "x_zero"),
+                    numpy_helper.from_array(weights if gemm else np.ascontiguousarray(weights.T), "w"),
+                    numpy_helper.from_array((RNG.random(n) + 0.5).astype(np.float32) * 1e-2, "w_scale"),
+                    numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
+                    numpy_helper.from_array(RNG.standard_normal(n).astype(np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["w_dq"], axis=0 if gemm else 1)]
+    if gemm:
+        nodes.append(helper.make_node("Gemm", ["x_dq", "w_dq", "b"], ["out"], transB=1))
+    else:
+        nodes += [helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"]), helper.make_node("Add", ["y", "b"], ["out"])]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [*shape[:-1], n])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize("gemm, kernel", [(True, "QGemm"), (False, "MatMulIntegerToFloat")])
+def test_transformer_linears_with_a_bias_reach_an_integer_kernel(tmp_path, gemm, kernel):
+    model = _quantized_linear_with_bias(gemm)
+    feed = {"x": RNG.standard_normal((4, 32) if gemm else (2, 7, 32)).astype(np.float32)}
+    before = _run(model, feed, optimize=False)
+    ops = _fused_ops(model, tmp_path)
+    assert "Gemm" in ops and kernel not in ops  # ORT runs it in float: dequantized weights, float Gemm
+
+    report = prepare_for_ort_fusion(model)
+    onnx.checker.check_model(model)
+    assert (report.unbiased_gemms, report.shielded_biases) == ((1, 0) if gemm else (0, 1))
+    assert np.array_equal(_run(model, feed, optimize=False), before)
+    ops = _fused_ops(model, tmp_path)
+    assert ops.count(kernel) == 1 and "Gemm" not in ops and "MatMul" not in ops
+    np.testing.assert_allclose(_run(model, feed, optimize=True), before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def ort_recipe_export(shapes_pipe, shapes_calibration, tmp_path_factory):
     from diffquant import export_onnx, quantize
@@ -84,9 +127,9 @@ def ort_recipe_export(shapes_pipe, shapes_calibration, tmp_path_factory):
     return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ort") / "w8a8-int8-ort")
 
 
-def test_shapes_sd_runs_convs_and_attention_linears_on_integer_kernels(ort_recipe_export, tmp_path):
+def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(ort_recipe_export, tmp_path):
     from diffquant.export import example_inputs
-    from diffquant.runtime import profile_operators
+    from diffquant.runtimes.onnxruntime import profile_operators
 
     quantized, exported = ort_recipe_export
     unet = quantized.unet
@@ -102,13 +145,15 @@ def test_shapes_sd_runs_convs_and_attention_linears_on_integer_kernels(ort_recip
     assert ops.get("QLinearConv", 0) + ops.get("Conv", 0) == len(convs)
     attention_linears = [n for n, m in unet.named_modules() if m in linears and "attentions" in n]
     assert ops.get("MatMulIntegerToFloat", 0) == len(attention_linears)
+    # The time embedding's Linears, on a 2-D input, are Gemms: QGemm once their float bias is moved out.
+    assert ops.get("QGemm", 0) == len(linears) - len(attention_linears) > 0 and "Gemm" not in ops
     assert per_op["QLinearConv"] > 0 and sum(per_op.values()) > 0
     assert exported.relative_error <= exported.relative_error_bound
 
 
 def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, ort_recipe_export):
     from diffquant import compare, generate
-    from diffquant.runtime import ort_pipeline
+    from diffquant.runtimes.onnxruntime import ort_pipeline
     from diffquant.shapes.dataset import sample_captions
 
     quantized, exported = ort_recipe_export

@@ -12,7 +12,7 @@ from diffquant.bench import BENCH_VERSION
 from diffquant.cli import main
 from diffquant.export import export_fp32_onnx
 from diffquant.metrics import compare
-from diffquant.runtime import ort_pipeline
+from diffquant.runtimes.onnxruntime import ort_pipeline
 
 PROMPTS = ["a red circle on a blue background", "a small green square on the left on a white background"]
 

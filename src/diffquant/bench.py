@@ -177,7 +177,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     from .pipeline import load_pipeline
     from .quantization import quantize_module
     from .recipes import get_recipe
-    from .runtime import OrtUNet, ort_pipeline, profile_operators
+    from .runtimes.onnxruntime import OnnxRuntime, ort_pipeline, profile_operators
 
     for label, value, least in (("iterations", iterations, 1), ("warmup", warmup, 0), ("batch", batch, 1),
                                 ("images", images, 1)):
@@ -234,8 +234,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
 
     fp32_onnx = export_fp32_onnx(unet, out / "onnx-fp32", sequence_length=seq)
     threads = torch.get_num_threads()  # ONNX Runtime rows use the threads torch rows use
-    fp32_runner = OrtUNet(fp32_onnx, unet.config, threads=threads)
-    measure("ORT fp32", lambda: fp32_runner(**inputs), _dir_mb(out / "onnx-fp32"),
+    fp32_runner = OnnxRuntime().runner(fp32_onnx, threads)
+    measure("ORT fp32", lambda: fp32_runner.run(inputs), _dir_mb(out / "onnx-fp32"),
             p=ort_pipeline(pipe, fp32_onnx, threads=threads) if pipe is not None else None)
     fp32_runner = None  # frees the float session before the quantized export
     # Random weights put many activations on rounding ties, so ORT and torch fake-quant differ by
@@ -243,9 +243,9 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     q_export = export_onnx(q_unet, out / f"onnx-{recipe.name}", sequence_length=seq, check=arch is None)
     result.notes.append(f"ORT {recipe.name} vs torch fake-quant on one UNet call: relative L2 error "
                         f"{q_export.relative_error:.2e}")
-    q_runner = OrtUNet(q_export.path, unet.config, threads=threads)
+    q_runner = OnnxRuntime().runner(q_export.path, threads)
     q_label = f"ORT {recipe.name} (QDQ)"
-    measure(q_label, lambda: q_runner(**inputs), _dir_mb(out / f"onnx-{recipe.name}"),
+    measure(q_label, lambda: q_runner.run(inputs), _dir_mb(out / f"onnx-{recipe.name}"),
             p=ort_pipeline(pipe, q_export.path, threads=threads) if pipe is not None else None)
     q_runner = None
     if profile:

@@ -1,5 +1,6 @@
-"""Stage 6, export: the quantized UNet to ONNX through Quark's exporter, checked by onnx.checker and
-run in ONNX Runtime against the torch quantized UNet."""
+"""Stage 6, export: the quantized denoiser (a UNet or a DiT, through its family in `denoisers`) to ONNX
+through Quark's exporter, checked by onnx.checker and run in ONNX Runtime against the torch quantized
+denoiser. The file is named after the pipeline attribute it replaces: `unet.onnx` or `transformer.onnx`."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import numpy as np
 import torch
 
 from .artifacts import atomic_dir
+from .denoisers import Denoiser, denoiser_for, denoiser_of
 from .errors import DiffquantError
 
 logger = logging.getLogger(__name__)
-ONNX_NAME = "unet.onnx"
 # ORT and Quark's torch fake-quant disagree by about one int8 step on a few values: Quark's symmetric
 # scale is amax/127.5, so a tensor's extreme lands on a rounding boundary that the two round
 # differently (weights), and W8A8 re-rounds activations that sit near a boundary. Measured here: 0.2%
@@ -31,50 +32,26 @@ MAX_RELATIVE_ERROR = 0.05
 MAX_RELATIVE_ERROR_WITH_OUTPUTS = 0.10
 
 
-def relative_error_bound(unet: torch.nn.Module) -> float:
-    """The ORT-vs-torch bound for this quantized UNet: looser when layer outputs are quantized too."""
-    outputs = any(getattr(m, "_output_quantizer", None) is not None for m in unet.modules())
+def relative_error_bound(module: torch.nn.Module) -> float:
+    """The ORT-vs-torch bound for this quantized denoiser: looser when layer outputs are quantized too."""
+    outputs = any(getattr(m, "_output_quantizer", None) is not None for m in module.modules())
     return MAX_RELATIVE_ERROR_WITH_OUTPUTS if outputs else MAX_RELATIVE_ERROR
 
 
-class _UNetForExport(torch.nn.Module):
-    """Positional tensors in, one tensor out: what ONNX tracing needs (SDXL's added conditioning as inputs)."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.sdxl = unet.config.addition_embed_type == "text_time"
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+def onnx_name(family: Denoiser) -> str:
+    """The exported graph's file name: the pipeline attribute it stands in for (`unet.onnx`, `transformer.onnx`)."""
+    return f"{family.pipeline_attribute}.onnx"
 
 
-def example_inputs(unet: torch.nn.Module, batch_size: int = 2, sequence_length: int = 77,
+def example_inputs(module: torch.nn.Module, batch_size: int = 2, sequence_length: int = 77,
                    seed: int = 0) -> dict[str, torch.Tensor]:
-    """UNet inputs shaped from the UNet's own config (latent channels and size, cross-attention width,
-    SDXL's added text/time conditioning): nothing hard-coded to SD 1.5."""
-    config = unet.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    cross = config.cross_attention_dim
-    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    gen = torch.Generator().manual_seed(seed)
-    device, dtype = unet.device, unet.dtype
-    inputs = {
-        "sample": torch.randn(batch_size, config.in_channels, height, width, generator=gen),  # (B, C, h, w)
-        "timestep": torch.full((batch_size,), 500, dtype=torch.int64),  # (B,)
-        "encoder_hidden_states": torch.randn(batch_size, sequence_length, cross, generator=gen),  # (B, T, D)
-    }
-    if config.addition_embed_type == "text_time":  # SDXL: pooled text embeds + 6 size/crop ids
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["text_embeds"] = torch.randn(batch_size, pooled, generator=gen)
-        inputs["time_ids"] = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch_size, 1)
-    return {k: v.to(device) if v.dtype == torch.int64 else v.to(device, dtype) for k, v in inputs.items()}
+    """Flat inputs of the denoiser `module`, shaped from its config by its family (nothing hard-coded to a
+    model); the ONNX graph's inputs, in order."""
+    return denoiser_for(module).example_inputs(batch_size, sequence_length, seed)
 
 
 @contextlib.contextmanager
-def _dynamic_batch(dynamic_axes: dict):
+def _dynamic_axes(dynamic_axes: dict):
     """Quark's export_onnx has no dynamic_axes argument; pass them through to the torch.onnx.export it calls."""
     original = torch.onnx.export
 
@@ -91,7 +68,9 @@ def _dynamic_batch(dynamic_axes: dict):
 
 @dataclass
 class OnnxExport:
-    """What was exported and how closely ONNX Runtime reproduces the torch quantized UNet."""
+    """What was exported, which operators ONNX Runtime runs after its fusions (`fused_ops`: an integer
+    MatMulIntegerToFloat / QLinearConv / QLinearMatMul per quantized layer it fused), and how closely it
+    reproduces the torch quantized denoiser."""
 
     path: Path
     size_bytes: int
@@ -104,19 +83,14 @@ class OnnxExport:
     weight_dtypes: dict[str, int] = field(default_factory=dict)
     compression: dict = field(default_factory=dict)
     fusion: dict = field(default_factory=dict)
+    fused_ops: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "inputs": self.inputs,
                 "op_counts": self.op_counts, "weight_dtypes": self.weight_dtypes, "compression": self.compression,
-                "fusion": self.fusion,
+                "fusion": self.fusion, "fused_ops": self.fused_ops,
                 "max_abs_error": self.max_abs_error, "relative_error": self.relative_error,
                 "relative_error_bound": self.relative_error_bound, "export_seconds": self.export_seconds}
-
-
-def _sequence_length(pipe_or_unet) -> tuple[torch.nn.Module, int]:
-    tokenizer = getattr(pipe_or_unet, "tokenizer", None)
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    return unet, (tokenizer.model_max_length if tokenizer is not None else 77)
 
 
 # Protobuf cannot serialize a model of 2 GB or more (an SD 1.5 UNet is 3.4 GB in fp32), and Quark's
@@ -124,10 +98,6 @@ def _sequence_length(pipe_or_unet) -> tuple[torch.nn.Module, int]:
 # the tensors to one external data file beside the graph instead.
 EXTERNAL_DATA_ABOVE_BYTES = 1_800_000_000
 _EXTERNAL_DATA = {"save_as_external_data": True, "all_tensors_to_one_file": True, "size_threshold": 1024}
-
-
-def _dynamic_axes(names: list[str]) -> dict:
-    return {name: {0: "batch"} for name in names} | {"out_sample": {0: "batch"}}
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -170,25 +140,48 @@ def _save(model, path: Path, external: bool) -> None:
         onnx.save_model(model, str(path))
 
 
-def export_fp32_onnx(unet: torch.nn.Module, out_dir: str | Path, sequence_length: int = 77,
-                     batch_size: int = 2) -> Path:
-    """Export the float UNet (the reference for ONNX Runtime speed) to `out_dir/unet.onnx`, with the
-    same named inputs and dynamic batch as the quantized export."""
-    inputs = example_inputs(unet, batch_size, sequence_length)
+def _family_and_length(pipe_or_module, sequence_length: int | None) -> tuple[Denoiser, int | None]:
+    """The denoiser family of a pipeline or a bare module, and the text length (a pipeline's tokenizers')."""
+    if isinstance(pipe_or_module, torch.nn.Module):
+        return denoiser_for(pipe_or_module), sequence_length
+    family = denoiser_of(pipe_or_module)
+    return family, sequence_length or family.sequence_length(pipe_or_module)
+
+
+def _trace_inputs(family: Denoiser, batch_size: int | None, sequence_length: int | None,
+                  inputs: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The example inputs the graph is traced with. A fixed-batch family is traced at batch 1 (runtimes
+    call it once per sample), with the first sample of `inputs` when given."""
+    if inputs is None:
+        batch_size = batch_size or (2 if family.dynamic_batch else 1)
+        inputs = family.example_inputs(batch_size, sequence_length)
+    elif not family.dynamic_batch and batch_size is None:
+        unbatched = set(family.unbatched_inputs)
+        inputs = {k: v if k in unbatched else v[:1] for k, v in inputs.items()}
+    names = family.input_names(inputs)
+    return {k: inputs[k] for k in names}
+
+
+def export_fp32_onnx(module: torch.nn.Module, out_dir: str | Path, sequence_length: int | None = 77,
+                     batch_size: int | None = None, inputs: dict[str, torch.Tensor] | None = None) -> Path:
+    """Export the float denoiser (the reference for ONNX Runtime speed) to `out_dir/<unet|transformer>.onnx`,
+    with the same named inputs and dynamic axes as the quantized export."""
+    family = denoiser_for(module)
+    inputs = _trace_inputs(family, batch_size, sequence_length, inputs)
     names = list(inputs)
-    wrapper = _UNetForExport(unet).eval()
-    model_bytes = _param_bytes(unet)
-    with atomic_dir(Path(out_dir)) as tmp, torch.no_grad():
-        torch.onnx.export(wrapper, tuple(inputs.values()), str(tmp / ONNX_NAME), input_names=names,
-                          output_names=["out_sample"], dynamo=False, opset_version=20,
-                          dynamic_axes=_dynamic_axes(names),
+    model_bytes = _param_bytes(module)
+    with atomic_dir(Path(out_dir)) as tmp, family.exportable(), torch.no_grad():
+        torch.onnx.export(family.export_module(names).eval(), tuple(inputs.values()), str(tmp / onnx_name(family)),
+                          input_names=names, output_names=[family.output_name], dynamo=False, opset_version=20,
+                          dynamic_axes=family.dynamic_axes(names) or None,
                           external_data=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
-    return Path(out_dir) / ONNX_NAME
+    return Path(out_dir) / onnx_name(family)
 
 
-def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence_length: int | None = None,
-                check: bool = True) -> OnnxExport:
-    """Export a quantized UNet to `out_dir/unet.onnx` with Quark, then check it.
+def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = None,
+                sequence_length: int | None = None, check: bool = True,
+                inputs: dict[str, torch.Tensor] | None = None) -> OnnxExport:
+    """Export a quantized denoiser to `out_dir/unet.onnx` or `out_dir/transformer.onnx` with Quark, then check it.
 
     The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
     as fp32), then `compress_weights` stores every quantized weight as INT8 or FLOAT8E4M3FN codes
@@ -196,47 +189,54 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence
     `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels.
 
     Args:
-        pipe_or_unet: a pipeline from `quantize` (its tokenizer gives the text length) or a UNet.
+        pipe_or_module: a pipeline from `quantize` (its tokenizers give the text length) or a bare
+            quantized denoiser (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel).
         out_dir: folder to write to (replaced atomically: an interrupted export leaves nothing behind).
-        batch_size: batch of the example inputs; the batch axis is dynamic in the graph.
-        sequence_length: text tokens of the example inputs (default: the pipeline tokenizer's, or 77).
+        batch_size: batch of the example inputs (default 2; 1 for a family without a dynamic batch, Flux,
+            whose graph keeps the batch it was traced with).
+        sequence_length: text tokens of the example inputs (default: the pipeline tokenizers', or the family's).
         check: raise when ONNX Runtime's output differs from torch's by more than
-            `relative_error_bound(unet)` (False: only report it, for random-weight UNets whose
-            activations sit on rounding ties far more often than a trained UNet's).
+            `relative_error_bound(module)` (False: only report it, for random-weight models whose
+            activations sit on rounding ties far more often than a trained model's).
+        inputs: flat example inputs to trace with instead of the family's (e.g. `family.flat_inputs(record)`
+            of a calibration record): a family whose graph has fixed shapes (Flux) then runs at their
+            image size and text length.
 
     Returns:
-        An `OnnxExport` with the measured ORT-vs-torch error.
+        An `OnnxExport` with the operators ONNX Runtime runs and the measured ORT-vs-torch error.
     """
     import onnx
 
     from .compress import compress_weights
-    from .ort_fusion import prepare_for_ort_fusion
     from .backends.quark import import_quark
+    from .runtimes.onnxruntime import OnnxRuntime, prepare_for_ort_fusion
 
-    unet, default_length = _sequence_length(pipe_or_unet)
-    sequence_length = sequence_length or default_length
-    quark_torch = import_quark(unet.device)
-    inputs = example_inputs(unet, batch_size, sequence_length)
+    family, sequence_length = _family_and_length(pipe_or_module, sequence_length)
+    module = family.module
+    quark_torch = import_quark(module.device)
+    inputs = _trace_inputs(family, batch_size, sequence_length, inputs)
     names = list(inputs)
-    wrapper = _UNetForExport(unet).eval()
+    wrapper = family.export_module(names).eval()
     with torch.no_grad():
-        reference = wrapper(**inputs).float().cpu().numpy()
+        reference = wrapper(*inputs.values()).float().cpu().numpy()
     out_dir = Path(out_dir)
+    name = onnx_name(family)
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        model_bytes = _param_bytes(unet)
-        with _dynamic_batch(_dynamic_axes(names)), _external_data_saves(model_bytes), torch.no_grad():
+        model_bytes = _param_bytes(module)
+        with (_dynamic_axes(family.dynamic_axes(names)), _external_data_saves(model_bytes), family.exportable(),
+              torch.no_grad()):
             quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
-                                    output_names=["out_sample"])
+                                    output_names=[family.output_name])
         model = onnx.load(str(tmp / "quark_model.onnx"))
-        compression = compress_weights(model, unet)
+        compression = compress_weights(model, module)
         fusion = prepare_for_ort_fusion(model)
         for leftover in tmp.iterdir():
             leftover.unlink()
-        _save(model, tmp / ONNX_NAME, external=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
-        onnx.checker.check_model(str(tmp / ONNX_NAME))
+        _save(model, tmp / name, external=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
+        onnx.checker.check_model(str(tmp / name))
     seconds = time.perf_counter() - started
-    path = out_dir / ONNX_NAME
+    path = out_dir / name
     model = onnx.load(str(path), load_external_data=False)
     ops = Counter(node.op_type for node in model.graph.node)
     weight_dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
@@ -247,10 +247,11 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence
         path=path, size_bytes=sum(f.stat().st_size for f in out_dir.iterdir()),
         inputs={k: list(v.shape) for k, v in inputs.items()}, op_counts=dict(ops.most_common()),
         max_abs_error=max_abs, relative_error=relative, export_seconds=seconds, weight_dtypes=dict(weight_dtypes),
-        compression=compression.to_dict(), fusion=fusion.to_dict(), relative_error_bound=relative_error_bound(unet),
+        compression=compression.to_dict(), fusion=fusion.to_dict(), relative_error_bound=relative_error_bound(module),
+        fused_ops=OnnxRuntime().optimized_ops(path),
     )
     if check and not (math.isfinite(relative) and relative <= result.relative_error_bound):
-        raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized UNet by "
+        raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized {family.name} by "
                              f"{relative:.1%} (bound {result.relative_error_bound:.0%}, max-abs {max_abs:.3g}): "
                              "the export is wrong")
     logger.info("exported %s (%.1f MB), ORT vs torch: max-abs %.2e, relative %.2e",
@@ -259,8 +260,7 @@ def export_onnx(pipe_or_unet, out_dir: str | Path, batch_size: int = 2, sequence
 
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> np.ndarray:
-    """Run an exported UNet in ONNX Runtime on torch inputs; returns the output as float32 numpy."""
-    from .runtime import session, session_feed
+    """Run an exported denoiser in ONNX Runtime on flat torch inputs; returns the output as float32 numpy."""
+    from .runtimes.onnxruntime import run_onnx as run
 
-    runner = session(path, providers)
-    return runner.run(None, session_feed(runner, inputs))[0].astype(np.float32)
+    return run(path, inputs, providers)

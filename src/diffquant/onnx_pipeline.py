@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir, write_json
+from .denoisers import denoiser_of
 from .errors import DiffquantError
-from .export import ONNX_NAME, export_onnx
+from .export import export_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = No
     Returns:
         A `PipelineExport` (component sizes; the UNet's ONNX Runtime check when it was exported here).
     """
+    family = denoiser_of(pipe)
+    if family.pipeline_attribute != "unet":
+        raise DiffquantError(f"export_pipeline writes Optimum's Stable Diffusion (XL) layout, which has no "
+                             f"{family.module_class}: export the transformer with export_onnx and run it in "
+                             f"ONNX Runtime with diffquant.runtimes.onnxruntime.ort_pipeline")
     recipe = getattr(pipe.unet, "diffquant_recipe", None)
     if recipe is None:
         raise DiffquantError("this pipeline's UNet is not quantized by diffquant: quantize it first "
@@ -169,9 +175,10 @@ def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = No
         _export_float_components(pipe, tmp)
         unet_dir = tmp / "unet"
         if unet_onnx is None:
-            unet_check = export_onnx(pipe, unet_dir).to_dict()
+            unet_exported = export_onnx(pipe, unet_dir)
+            unet_check = unet_exported.to_dict()
             unet_check["path"] = str(out_dir / "unet" / MODEL_NAME)
-            _write_unet(unet_dir / ONNX_NAME, unet_dir, move=True)
+            _write_unet(unet_exported.path, unet_dir, move=True)
         else:
             unet_dir.mkdir()
             _write_unet(Path(unet_onnx), unet_dir, move=False)

@@ -24,7 +24,7 @@ from .quantization import layer_report, quantize
 from .recipes import parse_recipes
 from .report import versions, write_report, write_results
 from .results import OrtImages, Quality, RecipeResult, RunResult
-from .runtime import ort_pipeline
+from .runtimes.onnxruntime import ort_pipeline
 
 logger = logging.getLogger(__name__)
 GRID_COLUMNS = 8  # the grid shows the first images; every image is saved and measured

@@ -95,6 +95,7 @@ class Denoiser(ABC):
         return {name: {0: "batch"} for name in names} | {self.output_name: {0: "batch"}}
 
     dynamic_batch: ClassVar[bool] = True  # False: the ONNX graph has the export batch; runtimes loop over it
+    unbatched_inputs: ClassVar[tuple[str, ...]] = ()  # flat inputs without a batch axis (Flux's position ids)
 
     def export_module(self, names: list[str]) -> torch.nn.Module:
         """A module taking the flat inputs `names` positionally and returning one tensor: what tracing needs."""

@@ -13,8 +13,11 @@ from .base import Denoiser, register
 
 def _rms_norm(self, x: torch.Tensor) -> torch.Tensor:
     # torch.onnx at opset 20 has no symbolic for aten::rms_norm; the same arithmetic in basic ops exports.
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    out = (x.float() * torch.rsqrt(variance + (self.eps or torch.finfo(torch.float32).eps))).to(x.dtype)
+    # Casts only where the dtype changes: ONNX Runtime 1.32's CastElimination breaks the graph on the
+    # float->float Cast pair that `x.float()` twice traces to ("... is not a graph input" at load).
+    h = x if x.dtype == torch.float32 else x.float()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + (self.eps or torch.finfo(torch.float32).eps))
+    out = out if out.dtype == x.dtype else out.to(x.dtype)
     return out * self.weight if self.weight is not None else out
 
 
@@ -28,6 +31,7 @@ class FluxDenoiser(Denoiser):
     # Its rotary embedding traces the export batch into the graph: a dynamic-batch export fails at any
     # other batch even in fp32, so the graph keeps its batch and runtimes call it once per sample.
     dynamic_batch = False
+    unbatched_inputs = ("img_ids", "txt_ids")
     # ModelOpt keeps these in high precision for Flux; ours is a measured default (see README).
     default_exclusions = ()
 

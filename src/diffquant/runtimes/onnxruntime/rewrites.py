@@ -7,6 +7,11 @@ float bias itself). Quark's export stands in the way of the MatMul fusion twice:
 reaches MatMul through a Transpose after its DequantizeLinear, and one quantized activation feeds
 several layers (attention's to_q, to_k and to_v) through one shared chain, or through identical
 chains that ORT's common-subexpression pass merges into one; the fusion refuses a shared chain.
+Two more stand in the way of transformer Linears: torch exports a Linear on a 2-D input (timestep and
+pooled-text embedders, AdaLayerNorm modulation) as Gemm with a float bias, which ORT fuses into QGemm
+only without one; and ORT's MatMulAddFusion (level 1, before the QDQ fusions of level 2) turns a
+Linear's MatMul + Add into a float Gemm wherever the input shape is fully known (a fixed-shape export
+such as Flux's): outputs still match torch, but no integer kernel runs.
 Every rewrite here is exact. A Conv fuses only when its output is quantized too: that is the
 recipe's `conv_output`, not this pass.
 
@@ -17,25 +22,29 @@ and neither Quark nor onnxslim rewrites an existing QDQ graph into it.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-from .compress import drop_unused_initializers, read_tensor_names
+from ...compress import drop_unused_initializers, read_tensor_names
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class FusionReport:
-    """How many constant Identity nodes were bypassed, weight transposes folded into the codes and
-    quantized inputs split per layer."""
+    """How many constant Identity nodes were bypassed, weight transposes folded into the codes, quantized
+    inputs split per layer, Gemm biases moved out, MatMul biases shielded from MatMulAddFusion and shared
+    weight scales widened."""
 
     bypassed_identities: int
     folded_transposes: int
     split_quantize: int
     distinct_quantize: int
+    unbiased_gemms: int = 0
+    shielded_biases: int = 0
+    widened_scales: int = 0
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -69,13 +78,13 @@ def _attribute(node, name: str, default):
     return default
 
 
-def _set_axis(node, axis: int) -> None:
+def _set_attribute(node, name: str, value) -> None:
     import onnx
 
     for attribute in list(node.attribute):
-        if attribute.name == "axis":
+        if attribute.name == name:
             node.attribute.remove(attribute)
-    node.attribute.append(onnx.helper.make_attribute("axis", axis))
+    node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
 def _transposed(tensor, name: str):
@@ -104,34 +113,50 @@ def bypass_constant_identities(model) -> int:
     return len(source)
 
 
-def fold_weight_transposes(model) -> int:
-    """DequantizeLinear(W) -> Transpose -> MatMul becomes DequantizeLinear(W^T) -> MatMul (int8 W)."""
+def _transpose_codes(graph, dq, initializers: dict) -> bool:
+    """Make `dq` dequantize the transpose of its 2-D int8 codes (its channel axis moving with them)."""
     import onnx
 
+    codes = initializers.get(dq.input[0])
+    if codes is None or len(codes.dims) != 2 or codes.data_type != onnx.TensorProto.INT8:
+        return False
+    name = f"{codes.name}.T"
+    graph.initializer.append(_transposed(codes, name))
+    dq.input[0] = name
+    scale = initializers[dq.input[1]]
+    if len(scale.dims) == 1 and scale.dims[0] > 1:  # per channel: the channel axis moves too
+        _set_attribute(dq, "axis", 1 - _attribute(dq, "axis", 1))
+    return True
+
+
+def fold_weight_transposes(model) -> int:
+    """DequantizeLinear(W) -> Transpose -> MatMul becomes DequantizeLinear(W^T) -> MatMul, and
+    Gemm(x, DequantizeLinear(W), transB=1) becomes Gemm(x, DequantizeLinear(W^T)) (int8 W): ONNX Runtime
+    fuses a weight-only int8 Gemm into MatMulNBits only with transB=0."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
     folded = []
     for node in graph.node:
+        if node.op_type == "Gemm" and _attribute(node, "transB", 0) == 1 and _attribute(node, "transA", 0) == 0:
+            dq = producers.get(node.input[1])
+            if (dq is not None and dq.op_type == "DequantizeLinear" and len(consumers[dq.output[0]]) == 1
+                    and _transpose_codes(graph, dq, initializers)):
+                _set_attribute(node, "transB", 0)
+                folded.append(None)
+            continue
         if node.op_type != "Transpose" or list(_attribute(node, "perm", [])) != [1, 0]:
             continue
         dq = producers.get(node.input[0])
         if dq is None or dq.op_type != "DequantizeLinear" or len(consumers[dq.output[0]]) != 1:
             continue
-        codes = initializers.get(dq.input[0])
-        if codes is None or len(codes.dims) != 2 or codes.data_type != onnx.TensorProto.INT8:
-            continue
-        name = f"{codes.name}.T"
-        graph.initializer.append(_transposed(codes, name))
-        dq.input[0] = name
-        scale = initializers[dq.input[1]]
-        if len(scale.dims) == 1 and scale.dims[0] > 1:  # per channel: the channel axis moves too
-            _set_axis(dq, 1 - _attribute(dq, "axis", 1))
-        dq.output[0] = node.output[0]
-        folded.append(node)
+        if _transpose_codes(graph, dq, initializers):
+            dq.output[0] = node.output[0]
+            folded.append(node)
     for node in folded:
-        graph.node.remove(node)
+        if node is not None:
+            graph.node.remove(node)
     return len(folded)
 
 
@@ -208,6 +233,104 @@ def distinct_quantize_constants(model) -> int:
     return renamed
 
 
+def _integer_dq(name: str, producers: dict, initializers: dict) -> bool:
+    """`name` is the output of a DequantizeLinear of int8/uint8 codes (a quantized weight or activation)."""
+    import onnx
+
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[2] not in initializers:
+        return False
+    return initializers[dq.input[2]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
+def unbias_quantized_gemms(model) -> int:
+    """Gemm(DQ(x), DQ(W), bias) becomes Gemm(DQ(x), DQ(W)) -> Add(bias): ONNX Runtime fuses a quantized
+    Gemm into QGemm (float output) only when it has no bias or an int32-quantized one, and re-quantizing
+    the float bias would not be exact."""
+    import onnx
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    moved = 0
+    for gemm in [n for n in graph.node if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2]]:
+        if not all(_integer_dq(name, producers, initializers) for name in gemm.input[:2]):
+            continue
+        if _attribute(gemm, "alpha", 1.0) != 1.0 or _attribute(gemm, "beta", 1.0) != 1.0:
+            continue
+        bias, output = gemm.input[2], gemm.output[0]
+        del gemm.input[2]
+        gemm.output[0] = f"{output}_unbiased"
+        position = list(graph.node).index(gemm) + 1
+        graph.node.insert(position, onnx.helper.make_node("Add", [gemm.output[0], bias], [output],
+                                                          name=f"{gemm.name or output}_bias"))
+        moved += 1
+    return moved
+
+
+def shield_matmul_biases(model) -> int:
+    """The 1-D bias of a quantized MatMul -> Add becomes (1, N): the same broadcast, but outside the bias
+    shapes that ONNX Runtime's MatMulAddFusion accepts for an N-D input, so the MatMul stays a MatMul
+    for the QDQ fusion into MatMulIntegerToFloat instead of becoming a float Gemm. (A weight-only MatMul
+    needs no shield: ORT fuses it into MatMulNBits before MatMulAddFusion runs.)"""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    shielded = 0
+    for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
+        if not all(_integer_dq(name, producers, initializers) for name in matmul.input[:2]):
+            continue
+        readers = consumers[matmul.output[0]]
+        if len(readers) != 1 or readers[0].op_type != "Add":
+            continue
+        add = readers[0]
+        k = 1 - list(add.input).index(matmul.output[0])
+        bias = initializers.get(add.input[k])
+        if bias is None or len(bias.dims) != 1:
+            continue
+        shielded += 1
+        name = f"{bias.name}_1xN"
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(bias).reshape(1, -1), name))
+        add.input[k] = name
+    return shielded
+
+
+def widen_shared_weight_scales(model) -> int:
+    """A per-tensor int8 weight scale that another node reads too, or equal in value to another scalar
+    initializer, becomes a vector along the output channels (the same value N times; its zero point too): ONNX Runtime's ConstantSharing
+    merges equal scalars into one initializer, and its MatMulNBits fusion then takes none of the weights
+    that read it (measured on Flux, whose Linears of equal fan-in can share a bit-equal scale)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
+    scalars = Counter(numpy_helper.to_array(t).tobytes() for t in graph.initializer
+                      if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) == 1)
+    widened = 0
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3]:
+        codes, scale = initializers.get(dq.input[0]), initializers.get(dq.input[1])
+        if codes is None or scale is None or codes.data_type != onnx.TensorProto.INT8 or len(codes.dims) != 2:
+            continue
+        if scale.dims or (scalars[numpy_helper.to_array(scale).tobytes()] < 2 and len(consumers[scale.name]) < 2):
+            continue
+        if not all(r.op_type in ("MatMul", "Gemm") and list(r.input).index(dq.output[0]) == 1
+                   and _attribute(r, "transB", 0) == 0 for r in consumers[dq.output[0]]):
+            continue
+        n = codes.dims[1]
+        value = numpy_helper.to_array(scale)
+        graph.initializer.append(numpy_helper.from_array(np.full(n, value, np.float32), f"{codes.name}_scale"))
+        graph.initializer.append(numpy_helper.from_array(np.zeros(n, np.int8), f"{codes.name}_zero"))
+        dq.input[1], dq.input[2] = f"{codes.name}_scale", f"{codes.name}_zero"
+        _set_attribute(dq, "axis", 1)
+        widened += 1
+    return widened
+
+
 def _copy(tensor, name: str):
     import onnx
 
@@ -223,7 +346,9 @@ def prepare_for_ort_fusion(model) -> FusionReport:
     bypassed = bypass_constant_identities(model)
     folded = fold_weight_transposes(model)
     split = split_shared_quantize(model)
-    report = FusionReport(bypassed, folded, split, distinct_quantize_constants(model))
+    distinct = distinct_quantize_constants(model)
+    report = FusionReport(bypassed, folded, split, distinct, unbias_quantized_gemms(model), shield_matmul_biases(model),
+                          widen_shared_weight_scales(model))
     drop_unused_initializers(model.graph)
     logger.info("ONNX Runtime fusion form: %s", report.to_dict())
     return report

@@ -1,0 +1,13 @@
+"""Runtimes: engines that run an exported denoiser graph, each one class behind a registry.
+
+    runtime = get_runtime("onnxruntime")
+    ort_pipe = runtime.pipeline(pipe, "out/int8-w/unet.onnx")   # the denoiser runs in the runtime
+    runtime.optimized_ops(path)                                  # which kernels really run
+
+Adding a runtime is one new module here that subclasses `Runtime` and registers itself.
+"""
+
+from .base import RUNTIMES, GraphDenoiser, GraphRunner, Runtime, get_runtime, register
+from . import onnxruntime  # noqa: F401, I001  (registers the runtime)
+
+__all__ = ["RUNTIMES", "GraphDenoiser", "GraphRunner", "Runtime", "get_runtime", "register"]
