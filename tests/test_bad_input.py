@@ -276,7 +276,7 @@ def test_bf16_runs_end_to_end_without_export(tiny_sd_dir, tmp_path):
     assert main(["--quiet", "run", "--model", str(tiny_sd_dir), *TINY_RUN, "--dtype", "bf16", "--device", "cpu",
                  "--no-export", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["recipes"]["int8-w"]["metrics"]["mean"]["psnr_db"] > 10
+    assert results["recipes"]["int8-w"]["quality"]["psnr_db"] > 10
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -473,7 +473,7 @@ def test_sigterm_cleans_up_and_keeps_what_finished(tmp_path):
     assert not [p for p in out.rglob(".*")]  # no hidden temporary file or folder
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "interrupted"
-    assert all((out / p).is_file() for p in results["baseline"]["images"])
+    assert all((out / p).is_file() for p in results["baseline_images"])
     assert (out / "images" / "int8-w" / "000.png").is_file()  # the finished stage before the export
 
 

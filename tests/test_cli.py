@@ -24,39 +24,58 @@ def shapes_run(tmp_path_factory):
 
 
 def test_run_writes_results_that_reload(shapes_run):
-    results = json.loads((shapes_run / "results.json").read_text())
-    assert results["schema_version"] == 1
-    assert results["config"]["type"] == "RunConfig" and results["config"]["version"] == 1
-    assert list(results["recipes"]) == ["int8-w", "fp8-w"]
-    assert json.loads((shapes_run / "config.json").read_text())["recipes"] == ["int8-w", "fp8-w"]
-    for entry in results["recipes"].values():
-        mean = entry["metrics"]["mean"]
-        assert mean["psnr_db"] > 15 and 0 < mean["ssim"] <= 1
-        assert entry["layers"]["n_quantized"] > 0
-        assert len(entry["images"]) == 3 and all((shapes_run / p).is_file() for p in entry["images"])
+    from diffquant import RunConfig, RunResult
+
+    results = RunResult.load(shapes_run)
+    assert json.loads((shapes_run / "results.json").read_text())["version"] == 2
+    assert results.status == "complete" and results.denoiser == "UNet2DConditionModel"
+    assert results.config["type"] == "RunConfig" and results.config["version"] == 2
+    assert list(results.recipes) == ["int8-w", "fp8-w"]
+    config = RunConfig.load(shapes_run / "config.json")
+    assert config.recipes == ("int8-w", "fp8-w") and config.steps == 4
+    for entry in results.recipes.values():
+        assert entry.quality.psnr_db > 15 and 0 < entry.quality.ssim <= 1
+        assert entry.layers["n_quantized"] > 0
+        assert len(entry.images) == 3 and all((shapes_run / p).is_file() for p in entry.images)
     for attribute in ("background", "color", "shape", "size", "position", "overall"):
-        assert 0 <= results["baseline"]["shapeeval"][attribute] <= 1
-    assert results["baseline"]["shapeeval"]["n_position"] == 1  # 1 of the 3 captions names a position
-    for entry in results["recipes"].values():
-        assert 0 <= entry["metrics"]["mean"]["shapeeval_agreement"]["all"] <= 1
-        assert set(entry["ort"]["vs_baseline"]["mean"]["shapeeval"]) >= {"shape", "position", "overall"}
-    assert any("simulated" in step for step in results["timings"])
+        assert 0 <= results.baseline_shapeeval[attribute] <= 1
+    assert results.baseline_shapeeval["n_position"] == 1  # 1 of the 3 captions names a position
+    for entry in results.recipes.values():
+        assert 0 <= entry.quality.shapeeval_agreement["all"] <= 1
+        assert set(entry.ort.vs_baseline.shapeeval) >= {"shape", "position", "overall"}
+    assert any("simulated" in step for step in results.timings)
 
 
 def test_run_onnx_files_open_in_onnx_runtime(shapes_run):
     import onnxruntime as ort
 
-    results = json.loads((shapes_run / "results.json").read_text())
-    int8 = results["recipes"]["int8-w"]["onnx"]
-    fp8 = results["recipes"]["fp8-w"]["onnx"]
+    from diffquant import RunResult
+
+    results = RunResult.load(shapes_run / "results.json")
+    int8 = results.recipes["int8-w"].onnx
+    fp8 = results.recipes["fp8-w"].onnx
     for entry in (int8, fp8):
         session = ort.InferenceSession(str(shapes_run / entry["path"]), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == ["sample", "timestep", "encoder_hidden_states"]
         assert entry["relative_error"] <= entry["relative_error_bound"]
-    assert int8["size_bytes"] <= 0.3 * results["unet_fp32_bytes"]  # int8 codes
-    assert fp8["size_bytes"] <= 0.3 * results["unet_fp32_bytes"]  # fp8 codes
+    assert int8["size_bytes"] <= 0.3 * results.denoiser_fp32_bytes  # int8 codes
+    assert fp8["size_bytes"] <= 0.3 * results.denoiser_fp32_bytes  # fp8 codes
     for name in ("int8-w", "fp8-w"):  # the pipeline with the UNet in ONNX Runtime draws the same images
-        assert results["recipes"][name]["ort"]["vs_torch"]["mean"]["psnr_db"] >= 30
+        assert results.recipes[name].ort.vs_torch.psnr_db >= 30
+
+
+def test_run_replays_from_its_config_json(shapes_run, tmp_path):
+    """`run --config` replays a run: same prompts and seeds give the same baseline images."""
+    from diffquant import RunConfig, RunResult
+
+    config = RunConfig.load(shapes_run / "config.json").replace(recipes=("int8-w",), export=False)
+    replay_config = tmp_path / "config.json"
+    replay_config.write_text(json.dumps(config.to_dict()))
+    assert main(["--quiet", "run", "--config", str(replay_config), "--out", str(tmp_path / "replay")]) == 0
+    first, replay = RunResult.load(shapes_run), RunResult.load(tmp_path / "replay")
+    assert replay.prompts == first.prompts and list(replay.recipes) == ["int8-w"]
+    for a, b in zip(first.baseline_images, replay.baseline_images):
+        assert Image.open(shapes_run / a).tobytes() == Image.open(tmp_path / "replay" / b).tobytes()
 
 
 def test_grid_has_a_row_per_recipe_and_a_column_per_image(shapes_run):
@@ -66,20 +85,23 @@ def test_grid_has_a_row_per_recipe_and_a_column_per_image(shapes_run):
 
 
 def test_report_escapes_prompt_html(shapes_run):
+    from dataclasses import replace
+
+    from diffquant import RunResult
     from diffquant.report import render_html
 
-    results = json.loads((shapes_run / "results.json").read_text())
-    results["prompts"][0] = "a red circle on a <b>blue</b> background"
+    results = RunResult.load(shapes_run)
+    results = replace(results, prompts=("a red circle on a <b>blue</b> background", *results.prompts[1:]))
     page = render_html(shapes_run, results)
     assert "&lt;b&gt;blue&lt;/b&gt;" in page and "<b>blue</b>" not in page
     assert "simulated" in (shapes_run / "report.html").read_text()
 
 
 def test_terminal_and_report_show_adherence_per_attribute(shapes_run):
+    from diffquant import RunResult
     from diffquant.cli import summary_table
 
-    results = json.loads((shapes_run / "results.json").read_text())
-    table = summary_table(results)
+    table = summary_table(RunResult.load(shapes_run))
     for label in ("background (n=3)", "colour (n=3)", "shape (n=3)", "size (n=1)", "position (n=1)",
                   "agree with fp32", "int8-w ORT"):
         assert label in table

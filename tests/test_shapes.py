@@ -4,9 +4,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from diffquant.shapes.dataset import (COLORS, POSITIONS, SHAPES, SIZES, ShapeSpec, parse_caption, random_spec,
                                       render, sample, sample_captions)
+from diffquant.shapes.model_sd3 import SD3_WEIGHTS_DIR
 from diffquant.shapes.shapeeval import ATTRIBUTES, detect, evaluate, score
 
 
@@ -96,6 +98,41 @@ def test_trained_model_follows_prompts_where_random_weights_do_not(shapes_pipe):
     random_pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                           scheduler=shapes_pipe.scheduler, safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False)
+    untrained = evaluate(generate(random_pipe, captions, seed=0, steps=10), captions)
+    for result, follows in ((trained, True), (untrained, False)):
+        colours = (result["background"] + result["color"]) / 2
+        assert (colours >= 0.9) is follows, result
+        assert (result["position"] >= 0.7) is follows, result  # 5 positions: chance is 0.2
+        assert (result["overall"] >= 0.25) is follows, result
+
+
+def test_shipped_sd3_loads_offline_with_plain_diffusers():
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    from diffquant.shapes.model_sd3 import SD3_WEIGHTS_DIR
+
+    pipe = DiffusionPipeline.from_pretrained(SD3_WEIGHTS_DIR)
+    assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.text_encoder_3 is not None
+    files = [p for p in SD3_WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in files)  # safetensors only
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+
+
+def test_trained_sd3_follows_prompts_where_random_weights_do_not():
+    """shapes-sd3 follows colour, position and size words where a random-weight MMDiT of the same
+    architecture does not (measured on these 24 captions at 10 steps: background 100% vs 8%, colour 92% vs
+    17%, position 10/10 vs 1/10, all named attributes 33% vs 0%), so a broken or untrained transformer
+    fails this test. Shape class (38% here, 58% on 200 captions at 25 steps) carries no bar yet."""
+    from diffquant import generate, load_pipeline
+    from diffquant.shapes.model_sd3 import build_sd3_components
+
+    trained_pipe = load_pipeline("shapes-sd3", device="cpu")
+    captions = sample_captions(24, seed=77)
+    trained = evaluate(generate(trained_pipe, captions, seed=0, steps=10), captions)
+    torch.manual_seed(0)
+    transformer, *_ = build_sd3_components(SD3_WEIGHTS_DIR / "tokenizer", SD3_WEIGHTS_DIR / "tokenizer_3")
+    random_pipe = load_pipeline("shapes-sd3", device="cpu")
+    random_pipe.transformer = transformer  # untrained, the rest as shipped: the denoiser must carry the words
     untrained = evaluate(generate(random_pipe, captions, seed=0, steps=10), captions)
     for result, follows in ((trained, True), (untrained, False)):
         colours = (result["background"] + result["color"]) / 2

@@ -207,7 +207,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
     """
     import onnx
 
-    from .compress import compress_weights
+    from .backends.quark.compress import compress_weights
     from .backends.quark import import_quark
     from .runtimes.onnxruntime import OnnxRuntime, prepare_for_ort_fusion
 

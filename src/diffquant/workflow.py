@@ -136,6 +136,16 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float) -> RunResult
     return results
 
 
+def _trace_inputs(family, records: list[dict]) -> dict | None:
+    """Example inputs for the export of a family whose graph keeps its traced shapes (Flux): one sample
+    of a recorded call, so the graph fits the generation's image and text sizes. None: the family's own."""
+    if family.dynamic_batch or not records:
+        return None
+    flat = family.flat_inputs(records[0])
+    unbatched = set(family.unbatched_inputs)
+    return {k: v if k in unbatched else v[:1] for k, v in flat.items()}
+
+
 class _SavedResults:
     """The results of a run in progress, rewritten to results.json each time a stage finishes, so an
     interrupted run keeps what it finished."""
@@ -185,7 +195,7 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
                              layers=layer_report(q_module).to_dict())
         if config.export:
             with _timed(timings, f"export {recipe.name}"):
-                exported = export_onnx(quantized, out_dir / "onnx" / recipe.name)
+                exported = export_onnx(quantized, out_dir / "onnx" / recipe.name, inputs=_trace_inputs(family, records))
             entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
             with _timed(timings, f"generate {recipe.name} (ONNX Runtime)"):
                 # ONNX Runtime gets the thread count torch was given (the CLI's --threads), not all cores.

@@ -1,7 +1,7 @@
 """Measure a shapes-sd model: ShapeEval accuracy on held-out seeded captions, and the wall time of
 generating 8 images at the default settings; or compare recipes on those captions.
 
-    python -m diffquant.shapes.evaluate [--model DIR] [--n 200] [--guidance 2,3,4,5]
+    python -m diffquant.shapes.evaluate [--model shapes-sd|shapes-sd3|DIR] [--n 200] [--guidance 2,3,4,5]
     python -m diffquant.shapes.evaluate --recipes int8-w,w8a8-int8 [--calib-prompts random] --out DIR
 """
 
@@ -11,15 +11,15 @@ import argparse
 import time
 
 from .dataset import sample_captions
-from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .shapeeval import ATTRIBUTES, evaluate
 
 EVAL_SEED = 4242  # held-out captions and noise; training draws from other seeds
 
 
-def evaluate_model(pipe, n: int = 200, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+def evaluate_model(pipe, n: int = 200, steps: int | None = None, guidance: float | None = None,
                    seed: int = EVAL_SEED) -> dict[str, float]:
-    """ShapeEval accuracy of `pipe` on `n` captions drawn with `seed` (image k uses seed + k)."""
+    """ShapeEval accuracy of `pipe` on `n` captions drawn with `seed` (image k uses seed + k);
+    steps and guidance default to the model profile's."""
     from ..generation import generate
 
     captions = sample_captions(n, seed=seed)
@@ -27,7 +27,7 @@ def evaluate_model(pipe, n: int = 200, steps: int = DEFAULT_STEPS, guidance: flo
     return evaluate(images, captions)
 
 
-def time_eight_images(pipe, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> float:
+def time_eight_images(pipe, steps: int | None = None, guidance: float | None = None) -> float:
     """Seconds to generate 8 images in one batch, after one warm-up call."""
     from ..generation import generate
 
@@ -40,26 +40,29 @@ def time_eight_images(pipe, steps: int = DEFAULT_STEPS, guidance: float = DEFAUL
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffquant.shapes.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="shapes-sd folder (default: the embedded weights)")
+    parser.add_argument("--model", help="shapes-sd (default), shapes-sd3, or a folder trained by shapes.train(_sd3)")
     parser.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--guidance", default=str(DEFAULT_GUIDANCE),
-                        help="classifier-free guidance; a comma-separated list sweeps it")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model profile's)")
+    parser.add_argument("--guidance", help="classifier-free guidance (default: the model profile's); a comma-separated "
+                                           "list sweeps it")
     parser.add_argument("--recipes", help="compare these recipes on the held-out captions (diffquant run's flow)")
     parser.add_argument("--calib-prompts", help="with --recipes: calibration source ('random' for the naive baseline)")
     parser.add_argument("--no-export", action="store_true", help="with --recipes: skip ONNX export and ORT images")
     parser.add_argument("--out", help="with --recipes: output folder")
     args = parser.parse_args(argv)
-    guidances = [float(g) for g in args.guidance.split(",")]
+    guidances = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
     if args.recipes:
         _compare_recipes(args, guidances[0])
         return
+    from ..generation import default_settings
     from ..pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, device="cpu")
+    defaults = default_settings(pipe)
     for guidance in guidances:
         result = evaluate_model(pipe, args.n, args.steps, guidance)
-        print(f"ShapeEval on {args.n} held-out captions ({args.steps} DDIM steps, guidance {guidance}):")
+        print(f"ShapeEval on {args.n} held-out captions ({args.steps or defaults.steps} steps, guidance "
+              f"{defaults.guidance if guidance is None else guidance}):")
         for name in (*ATTRIBUTES, "overall"):
             count = f" (n={int(result[f'n_{name}'])})" if f"n_{name}" in result else ""
             print(f"  {name:<11} {result[name]:6.1%}{count}")
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
 def _compare_recipes(args, guidance: float) -> None:
     """`diffquant run` on the held-out captions and seeds, so recipe numbers are comparable with the above."""
     from ..cli import summary_table
-    from ..workflow import RunConfig, run
+    from ..config import RunConfig
+    from ..workflow import run
 
     config = RunConfig(model=args.model, prompts=sample_captions(args.n, seed=EVAL_SEED), num_images=args.n,
                        seed=EVAL_SEED, steps=args.steps, guidance=guidance, recipes=args.recipes.split(","),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...compress import drop_unused_initializers, read_tensor_names
+from ...onnx_graph import drop_unused_initializers, read_tensor_names
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backends.quark import internals
+from ...onnx_graph import drop_unused_initializers
+from . import internals
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,6 @@ def _initializer(name: str, codes: torch.Tensor):
     tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT8E4M3FN, dims=list(codes.shape))
     tensor.raw_data = codes.view(torch.uint8).numpy().tobytes()
     return tensor
-
-
-def read_tensor_names(graph) -> set[str]:
-    """Every tensor name that a node or the graph's outputs read."""
-    return {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-
-
-def drop_unused_initializers(graph) -> None:
-    used = read_tensor_names(graph)
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
 
 
 def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
@@ -89,7 +79,7 @@ def compress_weights(model, unet: torch.nn.Module) -> CompressionReport:
         node.input[0] = name
         # Symmetric codes: Quark shares one scalar zero point even for per-channel scales, which ONNX
         # Runtime rejects (none or one per channel). int8 codes get zeros shaped like their scale: with
-        # no zero point, ORT's exact-int8 option (runtime.EXACT_INT8_PRODUCTS) rewrites a per-channel
+        # no zero point, ORT's exact-int8 option (runtimes.onnxruntime.session.EXACT_INT8_PRODUCTS) rewrites a per-channel
         # DequantizeLinear that it does not fuse to u8 with a scalar zero point, and then rejects it.
         if len(node.input) == 3:
             zero = initializers.get(node.input[2])
