@@ -13,7 +13,7 @@ from conftest import build_tiny_flux, build_tiny_sd3
 from diffquant.denoisers import denoiser_of
 from diffquant.errors import DiffquantError
 from diffquant.export import MAX_RELATIVE_ERROR, export_onnx
-from diffquant.quantize import quantize_module
+from diffquant.quantization import quantize_module
 from diffquant.runtimes.onnxruntime import ort_pipeline
 
 PROMPTS = ["a red circle", "a blue square on a white background"]

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: UNet-call latency (median, p90 after warm-up), time per image, peak memory
+"""Side-by-side benchmark: denoiser-call latency (median, p90 after warm-up), time per image, peak memory
 and artifact size for torch fp32, torch fake-quant (simulated; with and without Quark's
 torch.compile), ONNX Runtime fp32 and ONNX Runtime with the quantized QDQ graph. Ratios are against
 the torch fp32 row, measured in the same process and run."""
@@ -30,8 +30,8 @@ class BenchRow:
 
     name: str
     simulated: bool
-    unet_ms_median: float
-    unet_ms_p90: float
+    call_ms_median: float
+    call_ms_p90: float
     first_call_s: float
     image_s: float | None
     peak_rss_mb: float
@@ -59,12 +59,12 @@ class BenchResult:
     def table(self) -> str:
         labels = [r.name + (" (simulated)" if r.simulated else "") for r in self.rows]
         width = max([len("configuration")] + [len(label) for label in labels])
-        head = (f"{'configuration':<{width}} {'UNet ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
+        head = (f"{'configuration':<{width}} {'call ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
                 f"{'first s':>8} {'peak MB':>8} {'size MB':>8} {'x size':>7}")
         lines = [head]
         for label, r in zip(labels, self.rows):
             image = f"{r.image_s:8.2f}" if r.image_s is not None else f"{'n/a':>8}"
-            lines.append(f"{label:<{width}} {r.unet_ms_median:>13.1f} {r.unet_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
+            lines.append(f"{label:<{width}} {r.call_ms_median:>13.1f} {r.call_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
                          f"{r.first_call_s:>8.2f} {r.peak_rss_mb:>8.0f} {r.artifact_mb:>8.1f} {r.size_ratio:>7.2f}")
         return "\n".join(lines + self.profile_lines() + [f"note: {n}" for n in self.notes])
 
@@ -84,8 +84,8 @@ class BenchResult:
 
         names = [r.name + ("*" if r.simulated else "") for r in self.rows]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5))
-        left.barh(names, [r.unet_ms_median for r in self.rows], color="#4a7")
-        left.set_xlabel("UNet call, median ms (lower is better)")
+        left.barh(names, [r.call_ms_median for r in self.rows], color="#4a7")
+        left.set_xlabel("denoiser call, median ms (lower is better)")
         right.barh(names, [r.artifact_mb for r in self.rows], color="#47a")
         right.set_xlabel("artifact size, MB")
         right.set_yticks([])
@@ -157,12 +157,13 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     """Measure every configuration side by side in this process.
 
     Args:
-        model: a pipeline (None: shapes-sd) whose UNet is measured, with end-to-end time per image.
-        arch: instead of `model`, a real architecture with random weights (UNet calls only).
+        model: a pipeline (None: shapes-sd) whose denoiser is measured, with end-to-end time per image.
+        arch: instead of `model`, a real architecture with random weights (denoiser calls only): sd15,
+            sd35-medium or flux (the transformers at reduced depth, said in the notes).
         recipe: the quantization recipe of the fake-quant and ORT-quantized rows (activation recipes
             are calibrated on the pipeline's own captured inputs, or on random inputs for `arch`).
-        iterations, warmup: timed UNet calls after the warm-up calls.
-        batch: UNet batch (2 = one image with classifier-free guidance).
+        iterations, warmup: timed denoiser calls after the warm-up calls.
+        batch: denoiser batch (2 = one image with classifier-free guidance; a fixed-batch family, Flux, uses 1).
         images: images generated for the end-to-end time per image (pipelines only).
         out: folder for the ONNX files, bench.json and bench.png (default: a temporary folder).
         fake_quant_compiled: also time fake-quant through Quark's torch.compile (slow first call).
@@ -172,7 +173,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     import tempfile
 
     from .calibration import CalibrationConfig, capture_denoiser_inputs, random_calibration
-    from .export import example_inputs, export_fp32_onnx, export_onnx
+    from .denoisers import denoiser_for, denoiser_of
+    from .export import export_fp32_onnx, export_onnx
     from .generation import default_prompts, generate
     from .pipeline import load_pipeline
     from .quantization import quantize_module
@@ -187,14 +189,19 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     if arch:
-        pipe, unet, seq = None, build_arch(arch), 77
-        name = f"{arch} architecture (random weights)"
+        from .architectures import ARCHITECTURES
+
+        pipe, module = None, build_arch(arch)
+        family, seq = denoiser_for(module), ARCHITECTURES[arch].sequence_length
+        name = f"{arch} architecture (random weights, {ARCHITECTURES[arch].depth_note})"
     else:
         pipe = load_pipeline(model, device="cpu")
-        unet, seq = pipe.unet, pipe.tokenizer.model_max_length
+        family = denoiser_of(pipe)
+        module, seq = family.module, family.sequence_length(pipe)
         name = model or "shapes-sd"
-    inputs = example_inputs(unet, batch_size=batch, sequence_length=seq, seed=0)
-    result = BenchResult(name, batch, list(inputs["sample"].shape[1:]), iterations)
+    batch = batch if family.dynamic_batch else 1
+    inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0)
+    result = BenchResult(name, batch, list(next(iter(inputs.values())).shape[1:]), iterations)
     prompts = default_prompts(pipe, images) if pipe is not None else []
 
     def image_seconds(p) -> float | None:
@@ -212,27 +219,28 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
                                     rss.peak_mb, artifact_mb))
         logger.info("%s: %.1f ms median", label, statistics.median(times))
 
-    fp32_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
-    measure("torch fp32", lambda: unet(**inputs), fp32_mb, p=pipe)
+    fp32_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    measure("torch fp32", lambda: family(inputs), fp32_mb, p=pipe)
 
     if recipe.needs_calibration:
         calibration = (capture_denoiser_inputs(pipe, default_prompts(pipe, 8), CalibrationConfig(size=8, timesteps=4))
-                       if pipe is not None else random_calibration(unet, 2, seq))
+                       if pipe is not None else random_calibration(module, 2, seq))
     else:
         calibration = None
-    q_unet = quantize_module(unet, recipe, calibration=calibration)
+    q_module = quantize_module(module, recipe, calibration=calibration)
+    q_family = denoiser_for(q_module)
     quantized = None
     if pipe is not None:
         quantized = copy.copy(pipe)
-        object.__setattr__(quantized, "unet", q_unet)
+        object.__setattr__(quantized, family.pipeline_attribute, q_module)
     with quark_compile(False):
-        measure(f"torch fake-quant {recipe.name}", lambda: q_unet(**inputs), fp32_mb, True,
+        measure(f"torch fake-quant {recipe.name}", lambda: q_family(inputs), fp32_mb, True,
                 quantized if pipe is not None else None)
     if fake_quant_compiled:
         with quark_compile(True):
-            measure(f"torch fake-quant {recipe.name} +compile", lambda: q_unet(**inputs), fp32_mb, True)
+            measure(f"torch fake-quant {recipe.name} +compile", lambda: q_family(inputs), fp32_mb, True)
 
-    fp32_onnx = export_fp32_onnx(unet, out / "onnx-fp32", sequence_length=seq)
+    fp32_onnx = export_fp32_onnx(module, out / "onnx-fp32", inputs=inputs)
     threads = torch.get_num_threads()  # ONNX Runtime rows use the threads torch rows use
     fp32_runner = OnnxRuntime().runner(fp32_onnx, threads)
     measure("ORT fp32", lambda: fp32_runner.run(inputs), _dir_mb(out / "onnx-fp32"),
@@ -240,8 +248,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     fp32_runner = None  # frees the float session before the quantized export
     # Random weights put many activations on rounding ties, so ORT and torch fake-quant differ by
     # more than on a trained UNet: the error is reported, not enforced, for an architecture.
-    q_export = export_onnx(q_unet, out / f"onnx-{recipe.name}", sequence_length=seq, check=arch is None)
-    result.notes.append(f"ORT {recipe.name} vs torch fake-quant on one UNet call: relative L2 error "
+    q_export = export_onnx(q_module, out / f"onnx-{recipe.name}", inputs=inputs, check=arch is None)
+    result.notes.append(f"ORT {recipe.name} vs torch fake-quant on one denoiser call: relative L2 error "
                         f"{q_export.relative_error:.2e}")
     q_runner = OnnxRuntime().runner(q_export.path, threads)
     q_label = f"ORT {recipe.name} (QDQ)"
@@ -252,9 +260,12 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
         for label, path in (("ORT fp32", fp32_onnx), (q_label, q_export.path)):
             result.profiles[label], result.optimized_ops[label] = profile_operators(path, inputs, out / "profile")
 
+    if arch and ARCHITECTURES[arch].reduced_depth:
+        result.notes.append(f"{arch}: real widths and heads, {ARCHITECTURES[arch].depth_note}; a block's time is "
+                            "real, the whole model's scales with depth")
     base = result.rows[0]
     for row in result.rows:
-        row.speedup = base.unet_ms_median / row.unet_ms_median
+        row.speedup = base.call_ms_median / row.call_ms_median
         row.size_ratio = row.artifact_mb / base.artifact_mb
     result.notes.append("fake-quant rows quantize and dequantize in float: simulated, never a real speedup")
     result.notes.append("peak MB is this process's resident memory during the row (it includes earlier rows)")

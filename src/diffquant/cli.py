@@ -128,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="side-by-side latency, memory and size: torch, fake-quant, ONNX Runtime")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="pipeline to benchmark (default: shapes-sd)")
-    source.add_argument("--arch", help="a real UNet architecture with random weights instead (sd15)")
+    source.add_argument("--arch", help="a real architecture with random weights instead: sd15, sd35-medium or flux (transformers at reduced depth)")
     p.add_argument("--recipe", default="w8a8-int8-ort", help="recipe of the quantized rows (default w8a8-int8-ort)")
-    p.add_argument("--iterations", type=int, default=10, help="timed UNet calls per row (default 10)")
+    p.add_argument("--iterations", type=int, default=10, help="timed denoiser calls per row (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
-    p.add_argument("--batch", type=int, default=2, help="UNet batch (default 2: one image with guidance)")
+    p.add_argument("--batch", type=int, default=2, help="denoiser batch (default 2: one image with guidance; Flux: 1)")
     p.add_argument("--images", type=int, default=2, help="images for the time per image (default 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the fake-quant row through torch.compile")
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
@@ -419,8 +419,8 @@ def _bench(args, out: Path) -> int:
     from .report import write_table_report
 
     write_table_report(out, f"diffquant bench: {result.model}",
-                       ["configuration", "UNet ms median", "p90", "x fp32 speed", "s/image", "peak MB", "MB", "x size"],
-                       [[r.name + (" (simulated)" if r.simulated else ""), r.unet_ms_median, r.unet_ms_p90, r.speedup,
+                       ["configuration", "call ms median", "p90", "x fp32 speed", "s/image", "peak MB", "MB", "x size"],
+                       [[r.name + (" (simulated)" if r.simulated else ""), r.call_ms_median, r.call_ms_p90, r.speedup,
                          r.image_s, r.peak_rss_mb, r.artifact_mb, r.size_ratio] for r in result.rows],
                        "bench.png", result.profile_lines() + result.notes)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.png'} and {out / 'report.html'}")
