@@ -54,19 +54,21 @@ class Architecture:
         if not self.reduced_depth:
             return "full depth"
         parts = [f"{self.reduced_depth[k]} of {self.config[k]} {k}" for k in self.depth_keys]
-        return "reduced depth: " + ", ".join(parts)
+        size = self.reduced_depth.get("sample_size")
+        return "reduced depth: " + ", ".join(parts) + (f", {size}x{size} latents" if size else "")
 
 
 ARCHITECTURES = {
     "sd15": Architecture("sd15", "UNet2DConditionModel", SD15_UNET),
-    # 2 of 24 blocks (one with the dual attention, one without) and 4096-wide T5 features of 77 + 256 tokens.
+    # 2 of 24 blocks (one with the dual attention, one without), 4096-wide T5 features of 77 + 256 tokens,
+    # 512x512 images (64x64 latents, 1024 image tokens) as Flux's example inputs below.
     "sd35-medium": Architecture("sd35-medium", "SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER,
                                 depth_keys=("num_layers",),
-                                reduced_depth={"num_layers": 2, "dual_attention_layers": [0]},
+                                reduced_depth={"num_layers": 2, "dual_attention_layers": [0], "sample_size": 64},
                                 sequence_length=77 + 256),
     "flux": Architecture("flux", "FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER,
                          depth_keys=("num_layers", "num_single_layers"),
-                         reduced_depth={"num_layers": 1, "num_single_layers": 2}, sequence_length=512),
+                         reduced_depth={"num_layers": 1, "num_single_layers": 1}, sequence_length=512),
 }
 
 

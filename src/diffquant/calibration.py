@@ -277,3 +277,13 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
                             "prompts": len(texts), "denoiser_calls": len(captured),
                             "timesteps": sorted(set(captured.timesteps), reverse=True), "steps": config.steps}
     return captured
+
+
+def calibrate_for_run(pipe, config, steps: int, guidance: float):
+    """`calibrate` with a `RunConfig`'s calibration options and the run's generation settings.
+
+    Returns (calibration set, a JSON-able description of it)."""
+    captured = calibrate(pipe, config.calib_prompts, size=config.calib_size, steps=config.calib_steps or steps,
+                         timesteps=config.calib_timesteps, guidance=guidance, column=config.calib_column,
+                         split=config.calib_split)
+    return captured, captured.description

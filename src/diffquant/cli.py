@@ -174,44 +174,21 @@ def _cmd_sensitivity(args) -> int:
 
 
 def _sensitivity(args, out: Path) -> int:
-    from .artifacts import write_json
-    from .generation import check_settings, default_settings
-    from .pipeline import load_pipeline
-    from .recipes import get_recipe
-    from .sensitivity import analyze_sensitivity
     from .config import RunConfig
-    from .workflow import calibrate_for_run
+    from .sensitivity import sensitivity_report
 
-    check_settings(args.steps)
-    for flag, value in (("--keep-float", args.keep_float), ("--max-keep", args.max_keep)):
-        if value is not None and value < 0:
-            raise DiffquantError(f"{flag} must be 0 or more, got {value}")
-    recipe = get_recipe(args.recipe)
-    config = RunConfig(model=args.model, **_calibration_options(args))
-    pipe = load_pipeline(args.model, args.device, args.dtype, no_t5=args.no_t5)
-    settings = default_settings(pipe)
-    calibration, described = calibrate_for_run(pipe, config, steps=args.steps or settings.steps,
-                                                guidance=settings.guidance)
-    result = analyze_sensitivity(pipe, recipe, calibration, unit=args.by, max_keep=args.max_keep)
-    data = result.to_dict() | {"calibration": described}
+    config = RunConfig(model=args.model, device=args.device, dtype=args.dtype, no_t5=args.no_t5,
+                       **_calibration_options(args))
+    result, mixed = sensitivity_report(config, args.recipe, out, unit=args.by, steps=args.steps,
+                                       max_keep=args.max_keep, keep_float=args.keep_float,
+                                       target_sqnr_db=args.target_sqnr)
     print(f"all {args.by}s quantized: {result.full_sqnr_db:.2f} dB; most sensitive:")
     for name, sqnr in result.ranking[:10]:
         print(f"  {sqnr:8.2f} dB  {name}")
     print("keep K in float -> SQNR dB: " + ", ".join(f"{k}:{s:.1f}" for k, s in enumerate(result.keep_float_curve)))
-    if args.keep_float is not None or args.target_sqnr is not None:
-        mixed = result.mixed_recipe(args.keep_float, args.target_sqnr)
-        write_json(out / f"{mixed.name}.json", mixed.to_dict())
-        data["mixed_recipe"] = mixed.to_dict()
-        print(f"wrote {out / (mixed.name + '.json')}: use it with `diffquant run --recipes {out / (mixed.name + '.json')}`")
-    write_json(out / "sensitivity.json", data)
-    result.plot(out / "sensitivity.png")
-    from .report import write_table_report
-
-    write_table_report(out, f"Sensitivity of {recipe.name} by {args.by}", [args.by, "SQNR alone (dB)"],
-                       [[name, sqnr] for name, sqnr in result.ranking], "sensitivity.png",
-                       [f"all quantized: {result.full_sqnr_db:.2f} dB",
-                        "keep K most sensitive in float -> SQNR dB: "
-                        + ", ".join(f"{k}: {s:.1f}" for k, s in enumerate(result.keep_float_curve))])
+    if mixed is not None:
+        path = out / f"{mixed.name}.json"
+        print(f"wrote {path}: use it with `diffquant run --recipes {path}`")
     print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.png'} and {out / 'report.html'}")
     return 0
 
@@ -349,7 +326,7 @@ def _cmd_quantize(args) -> int:
     from .quantization import layer_report, quantize, save_quantized
     from .recipes import get_recipe
     from .config import RunConfig
-    from .workflow import calibrate_for_run
+    from .calibration import calibrate_for_run
 
     recipe = get_recipe(args.recipe)
     config = RunConfig(model=args.model, **_calibration_options(args))

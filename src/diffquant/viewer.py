@@ -16,7 +16,7 @@ def view(onnx_path: str | Path, port: int = 8080, browse: bool = True) -> str:
     """Serve `onnx_path` with Netron on 127.0.0.1:`port` and return its URL.
 
     Args:
-        onnx_path: an .onnx file (or a run's onnx/<recipe>/ folder holding unet.onnx).
+        onnx_path: an .onnx file (or a run's onnx/<recipe>/ folder holding unet.onnx or transformer.onnx).
         port: local port.
         browse: open a browser tab.
 
@@ -27,7 +27,8 @@ def view(onnx_path: str | Path, port: int = 8080, browse: bool = True) -> str:
         raise DiffquantError(f"port {port!r} is not a TCP port: pass --port between 1 and 65535 (default 8080)")
     path = Path(onnx_path)
     if path.is_dir():
-        path = path / "unet.onnx"
+        found = [path / n for n in ("unet.onnx", "transformer.onnx") if (path / n).is_file()]
+        path = found[0] if found else path / "unet.onnx"
     if not path.is_file():
         raise DiffquantError(f"no ONNX file at {path}: pass a .onnx file written by `diffquant export` or `run`")
     check_onnx_file(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import output_folder, save_image, write_json
-from .calibration import calibrate, recording_denoiser_inputs
+from .calibration import calibrate_for_run, recording_denoiser_inputs
 from .config import RunConfig
 from .denoisers import denoiser_of
 from .export import export_onnx
@@ -58,16 +58,6 @@ def _timed(timings: dict, step: str):
     started = time.perf_counter()
     yield
     timings[step] = round(time.perf_counter() - started, 3)
-
-
-def calibrate_for_run(pipe, config: RunConfig, steps: int, guidance: float):
-    """`calibrate` with a run's calibration options and generation settings.
-
-    Returns (calibration set, a JSON-able description of it)."""
-    captured = calibrate(pipe, config.calib_prompts, size=config.calib_size, steps=config.calib_steps or steps,
-                         timesteps=config.calib_timesteps, guidance=guidance, column=config.calib_column,
-                         split=config.calib_split)
-    return captured, captured.description
 
 
 def denoiser_output_sqnr(baseline, quantized, records) -> float:
