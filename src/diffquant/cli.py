@@ -369,6 +369,9 @@ def _cmd_view(args) -> int:
     from .viewer import view, wait
 
     url = view(args.onnx, args.port, browse=not args.no_browser)
+    # Ctrl-C is how the server stops: a process started with SIGINT ignored (a background job, or a parent
+    # that ignores it, as one of the test suite's libraries does) would otherwise never stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # a Ctrl-C right after the message (before wait() listens for it) also stops cleanly
         print(f"Netron serving {args.onnx} at {url} (Ctrl-C to stop)", flush=True)
         wait()
