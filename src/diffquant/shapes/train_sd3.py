@@ -96,7 +96,7 @@ def train_transformer(pipe, steps: int, batch_size: int, lr: float, log: csv.wri
         m.eval()
 
 
-def train(out: Path, steps: int = 4000, batch_size: int = 64, seed: int = 0, quiet: bool = False,
+def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, quiet: bool = False,
           vae_from: Path = WEIGHTS_DIR / "vae", num_layers: int = 6, checkpoint_every: int = 500,
           lr: float = 3e-4) -> Path:
     """Train shapes-sd3 and save the pipeline to `out` (replaced atomically). Returns `out`.
@@ -155,8 +155,8 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, seed: int = 0, qui
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffquant.shapes.train_sd3", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the pipeline to")
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--checkpoint-every", type=int, default=500,
