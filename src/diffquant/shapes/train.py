@@ -12,10 +12,8 @@ import argparse
 import csv
 import logging
 import math
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +35,7 @@ TRAIN_P_POSITION = 0.75
 # the pooled text embedding that must name each attribute of the caption push the encoder to keep the
 # words apart; they are used in training only and not saved.
 AUX_WEIGHT = 0.1
+VAE_EVAL_IMAGES = 256  # reconstructions ShapeEval reads after the VAE stage (its ceiling for the UNet)
 AUX_CLASSES = {
     "color": dataset.COLORS, "shape": dataset.SHAPES, "background": dataset.COLORS,
     "size": (None, *dataset.SIZES), "position": (None, *dataset.POSITIONS),
@@ -102,7 +101,7 @@ def train_vae(vae, steps: int, batch_size: int, lr: float, log: csv.writer, quie
         log.writerow(["vae", step, f"{loss.item():.5f}"])
     vae.eval()
     with torch.no_grad():
-        images, captions = dataset.batch(seed=999, n=256)
+        images, captions = dataset.batch(seed=999, n=VAE_EVAL_IMAGES)
         posterior = vae.encode(torch.from_numpy(images)).latent_dist
         recon = vae.decode(posterior.mode()).sample
     accuracy = evaluate(to_pil(recon), captions)
@@ -190,8 +189,7 @@ def train(out: Path, vae_steps: int = 1000, unet_steps: int = 3000, batch_size: 
     torch.manual_seed(seed)
     out = Path(out)
     checkpoints = out.parent / f"{out.name}-checkpoints"
-    work = Path(tempfile.mkdtemp(prefix=".shapes-train-", dir=out.parent if out.parent.exists() else None))
-    try:  # an interrupted run keeps its checkpoints, not a half-written folder
+    with atomic_dir(out) as work:  # an interrupted run keeps its checkpoints, not a half-written folder
         write_tokenizer(work / "tokenizer")
         vae, unet, text_encoder, tokenizer = build_components(work / "tokenizer")
         started = time.perf_counter()
@@ -234,13 +232,6 @@ def train(out: Path, vae_steps: int = 1000, unet_steps: int = 3000, batch_size: 
             f"(VAE {vae_minutes:.1f} min).\n"
             f"Defaults: {DEFAULT_STEPS} DDIM steps, guidance {DEFAULT_GUIDANCE}.\n"
         )
-        work.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     logger.info("trained in %.1f min, saved to %s", minutes, out)
     return out
 

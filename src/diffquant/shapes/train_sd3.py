@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,8 +107,7 @@ def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, qui
     torch.manual_seed(seed)
     out = Path(out)
     checkpoints = out.parent / f"{out.name}-checkpoints"
-    work = Path(tempfile.mkdtemp(prefix=".shapes-sd3-train-", dir=out.parent if out.parent.exists() else None))
-    try:  # an interrupted run keeps its checkpoints, not a half-written folder
+    with atomic_dir(out) as work:  # an interrupted run keeps its checkpoints, not a half-written folder
         write_tokenizer(work / "tokenizer")
         write_t5_tokenizer(work / "tokenizer_3")
         components = build_sd3_components(work / "tokenizer", work / "tokenizer_3", num_layers=num_layers)
@@ -141,13 +138,6 @@ def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, qui
             f"Defaults: {SD3_DEFAULT_STEPS} flow-matching Euler steps, guidance {SD3_DEFAULT_GUIDANCE}, "
             f"max_sequence_length {SD3_MAX_SEQUENCE_LENGTH}.\n"
         )
-        work.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     logger.info("trained in %.1f min, saved to %s", minutes, out)
     return out
 
