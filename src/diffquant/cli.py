@@ -54,6 +54,23 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-split", default="train", help="dataset split (default train)")
 
 
+def _add_evaluation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", dest="prompt_source", metavar="SOURCE",
+                   help="evaluation prompts, the first --num-images of: a .txt/.csv/.jsonl/.parquet file, a dataset "
+                        "folder or a Hugging Face dataset id (streamed), as --calib-prompts")
+    p.add_argument("--prompts-column", help="prompt column of --prompts (default: caption, TEXT, text or prompt)")
+    p.add_argument("--prompts-split", default="train", help="dataset split of --prompts (default train)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8); it does not "
+                                                             "change the images")
+    p.add_argument("--clip-model", metavar="ID_OR_DIR",
+                   help="CLIP model for the CLIP score (and FID's features when InceptionV3's are not on disk), "
+                        "e.g. openai/clip-vit-large-patch14 or a local folder")
+    p.add_argument("--reference-images", metavar="DIR", help="folder of real images: FID of every image set against "
+                                                              "them")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (same options): images already there are not generated again")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffquant", description="Quantize the denoiser of diffusion pipelines "
                                      "(UNet or DiT) with AMD Quark, measure what it costs, export to ONNX.")
@@ -74,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of module names kept in float, for every recipe (repeatable)")
     _add_calibration(p)
+    _add_evaluation(p)
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
     p.add_argument("--export-pipeline", action="store_true",
                    help="also write each recipe's whole pipeline as ONNX in Optimum's layout (pipeline/<recipe>/)")
@@ -146,17 +164,24 @@ def _cmd_run(args) -> int:
     from .workflow import run
 
     if args.config:  # replay: the saved config, with only --out changed (a run never overwrites a folder)
-        config = RunConfig.load(args.config).replace(out=args.out)
+        config = RunConfig.load(args.config).replace(out=args.out, resume=args.resume)
     else:
         config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
                            steps=args.steps, guidance=args.guidance,
                            recipes=[n.strip() for n in args.recipes.split(",")],
                            device=args.device, dtype=args.dtype, no_t5=args.no_t5, export=not args.no_export,
                            export_pipeline=args.export_pipeline, out=args.out,
-                           exclude=args.exclude, **_calibration_options(args))
+                           exclude=args.exclude, prompt_source=args.prompt_source,
+                           prompt_column=args.prompts_column, prompt_split=args.prompts_split,
+                           batch_size=args.batch_size, clip_model=args.clip_model,
+                           reference_images=args.reference_images, resume=args.resume,
+                           **_calibration_options(args))
     results = run(config)
-    print(summary_table(results))
-    print(f"report: {Path(results.out_dir) / 'report.html'}")
+    from .evaluation import processes
+
+    if processes(config.device).is_main_process:  # under `accelerate launch`, the main process reports
+        print(summary_table(results))
+        print(f"report: {Path(results.out_dir) / 'report.html'}")
     return 0
 
 
