@@ -234,7 +234,36 @@ def summary_table(results) -> str:
         lines.append(f"{name:<16} {q.psnr_db:>8.2f} {q.ssim:>7.4f} {score:>9} {r.sqnr_db:>8.2f} {onnx_mb:>8} {gen:>7.1f}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
                  "Baseline 'ONNX MB' is the fp32 parameter size.")
-    return "\n".join(lines + adherence_lines(results))
+    return "\n".join(lines + adherence_lines(results) + evaluation_lines(results))
+
+
+def evaluation_lines(results) -> list[str]:
+    """CLIP score and FID per image set (with n), the metrics not computed and why, images/s per process."""
+    ev = results.evaluation
+    if ev is None:
+        return []
+    lines = [""]
+    sets = [("baseline", results.baseline_scores, None)] + [(n, r.scores, r.quality) for n, r in results.recipes.items()]
+    for name, scores, quality in sets:
+        found = []
+        if scores and scores.clip_score is not None:
+            found.append(f"CLIP score {scores.clip_score:.2f}")
+        if quality and quality.fid is not None:
+            found.append(f"FID vs baseline {quality.fid:.3f}")
+        if scores and scores.fid_real is not None:
+            found.append(f"FID vs real {scores.fid_real:.3f} (n={scores.n_real})")
+        if found:
+            lines.append(f"{name} (n={ev.n}): " + ", ".join(found))
+    if ev.fid_features and any(r.quality.fid is not None for r in results.recipes.values()):
+        lines.append(f"FID features: {ev.fid_features}")
+    lines += list(ev.missing)
+    rates = {}
+    for t in ev.throughput:
+        if t.generated:
+            rates.setdefault(t.process, []).append((t.generated, t.seconds))
+    lines += [f"process {p}: {sum(g for g, _ in v)} images in {sum(s for _, s in v):.1f} s "
+              f"({sum(g for g, _ in v) / max(sum(s for _, s in v), 1e-9):.2f} images/s)" for p, v in sorted(rates.items())]
+    return lines
 
 
 def adherence_lines(results) -> list[str]:
