@@ -27,9 +27,9 @@ def test_run_writes_results_that_reload(shapes_run):
     from diffquant import RunConfig, RunResult
 
     results = RunResult.load(shapes_run)
-    assert json.loads((shapes_run / "results.json").read_text())["version"] == 2
+    assert json.loads((shapes_run / "results.json").read_text())["version"] == 3
     assert results.status == "complete" and results.denoiser == "UNet2DConditionModel"
-    assert results.config["type"] == "RunConfig" and results.config["version"] == 2
+    assert results.config["type"] == "RunConfig" and results.config["version"] == 3
     assert list(results.recipes) == ["int8-w", "fp8-w"]
     config = RunConfig.load(shapes_run / "config.json")
     assert config.recipes == ("int8-w", "fp8-w") and config.steps == 4

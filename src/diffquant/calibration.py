@@ -78,6 +78,7 @@ class CalibrationSet(Sequence):
         self.timestep_key = timestep_key
         self.timesteps: list[float] = []  # each record's timestep (UNet: an integer; FLUX.1: a sigma in [0, 1])
         self.description: dict = {}  # where the data came from, set by `calibrate` (written to results.json)
+        self.prompts: list[str] = []  # the calibration prompts, set by `calibrate` (none for random inputs)
 
     def append(self, item: dict) -> None:
         self.timesteps.append(_number(item[self.timestep_key]))
@@ -273,6 +274,7 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
     config = CalibrationConfig(size=max(len(texts), 1), steps=steps or profile.steps, timesteps=timesteps,
                                guidance=guidance, height=height, width=width)
     captured = capture_denoiser_inputs(pipe, texts, config)
+    captured.prompts = list(texts)  # for the run's check that evaluation prompts are not calibration prompts
     captured.description = {"source": source or f"{profile.title} captions (seed disjoint from evaluation)",
                             "prompts": len(texts), "denoiser_calls": len(captured),
                             "timesteps": sorted(set(captured.timesteps), reverse=True), "steps": config.steps}

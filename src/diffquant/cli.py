@@ -54,6 +54,23 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-split", default="train", help="dataset split (default train)")
 
 
+def _add_evaluation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", dest="prompt_source", metavar="SOURCE",
+                   help="evaluation prompts, the first --num-images of: a .txt/.csv/.jsonl/.parquet file, a dataset "
+                        "folder or a Hugging Face dataset id (streamed), as --calib-prompts")
+    p.add_argument("--prompts-column", help="prompt column of --prompts (default: caption, TEXT, text or prompt)")
+    p.add_argument("--prompts-split", default="train", help="dataset split of --prompts (default train)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8); it does not "
+                                                             "change the images")
+    p.add_argument("--clip-model", metavar="ID_OR_DIR",
+                   help="CLIP model for the CLIP score (and FID's features when InceptionV3's are not on disk), "
+                        "e.g. openai/clip-vit-large-patch14 or a local folder")
+    p.add_argument("--reference-images", metavar="DIR", help="folder of real images: FID of every image set against "
+                                                              "them")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (same options): images already there are not generated again")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffquant", description="Quantize the denoiser of diffusion pipelines "
                                      "(UNet or DiT) with AMD Quark, measure what it costs, export to ONNX.")
@@ -74,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of module names kept in float, for every recipe (repeatable)")
     _add_calibration(p)
+    _add_evaluation(p)
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
     p.add_argument("--export-pipeline", action="store_true",
                    help="also write each recipe's whole pipeline as ONNX in Optimum's layout (pipeline/<recipe>/)")
@@ -146,17 +164,24 @@ def _cmd_run(args) -> int:
     from .workflow import run
 
     if args.config:  # replay: the saved config, with only --out changed (a run never overwrites a folder)
-        config = RunConfig.load(args.config).replace(out=args.out)
+        config = RunConfig.load(args.config).replace(out=args.out, resume=args.resume)
     else:
         config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
                            steps=args.steps, guidance=args.guidance,
                            recipes=[n.strip() for n in args.recipes.split(",")],
                            device=args.device, dtype=args.dtype, no_t5=args.no_t5, export=not args.no_export,
                            export_pipeline=args.export_pipeline, out=args.out,
-                           exclude=args.exclude, **_calibration_options(args))
+                           exclude=args.exclude, prompt_source=args.prompt_source,
+                           prompt_column=args.prompts_column, prompt_split=args.prompts_split,
+                           batch_size=args.batch_size, clip_model=args.clip_model,
+                           reference_images=args.reference_images, resume=args.resume,
+                           **_calibration_options(args))
     results = run(config)
-    print(summary_table(results))
-    print(f"report: {Path(results.out_dir) / 'report.html'}")
+    from .evaluation import processes
+
+    if processes(config.device).is_main_process:  # under `accelerate launch`, the main process reports
+        print(summary_table(results))
+        print(f"report: {Path(results.out_dir) / 'report.html'}")
     return 0
 
 
@@ -209,7 +234,36 @@ def summary_table(results) -> str:
         lines.append(f"{name:<16} {q.psnr_db:>8.2f} {q.ssim:>7.4f} {score:>9} {r.sqnr_db:>8.2f} {onnx_mb:>8} {gen:>7.1f}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
                  "Baseline 'ONNX MB' is the fp32 parameter size.")
-    return "\n".join(lines + adherence_lines(results))
+    return "\n".join(lines + adherence_lines(results) + evaluation_lines(results))
+
+
+def evaluation_lines(results) -> list[str]:
+    """CLIP score and FID per image set (with n), the metrics not computed and why, images/s per process."""
+    ev = results.evaluation
+    if ev is None:
+        return []
+    lines = [""]
+    sets = [("baseline", results.baseline_scores, None)] + [(n, r.scores, r.quality) for n, r in results.recipes.items()]
+    for name, scores, quality in sets:
+        found = []
+        if scores and scores.clip_score is not None:
+            found.append(f"CLIP score {scores.clip_score:.2f}")
+        if quality and quality.fid is not None:
+            found.append(f"FID vs baseline {quality.fid:.3f}")
+        if scores and scores.fid_real is not None:
+            found.append(f"FID vs real {scores.fid_real:.3f} (n={scores.n_real})")
+        if found:
+            lines.append(f"{name} (n={ev.n}): " + ", ".join(found))
+    if ev.fid_features and any(r.quality.fid is not None for r in results.recipes.values()):
+        lines.append(f"FID features: {ev.fid_features}")
+    lines += list(ev.missing)
+    rates = {}
+    for t in ev.throughput:
+        if t.generated:
+            rates.setdefault(t.process, []).append((t.generated, t.seconds))
+    lines += [f"process {p}: {sum(g for g, _ in v)} images in {sum(s for _, s in v):.1f} s "
+              f"({sum(g for g, _ in v) / max(sum(s for _, s in v), 1e-9):.2f} images/s)" for p, v in sorted(rates.items())]
+    return lines
 
 
 def adherence_lines(results) -> list[str]:

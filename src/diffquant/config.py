@@ -14,7 +14,9 @@ from .errors import DiffquantError
 from .generation import as_prompt_list, check_settings
 from .recipes import DEFAULT_RECIPES
 
-CONFIG_VERSION = 2  # 2: frozen, tuples, no_t5; version 1 files (lists) still load
+CONFIG_VERSION = 3  # 3: evaluation at scale (prompt source, batch size, CLIP/FID, resume); 2: frozen, tuples,
+# no_t5; version 1 and 2 files still load (the new fields take their defaults)
+RESUME_IGNORED = ("out", "resume")  # fields a resumed run may change; every other one must match the folder's
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,25 @@ class RunConfig:
     calib_timesteps: int | None = 8
     calib_column: str | None = None
     calib_split: str = "train"
+    prompt_source: str | None = None  # evaluation prompts: a file, dataset folder or Hub id (the first num_images)
+    prompt_column: str | None = None
+    prompt_split: str = "train"
+    batch_size: int = 8  # images per pipeline call; the unit of work of processes and of --resume
+    clip_model: str | None = None  # CLIP score (and FID's features when Inception's are not on disk)
+    reference_images: str | None = None  # a folder of real images: FID of every image set against them
+    resume: bool = False  # reuse `out` when it holds this config's run: images on disk are not generated again
 
     def __post_init__(self) -> None:
         # Normalise containers to tuples so the config is hashable and cannot be mutated through an alias.
         if self.prompts is not None:
             object.__setattr__(self, "prompts", tuple(as_prompt_list(self.prompts)))
+        for name in ("model", "prompt_source", "clip_model", "reference_images", "out"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(value))
         for name in ("recipes", "exclude"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        if self.model is not None:
-            object.__setattr__(self, "model", str(self.model))
         self.validate()
 
     def validate(self) -> None:
@@ -58,7 +69,11 @@ class RunConfig:
         check_settings(self.steps, self.guidance, self.num_images)
         if self.prompts is not None and (not self.prompts or not all(p.strip() for p in self.prompts)):
             raise DiffquantError("empty prompt: pass non-empty --prompt texts, or none for the model's defaults")
-        for name in ("calib_size", "calib_steps", "calib_timesteps"):
+        if self.prompts is not None and self.prompt_source is not None:
+            raise DiffquantError("pass prompts (--prompt) or a prompt source (--prompts), not both")
+        if self.resume and self.out is None:
+            raise DiffquantError("--resume continues the run in --out: pass the --out of the run to resume")
+        for name in ("calib_size", "calib_steps", "calib_timesteps", "batch_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 flag = "--" + name.replace("_", "-")
@@ -121,3 +136,8 @@ class RunConfig:
         except ValueError as error:
             raise DiffquantError(f"{path} is not valid JSON ({error})") from None
         return cls.from_dict(data)
+
+    def same_run(self, other: RunConfig) -> bool:
+        """True when `other` makes the same images and metrics (it may differ in `RESUME_IGNORED` only)."""
+        ignored = dict.fromkeys(RESUME_IGNORED)
+        return dataclasses.replace(self, **ignored) == dataclasses.replace(other, **ignored)

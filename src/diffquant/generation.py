@@ -83,7 +83,7 @@ def pipeline_kwargs(pipe, guidance: float | None = None, height: int | None = No
 def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None = None,
              guidance: float | None = None, batch_size: int = 8, desc: str = "generate",
              on_image: Callable[[int, Image.Image], None] | None = None, height: int | None = None,
-             width: int | None = None) -> list[Image.Image]:
+             width: int | None = None, show_progress: bool = True) -> list[Image.Image]:
     """Generate one image per prompt; image k uses its own CPU generator seeded `seed + k`.
 
     Args:
@@ -95,6 +95,7 @@ def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None
         on_image: called as `on_image(k, image)` as soon as each batch is made (e.g. to save it, so
             an interrupted run keeps the images already generated).
         height, width: image size in pixels (None: the model profile's, else the pipeline's default).
+        show_progress: a progress bar over the batches (callers that show their own turn it off).
 
     Returns:
         PIL images, in prompt order.
@@ -109,7 +110,7 @@ def generate(pipe, prompts: str | list[str], seed: int = 1024, steps: int | None
     guidance = defaults.guidance if guidance is None else guidance
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
-    for start in progress(starts, desc=desc, total=len(starts)):
+    for start in progress(starts, desc=desc, total=len(starts), disable=not show_progress):
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
         out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators, **extra)

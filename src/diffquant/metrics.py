@@ -18,7 +18,7 @@ PSNR_IDENTICAL = 100.0  # dB reported for pixel-identical images (true PSNR is i
 _LPIPS_ALEX = "alexnet-owt-7be5be79.pth"  # the torchvision backbone torchmetrics' LPIPS needs
 
 
-def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
     return torch.from_numpy(array).permute(0, 3, 1, 2)  # (N, 3, H, W) in [0, 1]
 
@@ -67,7 +67,7 @@ class Comparison:
                 "mean": self.summary(), "notes": self.notes}
 
 
-def _are_shapes_captions(prompts: list[str]) -> bool:
+def are_shapes_captions(prompts: list[str]) -> bool:
     from .shapes.dataset import parse_caption
 
     try:
@@ -82,7 +82,25 @@ def prompt_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str,
     """ShapeEval accuracy when every prompt is a caption of the shapes grammar, else None."""
     from .shapes.shapeeval import evaluate
 
-    return evaluate(images, prompts) if _are_shapes_captions(prompts) else None
+    return evaluate(images, prompts) if are_shapes_captions(prompts) else None
+
+
+def fidelity(ref: torch.Tensor, test: torch.Tensor) -> tuple[list[float], list[float], list[float] | None, str | None]:
+    """Per-image PSNR (dB), SSIM and LPIPS of `test` against `ref`, both (N, 3, H, W) in [0, 1].
+
+    Returns (psnr, ssim, lpips or None, the reason LPIPS is missing or None)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    psnr = [PSNR_IDENTICAL if torch.equal(r, t) else
+            float(peak_signal_noise_ratio(t[None], r[None], data_range=1.0)) for r, t in zip(ref, test)]
+    ssim = structural_similarity_index_measure(test, ref, data_range=1.0, reduction="none")
+    reason = lpips_unavailable_reason()
+    lpips = None
+    if reason is None:
+        from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as lpips_fn
+
+        lpips = [float(lpips_fn(t[None], r[None], net_type="alex", normalize=True)) for r, t in zip(ref, test)]
+    return psnr, [float(s) for s in ssim.reshape(-1)], lpips, reason
 
 
 def compare(baseline_images: list[Image.Image], images: list[Image.Image], prompts: list[str]) -> Comparison:
@@ -97,23 +115,11 @@ def compare(baseline_images: list[Image.Image], images: list[Image.Image], promp
         A `Comparison` with per-image PSNR (dB), SSIM, LPIPS (or a note why not) and, for shapes
         captions, ShapeEval accuracy per attribute and agreement with the baseline's detections.
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
     if not (len(baseline_images) == len(images) == len(prompts)):
         raise ValueError(f"compare needs as many images as baseline images and prompts, got "
                          f"{len(images)}, {len(baseline_images)} and {len(prompts)}")
-    ref, test = _to_tensor(baseline_images), _to_tensor(images)
-    psnr = [PSNR_IDENTICAL if torch.equal(r, t) else
-            float(peak_signal_noise_ratio(t[None], r[None], data_range=1.0)) for r, t in zip(ref, test)]
-    ssim = structural_similarity_index_measure(test, ref, data_range=1.0, reduction="none")
-    comparison = Comparison(psnr_db=psnr, ssim=[float(s) for s in ssim.reshape(-1)])
-    reason = lpips_unavailable_reason()
-    if reason is None:
-        from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as lpips
-
-        comparison.lpips = [float(lpips(t[None], r[None], net_type="alex", normalize=True)) for r, t in zip(ref, test)]
-    else:
-        comparison.notes.append(reason)
+    psnr, ssim, lpips, note = fidelity(to_tensor(baseline_images), to_tensor(images))
+    comparison = Comparison(psnr_db=psnr, ssim=ssim, lpips=lpips, notes=[note] if note else [])
     comparison.shapeeval = prompt_adherence(images, prompts)
     if comparison.shapeeval is not None:
         from .shapes.shapeeval import agreement

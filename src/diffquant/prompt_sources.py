@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from .errors import DiffquantError
@@ -20,12 +21,16 @@ logger = logging.getLogger(__name__)
 CAPTION_COLUMNS = ("caption", "TEXT", "text", "prompt")  # COCO/CC, LAION, generic, prompt lists
 FILE_BUILDERS = {".csv": "csv", ".jsonl": "json", ".parquet": "parquet"}
 FILE_SUFFIXES = {".txt", ".json", *FILE_BUILDERS}
-ALTERNATIVES = "pass a local .txt/.csv/.jsonl/.parquet file or another dataset id to --calib-prompts"
+# What the prompts are for, and the CLI options that name their source, column and split: error messages name them.
+ROLES = {"calibration": ("calibration", "--calib-prompts", "--calib-column", "--calib-split"),
+         "evaluation": ("evaluation", "--prompts", "--prompts-column", "--prompts-split")}
+_role: ContextVar[tuple[str, str, str, str]] = ContextVar("prompt_role", default=ROLES["calibration"])
 
 
 def load_prompts(source: str | Path | None, size: int, column: str | None = None, split: str = "train",
-                 seed: int = 0, default: Callable[[int, int], list[str]] | None = None) -> list[str]:
-    """Load up to `size` calibration prompts, dropping empty and duplicate ones (first occurrence kept).
+                 seed: int = 0, default: Callable[[int, int], list[str]] | None = None,
+                 role: str = "calibration") -> list[str]:
+    """Load up to `size` calibration (or evaluation) prompts, dropping empty and duplicate ones (first occurrence kept).
 
     Args:
         source: None (use `default`), a .txt/.csv/.jsonl/.json/.parquet file, a folder written by
@@ -37,15 +42,25 @@ def load_prompts(source: str | Path | None, size: int, column: str | None = None
         split: the split of a dataset folder or Hub dataset.
         seed: passed to `default`; file and dataset order is kept as is.
         default: `default(size, seed)` gives the prompts when `source` is None.
+        role: "calibration" or "evaluation": what error messages call the prompts and which options they name.
 
     Returns:
         The prompts, stripped, in source order.
     """
+    token = _role.set(ROLES[role])
+    try:
+        return _load(source, size, column, split, seed, default)
+    finally:
+        _role.reset(token)
+
+
+def _load(source, size: int, column: str | None, split: str, seed: int, default) -> list[str]:
+    what, flag, _, _ = _role.get()
     if size < 1:
-        raise DiffquantError(f"calibration size must be at least 1, got {size}")
+        raise DiffquantError(f"{what} size must be at least 1, got {size}")
     if source is None:
         if default is None:
-            raise DiffquantError("calibration needs prompts: pass --calib-prompts with a .txt/.csv/.jsonl/.parquet file, "
+            raise DiffquantError(f"{what} needs prompts: pass {flag} with a .txt/.csv/.jsonl/.parquet file, "
                                  "a dataset folder or a Hugging Face dataset id")
         return default(size, seed)
     path = Path(source).expanduser()
@@ -54,7 +69,7 @@ def load_prompts(source: str | Path | None, size: int, column: str | None = None
     elif path.is_dir():
         prompts = _from_folder(path, size, column, split)
     elif str(source).startswith((".", "/", "~")) or path.suffix.lower() in FILE_SUFFIXES:
-        raise DiffquantError(f"calibration prompt file {source} does not exist")
+        raise DiffquantError(f"{what} prompt file {source} does not exist")
     else:
         prompts = _from_hub(str(source), size, column, split)
     if not prompts:
@@ -80,7 +95,7 @@ def _pick_column(names: list[str], column: str | None, source) -> str:
         if column in names:
             return column
         raise DiffquantError(f"{source} has no column {column!r}; its columns are {names}: "
-                             "pass --calib-column with one of them")
+                             f"pass {_role.get()[2]} with one of them")
     lowered = {name.lower(): name for name in reversed(names)}  # reversed: the first spelling wins
     for candidate in CAPTION_COLUMNS:
         if candidate in names:
@@ -89,7 +104,7 @@ def _pick_column(names: list[str], column: str | None, source) -> str:
         if candidate.lower() in lowered:
             return lowered[candidate.lower()]
     raise DiffquantError(f"{source} has no caption column ({', '.join(CAPTION_COLUMNS)}); its columns are "
-                         f"{names}: pass --calib-column to name the prompt column")
+                         f"{names}: pass {_role.get()[2]} to name the prompt column")
 
 
 def _column_values(dataset, column: str | None, source) -> Iterator:
@@ -112,7 +127,7 @@ def _pick_split(loaded, split: str, source):
         return loaded
     if split not in loaded:
         raise DiffquantError(f"{source} has no split {split!r}; its splits are {list(loaded)}: "
-                             "pass --calib-split with one of them")
+                             f"pass {_role.get()[3]} with one of them")
     return loaded[split]
 
 
@@ -130,7 +145,7 @@ def _from_file(path: Path, size: int, column: str | None) -> list[str]:
             return _unique((item.get(name) for item in data), size)
         raise DiffquantError(f"{path} must hold a JSON list of strings or of objects")
     if suffix not in FILE_BUILDERS:
-        raise DiffquantError(f"calibration prompt file {path} has an unknown type: use .txt, .csv, .jsonl, "
+        raise DiffquantError(f"{_role.get()[0]} prompt file {path} has an unknown type: use .txt, .csv, .jsonl, "
                              ".json or .parquet")
     import datasets
 
@@ -186,7 +201,9 @@ def _hub_error(dataset_id: str, exc: Exception) -> DiffquantError:
         what = f"could not be loaded ({type(exc).__name__}: {_first_line(exc)})"
     token = "no Hugging Face token is set (HF_TOKEN or `hf auth login`)" if get_token() is None \
         else "a Hugging Face token is set"
-    return DiffquantError(f"calibration dataset {dataset_id} {what}; {token}; {ALTERNATIVES}")
+    role, flag = _role.get()[:2]
+    alternatives = f"pass a local .txt/.csv/.jsonl/.parquet file or another dataset id to {flag}"
+    return DiffquantError(f"{role} dataset {dataset_id} {what}; {token}; {alternatives}")
 
 
 def _first_line(exc: Exception) -> str:

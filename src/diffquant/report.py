@@ -122,6 +122,7 @@ def render_html(out_dir: Path, results: RunResult) -> str:
                      "the caption, over the captions that name it; <i>agree with fp32</i>: share of images "
                      "whose five detected attributes equal those of the baseline image of the same seed.</p>"
                      + _table(headers, [[e(c) for c in r] for r in adherence_rows]))
+    parts.extend(_evaluation_parts(results))
     notes = sorted({n for r in results.recipes.values() for n in r.notes})
     parts.extend(f"<p class=note>{e(n)}</p>" for n in notes)
 
@@ -156,6 +157,36 @@ def render_html(out_dir: Path, results: RunResult) -> str:
     parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(results.config, indent=2)) + "</pre>")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>diffquant report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _evaluation_parts(results: RunResult) -> list[str]:
+    """The evaluation: prompt source and n, CLIP score and FID (with the features used) per image set, the
+    metrics not computed and why, and each process's throughput."""
+    ev = results.evaluation
+    if ev is None:
+        return []
+    e = html.escape
+    parts = [f"<h2>Evaluation</h2><p>{ev.n} prompts from {e(ev.prompt_source)}, {ev.processes} process(es), "
+             f"batches of {ev.batch_size}; FID features: {e(ev.fid_features or 'none')}"
+             + (f"; CLIP model {e(ev.clip_model)}" if ev.clip_model else "") + "</p>"]
+    rows = []
+    sets = [("baseline", results.baseline_scores, None)] + [(n, r.scores, r.quality) for n, r in results.recipes.items()]
+    for name, scores, quality in sets:
+        rows.append([e(name), _fmt(scores.n if scores else None), _fmt(scores.clip_score if scores else None),
+                     _fmt(quality.fid, 3) if quality else "-",
+                     _fmt(scores.fid_real if scores else None, 3) + (f" (n={scores.n_real})" if scores and
+                                                                     scores.n_real else "")])
+    parts.append(_table(["images", "n", "CLIP score", "FID vs baseline", "FID vs real images"], rows))
+    parts.extend(f"<p class=note>{e(line)}</p>" for line in ev.missing)
+    if ev.calibration_overlap:
+        parts.append(f"<p class=note>{len(ev.calibration_overlap)} evaluation prompts are also calibration prompts "
+                     f"(first: {e(ev.calibration_overlap[0])})</p>")
+    throughput = [[t.process, e(t.images), t.generated, t.skipped, _fmt(t.seconds), _fmt(t.images_per_s, 3)]
+                  for t in ev.throughput]
+    if throughput:
+        parts.append("<h3>Throughput per process</h3>" + _table(
+            ["process", "images", "generated", "already on disk", "seconds", "images/s"], throughput))
+    return parts
 
 
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .errors import DiffquantError
 
-RESULTS_VERSION = 2  # 2: typed results, the denoiser named (was "unet_*" keys)
+RESULTS_VERSION = 3  # 3: n, CLIP score, FID, the evaluation's processes; 2: typed results, the denoiser named
+READABLE_VERSIONS = (2, 3)  # version 2 files load with the new fields empty
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,54 @@ class Quality:
     lpips: float | None = None
     shapeeval: dict | None = None  # per-attribute accuracy vs the captions (shapes models only)
     shapeeval_agreement: dict | None = None  # share of images whose detections equal the reference's
+    n: int | None = None  # images measured
+    fid: float | None = None  # FID of the images against the reference set's (SVDQuant's "reference FID")
 
     @classmethod
     def from_comparison(cls, comparison: dict) -> Quality:
         mean = comparison["mean"]
         return cls(**{f.name: mean.get(f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ImageSetScores:
+    """Metrics of one image set on its own: CLIP score against its prompts, FID against real images."""
+
+    n: int
+    clip_score: float | None = None  # torchmetrics CLIPScore: 100 * cosine(image, prompt), mean over images
+    fid_real: float | None = None  # FID against --reference-images
+    n_real: int | None = None
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What one process generated for one image set."""
+
+    process: int
+    images: str  # the image set's label
+    generated: int  # images made by this process (images already on disk are not counted)
+    skipped: int  # images found on disk (a resumed run)
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How the images were made and measured: prompt source, processes, which model metrics ran."""
+
+    prompt_source: str
+    n: int
+    processes: int
+    batch_size: int
+    fid_features: str | None = None  # the feature extractor FID used, in words
+    clip_model: str | None = None
+    reference_images: str | None = None
+    missing: tuple[str, ...] = ()  # one line per metric not computed, saying why
+    calibration_overlap: tuple[str, ...] = ()  # evaluation prompts that are also calibration prompts
+    throughput: tuple[Throughput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +92,7 @@ class RecipeResult:
     onnx: dict | None = None  # OnnxExport.to_dict(), path relative to the run folder
     ort: OrtImages | None = None
     pipeline: dict | None = None  # the deployable ONNX pipeline folder, when asked
+    scores: ImageSetScores | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +113,8 @@ class RunResult:
     timings: dict = field(default_factory=dict)
     grid: str | None = None
     error: str | None = None
+    baseline_scores: ImageSetScores | None = None
+    evaluation: Evaluation | None = None
 
     def with_recipe(self, name: str, result: RecipeResult) -> RunResult:
         return replace(self, recipes={**self.recipes, name: result})
@@ -80,7 +127,7 @@ class RunResult:
         if not isinstance(data, dict) or data.get("type") != "RunResult":
             raise DiffquantError("not a diffquant results file (no \"type\": \"RunResult\"): pass the results.json "
                                  "a run wrote")
-        if data.get("version") != RESULTS_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise DiffquantError(f"results version {data.get('version')!r} is not the {RESULTS_VERSION} this "
                                  "diffquant reads: rerun with this version")
         values = {k: v for k, v in data.items() if k not in ("type", "version")}
@@ -89,10 +136,19 @@ class RunResult:
             ort = r.pop("ort")
             if ort is not None:
                 ort = OrtImages(tuple(ort["images"]), Quality(**ort["vs_torch"]), Quality(**ort["vs_baseline"]))
+            scores = r.pop("scores", None)
             recipes[name] = RecipeResult(**{**r, "images": tuple(r["images"]), "quality": Quality(**r["quality"]),
-                                            "notes": tuple(r["notes"]), "ort": ort})
+                                            "notes": tuple(r["notes"]), "ort": ort,
+                                            "scores": None if scores is None else ImageSetScores(**scores)})
+        baseline_scores = values.pop("baseline_scores", None)
+        evaluation = values.pop("evaluation", None)
+        if evaluation is not None:
+            evaluation = Evaluation(**{**evaluation, "missing": tuple(evaluation["missing"]),
+                                       "calibration_overlap": tuple(evaluation["calibration_overlap"]),
+                                       "throughput": tuple(Throughput(**t) for t in evaluation["throughput"])})
         return cls(**{**values, "prompts": tuple(values["prompts"]), "baseline_images": tuple(values["baseline_images"]),
-                      "recipes": recipes})
+                      "recipes": recipes, "evaluation": evaluation,
+                      "baseline_scores": None if baseline_scores is None else ImageSetScores(**baseline_scores)})
 
     @classmethod
     def load(cls, path: str | Path) -> RunResult:

@@ -14,24 +14,35 @@ import torch
 
 from .artifacts import output_folder, save_image, write_json
 from .calibration import calibrate_for_run, recording_denoiser_inputs
-from .config import RunConfig
+from .config import RESUME_IGNORED, RunConfig
 from .denoisers import denoiser_of
+from .errors import DiffquantError
+from .eval_metrics import Scorer, read_images
+from .evaluation import (batches, broadcast, finish, generate_set, image_path, process_device, processes,
+                         record_batches)
 from .export import export_onnx
 from .generation import default_prompts, default_settings, generate, image_grid
-from .metrics import compare, prompt_adherence, sqnr_db
+from .metrics import are_shapes_captions, sqnr_db
 from .pipeline import load_pipeline
 from .quantization import layer_report, quantize
 from .recipes import parse_recipes
 from .report import versions, write_report, write_results
-from .results import OrtImages, Quality, RecipeResult, RunResult
+from .results import Evaluation, OrtImages, Quality, RecipeResult, RunResult, Throughput
 from .runtimes.onnxruntime import ort_pipeline
 
 logger = logging.getLogger(__name__)
 GRID_COLUMNS = 8  # the grid shows the first images; every image is saved and measured
 SQNR_RECORDS = 16  # recorded denoiser calls of the evaluation trajectories that the output SQNR averages
+SQNR_TIMESTEPS = 4  # calls recorded per trajectory (spread over its steps)
+ALL_PROMPTS = 10**9  # a prompt source without --num-images: all of its prompts
 
 
 def _prompts(pipe, config: RunConfig) -> list[str]:
+    if config.prompt_source:
+        from .prompt_sources import load_prompts
+
+        return load_prompts(config.prompt_source, config.num_images or ALL_PROMPTS, column=config.prompt_column,
+                            split=config.prompt_split, role="evaluation")
     if config.prompts:
         n = config.num_images or len(config.prompts)
         return [config.prompts[k % len(config.prompts)] for k in range(n)]
@@ -40,17 +51,16 @@ def _prompts(pipe, config: RunConfig) -> list[str]:
     return default_prompts(pipe, config.num_images or profile_of(pipe).num_images)
 
 
-def _image_path(label: str, k: int) -> Path:
-    return Path("images") / label / f"{k:03d}.png"
-
-
-def _generate_saved(pipe, prompts: list[str], out_dir: Path, label: str, desc: str, gen: dict):
-    """Generate and save each image as soon as its batch is made (Ctrl-C keeps what was generated).
-
-    Returns (images, their paths relative to `out_dir`)."""
-    images = generate(pipe, prompts, desc=desc, on_image=lambda k, image: save_image(image, out_dir / _image_path(label, k)),
-                      **gen)
-    return images, [str(_image_path(label, k)) for k in range(len(images))]
+def calibration_overlap(prompts: list[str], calibration_prompts: list[str]) -> list[str]:
+    """The evaluation prompts that are also calibration prompts (in evaluation order, once each), with a
+    warning naming them: quality measured on the prompts the scales were fitted to flatters the recipe."""
+    calibration = set(calibration_prompts)
+    overlap = list(dict.fromkeys(p for p in prompts if p in calibration))
+    if overlap:
+        shown = "; ".join(repr(p) for p in overlap[:3]) + (" ..." if len(overlap) > 3 else "")
+        logger.warning("%d of the %d evaluation prompts are also calibration prompts (%s): pass disjoint "
+                       "--prompts and --calib-prompts", len(overlap), len(set(prompts)), shown)
+    return overlap
 
 
 @contextmanager
@@ -86,16 +96,49 @@ def run(config: RunConfig | None = None, **overrides) -> RunResult:
         from .onnx_pipeline import require_exporter
 
         require_exporter()  # Optimum missing: say so before any slow work
-    with output_folder(config.out) as out_dir:
-        return _run(config, recipes, out_dir, started)
+    state = processes(config.device)
+    try:
+        with _run_folder(config, state) as out_dir:
+            results = _run(config, recipes, out_dir, started, state)
+        if not state.is_main_process:  # the main process measured and wrote the results
+            results = RunResult.load(out_dir)
+        return results
+    finally:
+        finish(state)
 
 
-def _run(config: RunConfig, recipes, out_dir: Path, started: float) -> RunResult:
+@contextmanager
+def _run_folder(config: RunConfig, state):
+    """The run folder, chosen by the main process and shared with the others. With `resume`, `out` is
+    reused when it holds a run of the same config (the images on disk are kept)."""
+    if not state.is_main_process:
+        state.wait_for_everyone()  # the main process chooses (and checks) the folder first
+        yield Path(broadcast(state, None))
+        return
+    if config.resume and (Path(config.out).expanduser() / "config.json").is_file():
+        folder = Path(config.out).expanduser()
+        previous = RunConfig.load(folder / "config.json")
+        if not previous.same_run(config):
+            differ = [f for f in config.__dataclass_fields__ if f not in RESUME_IGNORED
+                      and getattr(previous, f) != getattr(config, f)]
+            raise DiffquantError(f"--resume: {folder} holds a run with other settings ({', '.join(differ)}): pass the "
+                                 "same options as that run, or another --out")
+        logger.info("resuming the run in %s", folder)
+        state.wait_for_everyone()
+        yield Path(broadcast(state, str(folder)))
+        return
+    with output_folder(config.out) as folder:
+        state.wait_for_everyone()
+        yield Path(broadcast(state, str(folder)))
+
+
+def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> RunResult:
     timings: dict[str, float] = {}
     with _timed(timings, "load pipeline"):
-        pipe = load_pipeline(config.model, config.device, config.dtype, no_t5=config.no_t5)
+        pipe = load_pipeline(config.model, process_device(state, config.device), config.dtype, no_t5=config.no_t5)
     # Written only once the model loaded: a run that fails to start leaves no folder to step around.
-    write_json(out_dir / "config.json", config.to_dict())
+    if state.is_main_process:
+        write_json(out_dir / "config.json", config.to_dict())
     family = denoiser_of(pipe)
     settings = default_settings(pipe, config.seed)
     steps = settings.steps if config.steps is None else config.steps
@@ -108,11 +151,11 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float) -> RunResult
         versions=versions(), timings=timings,
         denoiser_fp32_bytes=sum(p.numel() * 4 for p in family.module.parameters()),
     )
-    saved = _SavedResults(out_dir, results)
+    saved = _SavedResults(out_dir, results, write=state.is_main_process)
     try:
-        _stages(pipe, config, recipes, out_dir, prompts, steps, guidance, saved)
+        _stages(pipe, config, recipes, out_dir, prompts, steps, guidance, saved, state)
     except BaseException as error:
-        if any(p.name != "config.json" for p in out_dir.iterdir()):  # else the folder is removed
+        if state.is_main_process and any(p.name != "config.json" for p in out_dir.iterdir()):  # else it is removed
             interrupted = isinstance(error, KeyboardInterrupt)
             saved.update(status="interrupted" if interrupted else "failed",
                          error=None if interrupted else f"{type(error).__name__}: {error}")
@@ -120,9 +163,11 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float) -> RunResult
     results = saved.results
     timings["total"] = round(time.perf_counter() - started, 3)
     results = replace(results, status="complete")
-    write_results(out_dir, results)
-    write_report(out_dir, results)
-    logger.info("wrote %s", out_dir / "report.html")
+    if state.is_main_process:
+        write_results(out_dir, results)
+        write_report(out_dir, results)
+        logger.info("wrote %s", out_dir / "report.html")
+    state.wait_for_everyone()
     return results
 
 
@@ -140,35 +185,93 @@ class _SavedResults:
     """The results of a run in progress, rewritten to results.json each time a stage finishes, so an
     interrupted run keeps what it finished."""
 
-    def __init__(self, out_dir: Path, results: RunResult):
-        self.out_dir, self.results = out_dir, results
+    def __init__(self, out_dir: Path, results: RunResult, write: bool = True):
+        self.out_dir, self.results, self.write = out_dir, results, write  # only the main process writes
 
     def update(self, **changes) -> None:
         self.set(replace(self.results, **changes))
 
     def set(self, results: RunResult) -> None:
         self.results = results
-        write_results(self.out_dir, results)
+        if self.write:
+            write_results(self.out_dir, results)
+
+
+class _SqnrInputs:
+    """The denoiser's inputs of the first evaluation batches (main process), for each recipe's output SQNR:
+    recorded while the main process makes them, or made again (not saved) when another process made
+    them or a resumed run found them on disk, so the records are the same whatever the process count."""
+
+    def __init__(self, pipe, steps: int) -> None:
+        self.pipe, self.steps = pipe, steps
+        self.batches = record_batches(SQNR_RECORDS, SQNR_TIMESTEPS)
+        self.by_batch: dict[int, list[dict]] = {}
+
+    @contextmanager
+    def record(self, batch: int):
+        if batch >= self.batches:
+            yield None
+            return
+        with recording_denoiser_inputs(self.pipe, self.steps, timesteps=SQNR_TIMESTEPS) as captured:
+            yield captured
+        self.by_batch[batch] = list(captured)
+
+    def records(self, prompts: list[str], gen: dict, batch_size: int) -> list[dict]:
+        for b, ks in enumerate(batches(len(prompts), batch_size)[:self.batches]):
+            if b not in self.by_batch:
+                with self.record(b):
+                    generate(self.pipe, prompts[ks.start:ks.stop], seed=gen["seed"] + ks.start, steps=gen["steps"],
+                             guidance=gen["guidance"], batch_size=batch_size, show_progress=False)
+        return [r for b in sorted(self.by_batch) for r in self.by_batch[b]][:SQNR_RECORDS]
 
 
 def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str], steps: int, guidance: float,
-            saved: _SavedResults) -> None:
-    """Baseline, then each recipe quantized, measured and exported."""
+            saved: _SavedResults, state) -> None:
+    """Baseline, then each recipe quantized, measured and exported. Every process generates its share of
+    each image set; the main process measures them and writes the results."""
     timings = saved.results.timings
+    main = state.is_main_process
     gen = dict(seed=config.seed, steps=steps, guidance=guidance)
+    throughput: list[Throughput] = []
+    overlap: list[str] = []
     calibration = None
     if any(r.needs_calibration for r in recipes):
+        # Every process calibrates on the same prompts and seeds (deterministic), instead of receiving the
+        # main process's records: no activations (GBs for SDXL/FLUX.1) cross the network, and no process
+        # waits longer than it would for the main process's calibration.
         with _timed(timings, "calibrate"):
             calibration, described = calibrate_for_run(pipe, config, steps=steps, guidance=guidance)
+        if main:
+            overlap = calibration_overlap(prompts, calibration.prompts)
         saved.update(calibration=described)
 
-    # The denoiser's inputs on the evaluation trajectories, for each recipe's output SQNR.
-    with _timed(timings, "generate baseline"), recording_denoiser_inputs(pipe, steps, timesteps=4) as eval_inputs:
-        baseline, paths = _generate_saved(pipe, prompts, out_dir, "baseline", "baseline", gen)
-    saved.update(baseline_images=tuple(paths), baseline_shapeeval=prompt_adherence(baseline, prompts))
-    rows = {"baseline": baseline}
+    scorer = None
+    if main:
+        scorer = Scorer(out_dir, prompts, config.clip_model, config.reference_images, pipe.device,
+                        shapes=are_shapes_captions(prompts))
+
+    def evaluation() -> Evaluation:
+        return Evaluation(prompt_source=config.prompt_source or ("given prompts" if config.prompts else
+                                                                 "the model's default prompts"),
+                          n=len(prompts), processes=state.num_processes, batch_size=config.batch_size,
+                          fid_features=scorer.fid_features, clip_model=config.clip_model,
+                          reference_images=config.reference_images, missing=tuple(scorer.missing),
+                          calibration_overlap=tuple(overlap), throughput=tuple(throughput))
+
+    sqnr_inputs = _SqnrInputs(pipe, steps)
+    with _timed(timings, "generate baseline"):
+        throughput += generate_set(state, pipe, prompts, out_dir, "baseline", gen, config.batch_size,
+                                   record=sqnr_inputs.record if main else None)
+    records = []
+    if main:
+        records = sqnr_inputs.records(prompts, gen, config.batch_size)
+        with _timed(timings, "measure baseline"):
+            baseline_shapeeval, baseline_scores = scorer.baseline()
+        saved.update(baseline_images=_paths("baseline", prompts),
+                     baseline_shapeeval=baseline_shapeeval, baseline_scores=baseline_scores,
+                     evaluation=evaluation())
+    labels = ["baseline"]
     family = denoiser_of(pipe)
-    records = [eval_inputs[i] for i in range(min(len(eval_inputs), SQNR_RECORDS))]
 
     for recipe in recipes:
         with _timed(timings, f"quantize {recipe.name}"):
@@ -176,38 +279,70 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
                                  exclude=config.exclude)
         q_module = denoiser_of(quantized).module
         with _timed(timings, f"generate {recipe.name} (simulated fake-quant)"):
-            images, image_paths = _generate_saved(quantized, prompts, out_dir, recipe.name, recipe.name, gen)
-        rows[recipe.name] = images
-        comparison = compare(baseline, images, prompts).to_dict()
-        entry = RecipeResult(recipe=recipe.to_dict(), images=tuple(image_paths),
-                             quality=Quality.from_comparison(comparison), notes=tuple(comparison["notes"]),
-                             sqnr_db=denoiser_output_sqnr(family.module, q_module, records),
-                             layers=layer_report(q_module).to_dict())
+            throughput += generate_set(state, quantized, prompts, out_dir, recipe.name, gen, config.batch_size)
+        labels.append(recipe.name)
+        entry = None
+        if main:
+            with _timed(timings, f"measure {recipe.name}"):
+                quality, scores = scorer.image_set(recipe.name)
+            entry = RecipeResult(recipe=recipe.to_dict(), images=_paths(recipe.name, prompts), quality=quality,
+                                 notes=tuple(scorer.notes), sqnr_db=denoiser_output_sqnr(family.module, q_module, records),
+                                 layers=layer_report(q_module).to_dict(), scores=scores)
         if config.export:
-            with _timed(timings, f"export {recipe.name}"):
-                exported = export_onnx(quantized, out_dir / "onnx" / recipe.name, inputs=_trace_inputs(family, records))
-            entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
-            with _timed(timings, f"generate {recipe.name} (ONNX Runtime)"):
-                # ONNX Runtime gets the thread count torch was given (the CLI's --threads), not all cores.
-                ort = ort_pipeline(pipe, exported.path, threads=torch.get_num_threads())
-                ort_images, ort_paths = _generate_saved(ort, prompts, out_dir, f"{recipe.name}-ort",
-                                                        f"{recipe.name} ORT", gen)
-            entry = replace(entry, ort=OrtImages(
-                tuple(ort_paths), vs_torch=Quality.from_comparison(compare(images, ort_images, prompts).to_dict()),
-                vs_baseline=Quality.from_comparison(compare(baseline, ort_images, prompts).to_dict())))
-            rows[f"{recipe.name} ORT"] = ort_images
-            if config.export_pipeline:
-                from .onnx_pipeline import export_pipeline
-
-                with _timed(timings, f"export pipeline {recipe.name}"):
-                    deployed = export_pipeline(quantized, out_dir / "pipeline" / recipe.name, unet_onnx=exported.path)
-                entry = replace(entry, pipeline=deployed.to_dict() | {"path": str(deployed.path.relative_to(out_dir))})
-        saved.set(saved.results.with_recipe(recipe.name, entry))
+            entry = _export_stages(config, pipe, quantized, recipe, out_dir, prompts, gen, family, records, entry,
+                                   timings, state, scorer, throughput)
+            labels.append(f"{recipe.name}-ort")
+        if main:
+            saved.set(replace(saved.results.with_recipe(recipe.name, entry), evaluation=evaluation()))
         del quantized, q_module
         gc.collect()
 
-    columns = min(len(prompts), GRID_COLUMNS)
-    grid = image_grid({label: images[:columns] for label, images in rows.items()},
-                      column_labels=[f"#{k} seed {config.seed + k}" for k in range(columns)])
-    save_image(grid, out_dir / "grid.png")
-    saved.update(grid="grid.png")
+    if main:
+        columns = min(len(prompts), GRID_COLUMNS)
+        rows = {label.replace("-ort", " ORT"): read_images([out_dir / image_path(label, k) for k in range(columns)])
+                for label in labels}
+        grid = image_grid(rows, column_labels=[f"#{k} seed {config.seed + k}" for k in range(columns)])
+        save_image(grid, out_dir / "grid.png")
+        saved.update(grid="grid.png")
+
+
+def _paths(label: str, prompts: list[str]) -> tuple[str, ...]:
+    return tuple(str(image_path(label, k)) for k in range(len(prompts)))
+
+
+def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, prompts: list[str], gen: dict, family,
+                   records: list[dict], entry: RecipeResult | None, timings: dict, state, scorer,
+                   throughput: list) -> RecipeResult | None:
+    """The main process exports the quantized denoiser to ONNX (and the pipeline, when asked); every process
+    then generates its share of the ONNX Runtime images; the main process measures them."""
+    main = state.is_main_process
+    path = None
+    if main:
+        with _timed(timings, f"export {recipe.name}"):
+            exported = export_onnx(quantized, out_dir / "onnx" / recipe.name, inputs=_trace_inputs(family, records))
+        entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
+        path = exported.path
+    path = Path(broadcast(state, str(path)))
+    with _timed(timings, f"generate {recipe.name} (ONNX Runtime)"):
+        # ONNX Runtime gets the thread count torch was given (the CLI's --threads), not all cores.
+        ort = ort_pipeline(pipe, path, threads=torch.get_num_threads())
+        throughput += generate_set(state, ort, prompts, out_dir, f"{recipe.name}-ort", gen, config.batch_size)
+    if not main:
+        return None
+    vs_baseline, _ = scorer.image_set(f"{recipe.name}-ort", scores=False)
+    vs_torch = _vs_torch(scorer, recipe.name)
+    entry = replace(entry, ort=OrtImages(_paths(f"{recipe.name}-ort", prompts), vs_torch=vs_torch,
+                                         vs_baseline=vs_baseline))
+    if config.export_pipeline:
+        from .onnx_pipeline import export_pipeline
+
+        with _timed(timings, f"export pipeline {recipe.name}"):
+            deployed = export_pipeline(quantized, out_dir / "pipeline" / recipe.name, unet_onnx=path)
+        entry = replace(entry, pipeline=deployed.to_dict() | {"path": str(deployed.path.relative_to(out_dir))})
+    return entry
+
+
+def _vs_torch(scorer: Scorer, name: str) -> Quality:
+    """PSNR/SSIM/LPIPS of the ONNX Runtime images against the torch fake-quant images of the same recipe."""
+    quality, _ = scorer.image_set(f"{name}-ort", reference=name, scores=False)
+    return quality

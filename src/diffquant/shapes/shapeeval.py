@@ -121,7 +121,11 @@ def evaluate(images: list[Image.Image], captions: list[str]) -> dict[str, float]
     named attribute right. Values are fractions in [0, 1]; `n_<attribute>` counts are included."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: pass one caption per image")
-    scores = [score(im, cap) for im, cap in zip(images, captions)]
+    return summarize([score(im, cap) for im, cap in zip(images, captions)])
+
+
+def summarize(scores: list[Score]) -> dict[str, float]:
+    """`evaluate`'s accuracies from per-image scores (so a long evaluation can score image by image)."""
     result: dict[str, float] = {}
     for name in ATTRIBUTES:
         named = [s.hits[name] for s in scores if s.hits[name] is not None]
@@ -140,7 +144,12 @@ def agreement(reference: list[Image.Image], images: list[Image.Image]) -> dict[s
     change of the model (quantization) changed in what the image shows."""
     if len(reference) != len(images):
         raise ValueError(f"{len(reference)} reference images but {len(images)} images: pass one of each per seed")
-    pairs = [(detect(r), detect(i)) for r, i in zip(reference, images)]
+    return agreement_of([detect(r) for r in reference], [detect(i) for i in images])
+
+
+def agreement_of(reference: list[Detection], detections: list[Detection]) -> dict[str, float]:
+    """`agreement` from per-image detections (so a long evaluation can detect image by image)."""
+    pairs = list(zip(reference, detections))
     n = max(len(pairs), 1)
     result = {name: sum(getattr(a, name) == getattr(b, name) for a, b in pairs) / n for name in ATTRIBUTES}
     result["all"] = sum(all(getattr(a, name) == getattr(b, name) for name in ATTRIBUTES) for a, b in pairs) / n
