@@ -3,7 +3,6 @@ makes only what is missing, CLIP score and FID run through torchmetrics on a tin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
