@@ -132,10 +132,11 @@ def _quantize_peer(method: str, pipe, baseline, prompts, calib_prompts, settings
 
 def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS, n: int = 64,
               calib_size: int = 64, steps: int | None = None, guidance: float | None = None, seed: int = 1024,
-              calib_timesteps: int = 8) -> dict:
+              calib_timesteps: int = 8, on_row=None) -> dict:
     """Generate the fp32 baseline once, then each method's images with the same seeds, and measure them.
 
-    Returns a JSON-able dict: settings, the calibration captions and one row per method."""
+    `on_row(result)`, when given, is called with the result so far after each method (a long run keeps
+    what it measured). Returns a JSON-able dict: settings, the calibration captions and one row per method."""
     from . import calibrate, compare, default_prompts, generate, layer_report, load_pipeline, quantize
     from .calibration import CALIBRATION_SEED
     from .generation import default_settings
@@ -157,6 +158,9 @@ def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHO
     baseline = generate(pipe, prompts, desc="fp32", **settings)
     calibration = None
     rows = []
+    result = {"model": model or "shapes-sd", "captions": n, "calibration_captions": calib_size, **settings,
+              "calib_timesteps_diffquant": calib_timesteps, "fp32_identical": True,
+              "calibration_prompts": calib_prompts, "rows": rows}
     for method in methods:
         started = time.perf_counter()
         library, _, name = method.partition(":")
@@ -172,13 +176,13 @@ def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHO
         images = generate(quantized, prompts, desc=method, **settings)
         comparison = compare(baseline, images, prompts)
         agreement = (comparison.shapeeval_agreement or {}).get("all")
-        result = MethodResult(method, layers, comparison.psnr_db, float(np.mean(comparison.ssim)),
-                              comparison.shapeeval, agreement, time.perf_counter() - started, notes)
-        rows.append(result.row())
+        measured = MethodResult(method, layers, comparison.psnr_db, float(np.mean(comparison.ssim)),
+                                comparison.shapeeval, agreement, time.perf_counter() - started, notes)
+        rows.append(measured.row())
         logger.info("%s: %d layers, PSNR %.2f dB", method, layers, rows[-1]["psnr_mean_db"])
-    return {"model": model or "shapes-sd", "captions": n, "calibration_captions": calib_size, **settings,
-            "calib_timesteps_diffquant": calib_timesteps, "fp32_identical": True,
-            "calibration_prompts": calib_prompts, "rows": rows}
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
 def table(result: dict) -> str:
@@ -207,17 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .artifacts import write_json
+    from .artifacts import write_json, write_text
 
+    def write(result: dict) -> None:
+        write_json(args.out / "peers.json", result)
+        write_text(args.out / "peers.md", table(result) + "\n")
+
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
         result = run_peers(args.model, tuple(m.strip() for m in args.methods.split(",") if m.strip()), args.n,
-                           args.calib_size, args.steps, args.guidance)
+                           args.calib_size, args.steps, args.guidance, on_row=write)
     except (DiffquantError, ImportError) as error:
         print(f"error: {error}")
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "peers.json", result)
-    (args.out / "peers.md").write_text(table(result) + "\n")
+    write(result)
     print(table(result))
     return 0
 
