@@ -76,7 +76,7 @@ def test_saved_quantized_unet_reloads_to_identical_outputs(tiny_sd, tiny_sd_dir,
     assert "conv_out" in layer_report(reloaded.unet).float_layers
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-int8", "w8a8-fp8"])
+@pytest.mark.parametrize("recipe", ["w8a8-int8", "w8a8-fp8", "w8a8-int8-sq"])
 def test_saved_w8a8_unet_reloads_its_activation_scales(tiny_w8a8, tiny_sd_dir, tmp_path, recipe, monkeypatch):
     """The reload rebuilds Quark's modules and loads the saved state into them: Quark never quantizes
     (calibrates) again, and the calibrated activation scales are the ones used."""

@@ -27,7 +27,7 @@ _API = {
     "export_pipeline": "onnx_pipeline",
     "view": "viewer", "run": "workflow", "RunConfig": "config", "RunResult": "results",
     "denoiser_of": "denoisers", "profile_of": "profiles", "Recipe": "recipes", "RECIPES": "recipes",
-    "TensorQuant": "recipes", "PerTensor": "recipes", "PerChannel": "recipes", "get_recipe": "recipes",
+    "TensorQuant": "recipes", "PerTensor": "recipes", "PerChannel": "recipes", "Smoothing": "recipes", "get_recipe": "recipes",
     "DiffquantError": "errors",
 }
 __all__ = sorted(_API)

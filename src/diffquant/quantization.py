@@ -69,8 +69,16 @@ def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: 
     excluded = excluded_layers(module, recipe)
     if excluded:
         logger.info("%s: keeping %d layers in float: %s", recipe.name, len(excluded), ", ".join(excluded))
-    quantized = quantizer.quantize(copy.deepcopy(module), recipe, excluded, calibration)
+    work = copy.deepcopy(module)
+    smoothing = None
+    if recipe.smoothing is not None:
+        from .smoothing import smooth
+
+        with torch.no_grad():
+            smoothing = smooth(work, recipe, calibration, excluded)
+    quantized = quantizer.quantize(work, recipe, excluded, calibration)
     _stamp(quantized, recipe, excluded, quantizer.name)
+    quantized.diffquant_smoothing = smoothing
     return quantized
 
 

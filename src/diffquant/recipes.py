@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 
 from .errors import DiffquantError
 
-RECIPE_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 had no conv_output
+RECIPE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1 had no conv_output, version 2 no smoothing
 DTYPES = ("int8", "fp8_e4m3")
 OBSERVERS = ("min_max", "percentile", "MSE")
 
@@ -26,6 +26,21 @@ class PerChannel:
 
 
 Granularity = PerTensor | PerChannel
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant-style activation smoothing before quantization (see `diffquant.smoothing`): per input
+    channel, s = max|X|^a / max|W|^(1-a), folded into the op before the layer; for each group of layers
+    the exponent a is chosen among `alphas` (or no smoothing) by the simulated W8A8 error of its
+    outputs on calibration inputs."""
+
+    alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.alphas, tuple) or not self.alphas \
+                or not all(isinstance(a, (int, float)) and 0 < a <= 1 for a in self.alphas):
+            raise DiffquantError(f"smoothing alphas must be a non-empty tuple of numbers in (0, 1], got {self.alphas!r}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     description: str = ""
     conv_output: TensorQuant | None = None
+    smoothing: Smoothing | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or any(c in self.name for c in "/\\") \
@@ -70,6 +86,9 @@ class Recipe:
             raise DiffquantError(f"Recipe.exclude must be a tuple of patterns, not {type(self.exclude).__name__}")
         if self.conv_output is not None and self.activation is None:
             raise DiffquantError(f"recipe {self.name}: conv_output needs activation quantization as well")
+        if self.smoothing is not None and self.activation is None:
+            raise DiffquantError(f"recipe {self.name}: smoothing moves activation outliers into the weights and "
+                                 "needs activation quantization as well")
 
     @property
     def needs_calibration(self) -> bool:
@@ -85,7 +104,8 @@ class Recipe:
 
         return {"type": "Recipe", "version": RECIPE_VERSION, "name": self.name, "weight": quant(self.weight),
                 "activation": quant(self.activation), "conv_output": quant(self.conv_output),
-                "exclude": list(self.exclude), "description": self.description}
+                "exclude": list(self.exclude), "description": self.description,
+                "smoothing": None if self.smoothing is None else {"alphas": list(self.smoothing.alphas)}}
 
     def with_exclude(self, patterns: tuple[str, ...] | list[str]) -> Recipe:
         """A copy that also keeps the modules matching `patterns` in float."""
@@ -111,11 +131,18 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                        "integer QLinearConv (its fast CPU path)"),
     Recipe("w8a8-fp8", TensorQuant(FP8, PerTensor()), TensorQuant(FP8, PerTensor()),
            description="fp8 e4m3 weights and static per-tensor input activations (calibrated)"),
+    Recipe("w8a8-int8-sq", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()), smoothing=Smoothing(),
+           description="w8a8-int8 after activation smoothing (SmoothQuant factors folded into the norms, value "
+                       "and GEGLU projections in front of each layer, exponent searched per layer group)"),
+    Recipe("w8a8-int8-ort-sq", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
+           conv_output=TensorQuant(INT8, PerTensor()), smoothing=Smoothing(),
+           description="w8a8-int8-ort after activation smoothing (integer Convs in ONNX Runtime)"),
 )}
 DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
 
-RECIPE_FIELDS = ("type", "version", "name", "weight", "activation", "conv_output", "exclude", "description")
+RECIPE_FIELDS = ("type", "version", "name", "weight", "activation", "conv_output", "exclude", "description",
+                 "smoothing")
 QUANT_FIELDS = ("dtype", "granularity", "observer", "axis")
 
 
@@ -157,8 +184,13 @@ def recipe_from_dict(data: dict) -> Recipe:
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise DiffquantError("the recipe has no 'name': give it one (it labels results and images)")
+    smoothing = data.get("smoothing")
+    if smoothing is not None:
+        if not isinstance(smoothing, dict) or set(smoothing) != {"alphas"} or not isinstance(smoothing["alphas"], list):
+            raise DiffquantError("recipe field 'smoothing' must be null or {\"alphas\": [numbers in (0, 1]]}")
+        smoothing = Smoothing(tuple(smoothing["alphas"]))
     return Recipe(name, quant("weight"), quant("activation"), tuple(exclude), data.get("description", ""),
-                  quant("conv_output"))
+                  quant("conv_output"), smoothing)
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
