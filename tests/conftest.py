@@ -259,3 +259,12 @@ def tiny_flux(tiny_flux_dir):
     from diffquant import load_pipeline
 
     return load_pipeline(str(tiny_flux_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shapes_ort_export(shapes_pipe, shapes_calibration, tmp_path_factory):
+    """(shapes-sd quantized with w8a8-int8-ort, its UNet's ONNX ExportResult)."""
+    from diffquant import export_onnx, quantize
+
+    quantized = quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration)
+    return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ort") / "w8a8-int8-ort")

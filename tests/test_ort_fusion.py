@@ -119,19 +119,11 @@ def test_transformer_linears_with_a_bias_reach_an_integer_kernel(tmp_path, gemm,
     np.testing.assert_allclose(_run(model, feed, optimize=True), before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def ort_recipe_export(shapes_pipe, shapes_calibration, tmp_path_factory):
-    from diffquant import export_onnx, quantize
-
-    quantized = quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration)
-    return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ort") / "w8a8-int8-ort")
-
-
-def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(ort_recipe_export, tmp_path):
+def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(shapes_ort_export, tmp_path):
     from diffquant.export import example_inputs
     from diffquant.runtimes.onnxruntime import profile_operators
 
-    quantized, exported = ort_recipe_export
+    quantized, exported = shapes_ort_export
     unet = quantized.unet
     quantized_layers = [m for m in unet.modules() if hasattr(m, "_weight_quantizer")]
     convs = [m for m in quantized_layers if "Conv2d" in type(m).__name__]
@@ -151,12 +143,12 @@ def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(ort_recipe_exp
     assert exported.relative_error <= exported.relative_error_bound
 
 
-def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, ort_recipe_export):
+def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, shapes_ort_export):
     from diffquant import compare, generate
     from diffquant.runtimes.onnxruntime import ort_pipeline
     from diffquant.shapes.dataset import sample_captions
 
-    quantized, exported = ort_recipe_export
+    quantized, exported = shapes_ort_export
     prompts = sample_captions(4, seed=77)
     torch_images = generate(quantized, prompts, seed=0, steps=10)
     ort_images = generate(ort_pipeline(shapes_pipe, exported.path), prompts, seed=0, steps=10)

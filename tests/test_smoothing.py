@@ -4,7 +4,6 @@ Runtime within the usual bound."""
 
 import copy
 
-import pytest
 import torch
 
 from diffquant.metrics import sqnr_db
@@ -69,7 +68,8 @@ def test_smoothing_recipe_round_trips_and_old_files_load():
     assert recipe_from_dict(data) == get_recipe("w8a8-int8")
 
 
-def test_smoothed_shapes_sd_export_still_fuses_and_matches_torch(shapes_pipe, shapes_calibration, tmp_path):
+def test_smoothed_shapes_sd_export_still_fuses_and_matches_torch(shapes_pipe, shapes_calibration, shapes_ort_export,
+                                                                  tmp_path):
     from diffquant import export_onnx, quantize
 
     quantized = quantize(shapes_pipe, "w8a8-int8-ort-sq", calibration=shapes_calibration)
@@ -84,5 +84,5 @@ def test_smoothed_shapes_sd_export_still_fuses_and_matches_torch(shapes_pipe, sh
     assert ops.get("MatMulIntegerToFloat", 0) == len(attention_linears)
     assert ops.get("QLinearConv", 0) >= 0.8 * len(convs)
     assert exported.relative_error <= exported.relative_error_bound
-    plain = export_onnx(quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration), tmp_path / "plain")
+    plain = shapes_ort_export[1]
     assert exported.op_counts == plain.op_counts and exported.fused_ops == plain.fused_ops
