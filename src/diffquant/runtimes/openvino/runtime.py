@@ -65,7 +65,7 @@ class OvRunner(GraphRunner):
     @property
     def runtime_precision(self) -> str:
         """The float precision OpenVINO chose for this CPU (f32 where bf16 was asked but is not supported)."""
-        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         self.request.infer(feed)
