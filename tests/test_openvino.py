@@ -59,3 +59,16 @@ def test_openvino_bf16_reports_what_the_cpu_runs(openvino_runtime, shapes_w8a8_e
     assert runner.runtime_precision in ("bf16", "f32")
     with pytest.raises(DiffquantError, match="unknown OpenVINO precision 'fp16'"):
         get_runtime("openvino").__class__("fp16")
+
+
+def test_run_generates_with_the_exported_denoiser_in_openvino(openvino_runtime, tiny_sd_dir, tmp_path):
+    from diffquant import RunConfig, run
+
+    result = run(RunConfig(model=str(tiny_sd_dir), recipes=("int8-w",), runtime="openvino", num_images=2, steps=2,
+                           prompts=("a red circle on a blue background", "a green square on a white background"),
+                           out=str(tmp_path / "run")))
+    images = result.recipes["int8-w"].ort
+    assert [path.split("/")[1] for path in images.images] == ["int8-w-openvino"] * 2
+    assert images.vs_torch.psnr_db >= 35  # OpenVINO reproduces the torch quantized denoiser's images
+    with pytest.raises(DiffquantError, match="unknown --runtime 'tensorrt'"):
+        RunConfig(runtime="tensorrt")

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
     p.add_argument("--export-pipeline", action="store_true",
                    help="also write each recipe's whole pipeline as ONNX in Optimum's layout (pipeline/<recipe>/)")
+    p.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino"),
+                   help="runtime that generates with each exported denoiser (default onnxruntime)")
     p.add_argument("--out", help="output folder (default ./diffquant-out/<timestamp>/; never overwritten)")
     p.add_argument("--config", metavar="CONFIG_JSON",
                    help="replay the config.json of an earlier run (every other option but --out is ignored)")
@@ -153,7 +155,7 @@ def _cmd_run(args) -> int:
                            steps=args.steps, guidance=args.guidance,
                            recipes=[n.strip() for n in args.recipes.split(",")],
                            device=args.device, dtype=args.dtype, no_t5=args.no_t5, export=not args.no_export,
-                           export_pipeline=args.export_pipeline, out=args.out,
+                           export_pipeline=args.export_pipeline, runtime=args.runtime, out=args.out,
                            exclude=args.exclude, **_calibration_options(args))
     results = run(config)
     print(summary_table(results))
@@ -414,7 +416,7 @@ def _cmd_env(args) -> int:
     from importlib import metadata
 
     for name in ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "onnx", "onnxruntime",
-                 "torchmetrics", "netron"):
+                 "openvino", "torchmetrics", "netron"):
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -24,7 +24,7 @@ from .quantization import layer_report, quantize
 from .recipes import parse_recipes
 from .report import versions, write_report, write_results
 from .results import OrtImages, Quality, RecipeResult, RunResult
-from .runtimes.onnxruntime import ort_pipeline
+from .runtimes import get_runtime
 
 logger = logging.getLogger(__name__)
 GRID_COLUMNS = 8  # the grid shows the first images; every image is saved and measured
@@ -38,6 +38,10 @@ def _prompts(pipe, config: RunConfig) -> list[str]:
     from .profiles import profile_of
 
     return default_prompts(pipe, config.num_images or profile_of(pipe).num_images)
+
+
+# Image folder tag, grid row label and timing label of the runtime that runs the exported denoiser.
+_RUNTIME_LABELS = {"onnxruntime": ("ort", "ORT", "ONNX Runtime"), "openvino": ("openvino", "OpenVINO", "OpenVINO")}
 
 
 def _image_path(label: str, k: int) -> Path:
@@ -82,6 +86,10 @@ def run(config: RunConfig | None = None, **overrides) -> RunResult:
     started = time.perf_counter()
     config = (config or RunConfig()).replace(**overrides)
     recipes = parse_recipes(list(config.recipes))  # fail on a bad name before any slow work
+    if config.runtime == "openvino" and config.export:
+        from .runtimes.openvino.runtime import import_openvino
+
+        import_openvino()  # not installed: say so before any slow work
     if config.export_pipeline:
         from .onnx_pipeline import require_exporter
 
@@ -187,15 +195,16 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
             with _timed(timings, f"export {recipe.name}"):
                 exported = export_onnx(quantized, out_dir / "onnx" / recipe.name, inputs=_trace_inputs(family, records))
             entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
-            with _timed(timings, f"generate {recipe.name} (ONNX Runtime)"):
-                # ONNX Runtime gets the thread count torch was given (the CLI's --threads), not all cores.
-                ort = ort_pipeline(pipe, exported.path, threads=torch.get_num_threads())
-                ort_images, ort_paths = _generate_saved(ort, prompts, out_dir, f"{recipe.name}-ort",
-                                                        f"{recipe.name} ORT", gen)
+            runtime_tag, runtime_row, runtime_label = _RUNTIME_LABELS[config.runtime]
+            with _timed(timings, f"generate {recipe.name} ({runtime_label})"):
+                # The runtime gets the thread count torch was given (the CLI's --threads), not all cores.
+                ort = get_runtime(config.runtime).pipeline(pipe, exported.path, threads=torch.get_num_threads())
+                ort_images, ort_paths = _generate_saved(ort, prompts, out_dir, f"{recipe.name}-{runtime_tag}",
+                                                        f"{recipe.name} {runtime_row}", gen)
             entry = replace(entry, ort=OrtImages(
                 tuple(ort_paths), vs_torch=Quality.from_comparison(compare(images, ort_images, prompts).to_dict()),
                 vs_baseline=Quality.from_comparison(compare(baseline, ort_images, prompts).to_dict())))
-            rows[f"{recipe.name} ORT"] = ort_images
+            rows[f"{recipe.name} {runtime_row}"] = ort_images
             if config.export_pipeline:
                 from .onnx_pipeline import export_pipeline
 
