@@ -80,6 +80,7 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     # Every real row ran in its own process: its peak memory is its own, not the bench process's.
     assert [r["memory"] for r in data["rows"]] == ["own process"] * 2 + ["shared"] + ["own process"] * 5
     assert data["rows"][6]["runtime_precision"] in ("bf16", "f32")
+    assert data["bench_peak_rss_mb"] > 0  # the exporting process's own peak
     base = data["rows"][0]
     for row in data["rows"]:
         assert 0 < row["call_ms_median"] <= row["call_ms_p90"]  # the slow tail is never below the median
