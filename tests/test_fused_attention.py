@@ -102,3 +102,53 @@ def test_a_default_export_fuses_attention(shapes_pipe, shapes_calibration, tmp_p
     assert exported.fusion["fused_attention"] == _attention_count(shapes_pipe.unet)
     assert exported.fused_ops["MultiHeadAttention"] == exported.fusion["fused_attention"]
     assert exported.relative_error <= exported.relative_error_bound
+
+
+def _sdpa_graph(scale: float, heads: int = 2, width: int = 8, s: int = 6, kv: int = 5):
+    """The attention torch exports for F.scaled_dot_product_attention with an explicit `scale`: each of
+    q and k multiplied by sqrt(scale) after the head split; K and V of another length (cross-attention)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = width // heads
+    consts = [numpy_helper.from_array(np.array([0, -1, heads, d], np.int64), "split"),
+              numpy_helper.from_array(np.array([0, -1, width], np.int64), "merge"),
+              numpy_helper.from_array(np.array(np.sqrt(scale), np.float32), "factor")]
+    nodes = []
+    for name, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("Reshape", [name, "split"], [f"{name}4"]),
+                  helper.make_node("Transpose", [f"{name}4"], [f"{name}t"], perm=perm)]
+    nodes += [helper.make_node("Mul", ["qt", "factor"], ["qs"]), helper.make_node("Mul", ["kt", "factor"], ["ks"]),
+              helper.make_node("MatMul", ["qs", "ks"], ["scores"]), helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vt"], ["o4"]),
+              helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "merge"], ["out"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, length, width])
+              for n, length in (("q", s), ("k", kv), ("v", kv))]
+    graph = helper.make_graph(nodes, "sdpa", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                                                    [2, s, width])], consts)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_an_explicit_scale_becomes_the_scale_attribute():
+    import onnxruntime as ort
+
+    from diffquant.runtimes.onnxruntime import session_options
+
+    rng = np.random.default_rng(0)
+    feed = {"q": rng.standard_normal((2, 6, 8)).astype(np.float32),
+            "k": rng.standard_normal((2, 5, 8)).astype(np.float32),
+            "v": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        return session.run(None, feed)[0]
+
+    model = _sdpa_graph(scale=0.3)
+    before = run(model)
+    assert fuse_attention(model) == 1
+    onnx.checker.check_model(model)
+    [mha] = [n for n in model.graph.node]
+    assert (mha.op_type, mha.domain) == ("MultiHeadAttention", "com.microsoft")
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in mha.attribute}
+    assert attributes["num_heads"] == 2 and attributes["scale"] == pytest.approx(0.3)
+    np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-6)
