@@ -155,3 +155,20 @@ def test_unknown_architecture_lists_the_known_ones():
 
     with pytest.raises(DiffquantError, match="sd15"):
         build_arch("sd99")
+
+
+def test_a_row_process_reports_its_own_peak_memory_not_its_parents(tiny_int8_w_export, tmp_path):
+    """ru_maxrss survives fork and exec: a row started by a process that had peaked high must not report it."""
+    from safetensors.torch import save_file
+
+    from diffquant.bench import _run_in_own_process
+    from diffquant.bench_row import RowSpec, peak_rss_mb
+    from diffquant.export import example_inputs
+
+    quantized, exported = tiny_int8_w_export
+    save_file(example_inputs(quantized.unet, 2, 16), str(tmp_path / "inputs.safetensors"))
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB touched in this process
+    spec = RowSpec("onnxruntime", "int8", str(tmp_path / "inputs.safetensors"), 1, 0, 1, str(exported.path))
+    measured = _run_in_own_process(spec, tmp_path / "spec.json")
+    assert peak_rss_mb() >= 400 + ballast[0]  # this process's peak counts its 400 MB
+    assert 0 < measured["peak_rss_mb"] < peak_rss_mb() - 300

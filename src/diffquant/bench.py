@@ -335,9 +335,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     result.notes.append("fake-quant rows quantize and dequantize in float: simulated, never a real speedup")
     result.notes.append("peak MB: each real row ran in its own process (its own peak resident memory); the "
                         "simulated fake-quant rows ran in the bench process (with what it held)")
-    import resource
-
-    result.bench_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result.bench_peak_rss_mb = bench_row.peak_rss_mb()
     result.notes.append(f"the bench process itself (exports, calibration, fake-quant rows) peaked at "
                         f"{result.bench_peak_rss_mb:.0f} MB")
     write_json(out / "bench.json", result.to_dict())

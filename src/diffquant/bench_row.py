@@ -62,6 +62,18 @@ def p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB. On Linux VmHWM: getrusage's ru_maxrss survives fork
+    and exec, so a row process started by a bench that had peaked at 21 GB would report 21 GB too."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
+
 def _torch_module(spec: RowSpec):
     if spec.arch:
         import diffusers
@@ -129,7 +141,7 @@ def run_row(spec: RowSpec) -> dict:
             with autocast:
                 generate(timed_pipe, prompts, seed=0, batch_size=len(prompts))
             image_s = (time.perf_counter() - started) / len(prompts)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = peak_rss_mb()
     return {"call_ms_median": statistics.median(times), "call_ms_p90": p90(times), "first_call_s": first,
             "image_s": image_s, "peak_rss_mb": peak_mb, "runtime_precision": runtime_precision}
 
