@@ -10,6 +10,7 @@ import torch
 from diffquant import export_onnx, generate
 from diffquant.bench import BENCH_VERSION
 from diffquant.cli import main
+from diffquant.errors import DiffquantError
 from diffquant.export import export_fp32_onnx
 from diffquant.metrics import compare
 from diffquant.runtimes.onnxruntime import ort_pipeline
@@ -64,13 +65,22 @@ def test_large_models_are_saved_with_external_data(tiny_int8_w, tmp_path, monkey
 
 
 def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, capsys):
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'diffquant[openvino]')")
     out = tmp_path / "bench"
     assert main(["--quiet", "bench", "--model", str(tiny_sd_dir), "--recipe", "int8-w", "--iterations", "2",
                  "--warmup", "1", "--images", "1", "--no-compile", "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     assert data["type"] == "BenchResult" and data["version"] == BENCH_VERSION
     names = [r["name"] for r in data["rows"]]
-    assert names == ["torch fp32", "torch fake-quant int8-w", "ORT fp32", "ORT int8-w (QDQ)"]
+    assert names == ["torch fp32", "torch bf16", "torch fake-quant int8-w", "ORT fp32", "ORT int8-w (QDQ)",
+                     "OpenVINO f32", "OpenVINO bf16", "OpenVINO int8-w (QDQ)"]
+    assert [(r["runtime"], r["precision"]) for r in data["rows"]] == [
+        ("torch", "f32"), ("torch", "bf16"), ("torch", "f32"), ("onnxruntime", "f32"), ("onnxruntime", "int8"),
+        ("openvino", "f32"), ("openvino", "bf16"), ("openvino", "int8")]
+    # Every real row ran in its own process: its peak memory is its own, not the bench process's.
+    assert [r["memory"] for r in data["rows"]] == ["own process"] * 2 + ["shared"] + ["own process"] * 5
+    assert data["rows"][6]["runtime_precision"] in ("bf16", "f32")
+    assert data["bench_peak_rss_mb"] > 0  # the exporting process's own peak
     base = data["rows"][0]
     for row in data["rows"]:
         assert 0 < row["call_ms_median"] <= row["call_ms_p90"]  # the slow tail is never below the median
@@ -78,18 +88,36 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
         # Ratios are against the torch fp32 row of the same run.
         assert row["speedup"] == pytest.approx(base["call_ms_median"] / row["call_ms_median"])
         assert row["size_ratio"] == pytest.approx(row["artifact_mb"] / base["artifact_mb"])
-    assert [r["simulated"] for r in data["rows"]] == [False, True, False, False]
-    torch_fp32, fake_quant, ort_fp32, ort_int8 = data["rows"]
+    assert [r["simulated"] for r in data["rows"]] == [False, False, True] + [False] * 5
+    torch_fp32, _, fake_quant, ort_fp32, ort_int8, *_ = data["rows"]
     assert fake_quant["artifact_mb"] == torch_fp32["artifact_mb"]  # fake quantization keeps float weights
     # The int8 codes on disk (0.58x here: in a UNet this tiny the graph itself is a large share of the bytes).
     assert ort_int8["artifact_mb"] < 0.7 * ort_fp32["artifact_mb"]
     assert (out / "bench.png").stat().st_size > 1000
     assert "(simulated)" in capsys.readouterr().out
-    # Each ONNX Runtime row was profiled: time per operator type, and the ops ORT ran after fusion.
-    assert set(data["profiles"]) == set(data["optimized_ops"]) == {"ORT fp32", "ORT int8-w (QDQ)"}
+    # The ONNX Runtime rows and OpenVINO's int8 row were profiled: time per operator, and the kernels that ran.
+    assert set(data["profiles"]) == set(data["optimized_ops"]) == {"ORT fp32", "ORT int8-w (QDQ)",
+                                                                  "OpenVINO int8-w (QDQ)"}
     assert data["profiles"]["ORT fp32"]["Conv"] > 0 and "DequantizeLinear" not in data["optimized_ops"]["ORT fp32"]
+    # self- and cross-attention of its 4 transformer blocks (down, mid, 2 up)
+    assert data["optimized_ops"]["ORT fp32"]["MultiHeadAttention"] == 8
+    assert any(k.endswith(" i8") for k in data["optimized_ops"]["OpenVINO int8-w (QDQ)"])
     assert all(ms >= 0 for profile in data["profiles"].values() for ms in profile.values())
     assert "profile ORT int8-w (QDQ): " in (out / "report.html").read_text()
+
+
+def test_bench_runtime_filter_runs_only_those_rows(tiny_sd, tmp_path, monkeypatch):
+    from diffquant import architectures
+    from diffquant.bench import benchmark
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny",
+                        architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
+    with pytest.raises(DiffquantError, match="unknown runtime\\(s\\) tensorrt: choose from torch, onnxruntime"):
+        benchmark(arch="tiny", recipe="int8-w", runtimes="onnxruntime,tensorrt", out=tmp_path / "bad")
+    result = benchmark(arch="tiny", recipe="int8-w", iterations=1, warmup=0, out=tmp_path / "ort",
+                       runtimes="onnxruntime", profile=False)
+    assert [(r.name, r.runtime, r.precision) for r in result.rows] == [
+        ("ORT fp32", "onnxruntime", "f32"), ("ORT int8-w (QDQ)", "onnxruntime", "int8")]
 
 
 def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monkeypatch):
@@ -100,8 +128,9 @@ def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monke
     monkeypatch.setitem(architectures.ARCHITECTURES, "tiny",
                         architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
     result = benchmark(arch="tiny", recipe="w8a8-int8", iterations=2, warmup=1, out=tmp_path,
-                       fake_quant_compiled=False)
+                       fake_quant_compiled=False, runtimes="torch,onnxruntime")
     assert [r.name for r in result.rows][-1] == "ORT w8a8-int8 (QDQ)"
+    assert result.rows[0].name == "torch fp32" and result.rows[0].memory == "own process"
     assert all(r.image_s is None for r in result.rows)  # no pipeline: UNet calls only
     assert result.latent == [4, 8, 8]
     assert (tmp_path / "onnx-fp32" / "unet.onnx").is_file()
@@ -126,3 +155,20 @@ def test_unknown_architecture_lists_the_known_ones():
 
     with pytest.raises(DiffquantError, match="sd15"):
         build_arch("sd99")
+
+
+def test_a_row_process_reports_its_own_peak_memory_not_its_parents(tiny_int8_w_export, tmp_path):
+    """ru_maxrss survives fork and exec: a row started by a process that had peaked high must not report it."""
+    from safetensors.torch import save_file
+
+    from diffquant.bench import _run_in_own_process
+    from diffquant.bench_row import RowSpec, peak_rss_mb
+    from diffquant.export import example_inputs
+
+    quantized, exported = tiny_int8_w_export
+    save_file(example_inputs(quantized.unet, 2, 16), str(tmp_path / "inputs.safetensors"))
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB touched in this process
+    spec = RowSpec("onnxruntime", "int8", str(tmp_path / "inputs.safetensors"), 1, 0, 1, str(exported.path))
+    measured = _run_in_own_process(spec, tmp_path / "spec.json")
+    assert peak_rss_mb() >= 400 + ballast[0]  # this process's peak counts its 400 MB
+    assert 0 < measured["peak_rss_mb"] < peak_rss_mb() - 300

@@ -1,7 +1,9 @@
 """Side-by-side benchmark: denoiser-call latency (median, p90 after warm-up), time per image, peak memory
-and artifact size for torch fp32, torch fake-quant (simulated; with and without Quark's
-torch.compile), ONNX Runtime fp32 and ONNX Runtime with the quantized QDQ graph. Ratios are against
-the torch fp32 row, measured in the same process and run."""
+and artifact size for torch fp32 and bf16, torch fake-quant (simulated; with and without Quark's
+torch.compile), ONNX Runtime fp32 and with the quantized QDQ graph (both with fused attention), and
+OpenVINO f32, bf16 and int8 on the same files. Every real row runs in its own process
+(`bench_row`), on the same saved inputs, so its peak memory is its own. Ratios are against the first
+row of the run (torch fp32 unless filtered out)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from pathlib import Path
 
 import torch
 
+from . import bench_row
 from .artifacts import atomic_path, write_json
 from .backends.quark.internals import quark_compile
 from .errors import DiffquantError
 
 logger = logging.getLogger(__name__)
-BENCH_VERSION = 2
+BENCH_VERSION = 3
 DEFAULT_RECIPE = "w8a8-int8-ort"
+RUNTIME_CHOICES = ("torch", "onnxruntime", "openvino")
 
 
 @dataclass
@@ -38,6 +42,12 @@ class BenchRow:
     artifact_mb: float
     speedup: float = 1.0
     size_ratio: float = 1.0
+    runtime: str = "torch"
+    precision: str = "f32"
+    # What really ran (OpenVINO runs bf16 only on CPUs with bf16 instructions) and how peak_rss_mb was
+    # measured: "own process" (a row process of its own) or "shared" (in the bench process, with earlier rows).
+    runtime_precision: str = "f32"
+    memory: str = "own process"
 
 
 @dataclass
@@ -52,6 +62,8 @@ class BenchResult:
     # operator counts of the graph ORT actually ran after its fusions.
     profiles: dict[str, dict[str, float]] = field(default_factory=dict)
     optimized_ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Peak resident memory of the bench process itself: the exports, calibration and fake-quant rows.
+    bench_peak_rss_mb: float = 0.0
 
     def to_dict(self) -> dict:
         return {"type": "BenchResult", "version": BENCH_VERSION, **asdict(self)}
@@ -59,12 +71,13 @@ class BenchResult:
     def table(self) -> str:
         labels = [r.name + (" (simulated)" if r.simulated else "") for r in self.rows]
         width = max([len("configuration")] + [len(label) for label in labels])
-        head = (f"{'configuration':<{width}} {'call ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
+        head = (f"{'configuration':<{width}} {'ran':>16} {'call ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
                 f"{'first s':>8} {'peak MB':>8} {'size MB':>8} {'x size':>7}")
         lines = [head]
         for label, r in zip(labels, self.rows):
             image = f"{r.image_s:8.2f}" if r.image_s is not None else f"{'n/a':>8}"
-            lines.append(f"{label:<{width}} {r.call_ms_median:>13.1f} {r.call_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
+            ran = f"{r.runtime} {r.runtime_precision}"
+            lines.append(f"{label:<{width}} {ran:>16} {r.call_ms_median:>13.1f} {r.call_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
                          f"{r.first_call_s:>8.2f} {r.peak_rss_mb:>8.0f} {r.artifact_mb:>8.1f} {r.size_ratio:>7.2f}")
         return "\n".join(lines + self.profile_lines() + [f"note: {n}" for n in self.notes])
 
@@ -121,23 +134,7 @@ class _PeakRss:
         self._thread.join()
 
 
-def _time_calls(call, warmup: int, iterations: int) -> tuple[float, list[float]]:
-    started = time.perf_counter()
-    call()
-    first = time.perf_counter() - started
-    for _ in range(max(warmup - 1, 0)):
-        call()
-    times = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return first, times
-
-
-def _p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+_time_calls, _p90 = bench_row._time_calls, bench_row.p90
 
 
 def _dir_mb(path: Path) -> float:
@@ -151,26 +148,60 @@ def build_arch(arch: str):
     return build(arch)
 
 
+def _parse_runtimes(runtimes) -> tuple[str, ...]:
+    if runtimes is None:
+        return RUNTIME_CHOICES
+    chosen = tuple(runtimes.split(",") if isinstance(runtimes, str) else runtimes)
+    unknown = [r for r in chosen if r not in RUNTIME_CHOICES]
+    if unknown or not chosen:
+        raise DiffquantError(f"unknown runtime(s) {', '.join(unknown) or '(none)'}: choose from "
+                             f"{', '.join(RUNTIME_CHOICES)} (comma-separated)")
+    if "openvino" in chosen:
+        from .runtimes.openvino.runtime import import_openvino
+
+        import_openvino()
+    return chosen
+
+
+def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
+    """Run one row as `python -m diffquant.bench_row` and read its JSON line; a failure surfaces."""
+    import json
+    import subprocess
+    import sys
+
+    spec_path.write_text(spec.to_json())
+    done = subprocess.run([sys.executable, "-m", "diffquant.bench_row", str(spec_path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise DiffquantError(f"bench row {spec.runtime} {spec.precision} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def benchmark(model: str | None = None, arch: str | None = None, recipe: str = DEFAULT_RECIPE, iterations: int = 10,
               warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
-              fake_quant_compiled: bool = True, profile: bool = True) -> BenchResult:
-    """Measure every configuration side by side in this process.
+              fake_quant_compiled: bool = True, profile: bool = True,
+              runtimes: str | tuple[str, ...] | None = None) -> BenchResult:
+    """Measure every configuration side by side, each real row in its own process on the same inputs.
 
     Args:
         model: a pipeline (None: shapes-sd) whose denoiser is measured, with end-to-end time per image.
         arch: instead of `model`, a real architecture with random weights (denoiser calls only): sd15,
             sd35-medium or flux (the transformers at reduced depth, said in the notes).
-        recipe: the quantization recipe of the fake-quant and ORT-quantized rows (activation recipes
+        recipe: the quantization recipe of the fake-quant and quantized rows (activation recipes
             are calibrated on the pipeline's own captured inputs, or on random inputs for `arch`).
         iterations, warmup: timed denoiser calls after the warm-up calls.
         batch: denoiser batch (2 = one image with classifier-free guidance; a fixed-batch family, Flux, uses 1).
         images: images generated for the end-to-end time per image (pipelines only).
         out: folder for the ONNX files, bench.json and bench.png (default: a temporary folder).
         fake_quant_compiled: also time fake-quant through Quark's torch.compile (slow first call).
-        profile: after timing, run each ONNX Runtime row once more under ORT's profiler and record the
-            time per operator type (where the time goes: which layers run integer kernels).
+        profile: after timing, run each ONNX Runtime row and the OpenVINO int8 row once more under
+            their profilers and record the time per operator type and the kernels that ran.
+        runtimes: the rows to run by runtime, a subset of `RUNTIME_CHOICES` (default: all).
     """
+    import gc
     import tempfile
+
+    from safetensors.torch import save_file
 
     from .calibration import CalibrationConfig, capture_denoiser_inputs, random_calibration
     from .denoisers import denoiser_for, denoiser_of
@@ -179,12 +210,13 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     from .pipeline import load_pipeline
     from .quantization import quantize_module
     from .recipes import get_recipe
-    from .runtimes.onnxruntime import OnnxRuntime, ort_pipeline, profile_operators
+    from .runtimes import get_runtime
 
     for label, value, least in (("iterations", iterations, 1), ("warmup", warmup, 0), ("batch", batch, 1),
                                 ("images", images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise DiffquantError(f"--{label} must be a whole number of at least {least}, got {value!r}")
+    chosen = _parse_runtimes(runtimes)
     recipe = get_recipe(recipe)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -194,71 +226,100 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
         pipe, module = None, build_arch(arch)
         family, seq = denoiser_for(module), ARCHITECTURES[arch].sequence_length
         name = f"{arch} architecture (random weights, {ARCHITECTURES[arch].depth_note})"
+        arch_spec = (ARCHITECTURES[arch].module_class, ARCHITECTURES[arch].build_config())
     else:
         pipe = load_pipeline(model, device="cpu")
         family = denoiser_of(pipe)
         module, seq = family.module, family.sequence_length(pipe)
         name = model or "shapes-sd"
+        arch_spec = (None, None)
     batch = batch if family.dynamic_batch else 1
     inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0)
+    inputs_path = out / "inputs.safetensors"
+    save_file({k: v.contiguous() for k, v in inputs.items()}, str(inputs_path))
     result = BenchResult(name, batch, list(next(iter(inputs.values())).shape[1:]), iterations)
-    prompts = default_prompts(pipe, images) if pipe is not None else []
-
-    def image_seconds(p) -> float | None:
-        if p is None:
-            return None
-        started = time.perf_counter()
-        generate(p, prompts, seed=0, batch_size=len(prompts))
-        return (time.perf_counter() - started) / len(prompts)
-
-    def measure(label: str, call, artifact_mb: float, simulated: bool = False, p=None) -> None:
-        with _PeakRss() as rss, torch.no_grad():
-            first, times = _time_calls(call, warmup, iterations)
-            per_image = image_seconds(p)
-        result.rows.append(BenchRow(label, simulated, statistics.median(times), _p90(times), first, per_image,
-                                    rss.peak_mb, artifact_mb))
-        logger.info("%s: %.1f ms median", label, statistics.median(times))
-
+    threads = torch.get_num_threads()  # every row uses the threads of this process
     fp32_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
-    measure("torch fp32", lambda: family(inputs), fp32_mb, p=pipe)
+
+    def own_process(label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float) -> None:
+        spec = bench_row.RowSpec(runtime, precision, str(inputs_path), iterations, warmup, threads,
+                                 str(path) if path else None, model if pipe is not None else None, arch,
+                                 images if pipe is not None else 0, *arch_spec)
+        measured = _run_in_own_process(spec, out / "row-spec.json")
+        result.rows.append(BenchRow(label, False, measured["call_ms_median"], measured["call_ms_p90"],
+                                    measured["first_call_s"], measured["image_s"], measured["peak_rss_mb"],
+                                    artifact_mb, runtime=runtime, precision=precision,
+                                    runtime_precision=measured["runtime_precision"]))
+        logger.info("%s: %.1f ms median, peak %.0f MB", label, measured["call_ms_median"], measured["peak_rss_mb"])
+
+    if "torch" in chosen:
+        own_process("torch fp32", "torch", "f32", None, fp32_mb)
+        own_process("torch bf16", "torch", "bf16", None, fp32_mb / 2)
+        prompts = default_prompts(pipe, images) if pipe is not None else []
+
+        def fake_quant(label: str, q_family, p=None) -> None:
+            with _PeakRss() as rss, torch.no_grad():
+                first, times = _time_calls(lambda: q_family(inputs), warmup, iterations)
+                per_image = None
+                if p is not None:
+                    started = time.perf_counter()
+                    generate(p, prompts, seed=0, batch_size=len(prompts))
+                    per_image = (time.perf_counter() - started) / len(prompts)
+            result.rows.append(BenchRow(label, True, statistics.median(times), _p90(times), first, per_image,
+                                        rss.peak_mb, fp32_mb, memory="shared"))
 
     if recipe.needs_calibration:
         calibration = (capture_denoiser_inputs(pipe, default_prompts(pipe, 8), CalibrationConfig(size=8, timesteps=4))
                        if pipe is not None else random_calibration(module, 2, seq))
     else:
         calibration = None
-    q_module = quantize_module(module, recipe, calibration=calibration)
-    q_family = denoiser_for(q_module)
-    quantized = None
-    if pipe is not None:
-        quantized = copy.copy(pipe)
-        object.__setattr__(quantized, family.pipeline_attribute, q_module)
-    with quark_compile(False):
-        measure(f"torch fake-quant {recipe.name}", lambda: q_family(inputs), fp32_mb, True,
-                quantized if pipe is not None else None)
-    if fake_quant_compiled:
-        with quark_compile(True):
-            measure(f"torch fake-quant {recipe.name} +compile", lambda: q_family(inputs), fp32_mb, True)
-
     fp32_onnx = export_fp32_onnx(module, out / "onnx-fp32", inputs=inputs)
-    threads = torch.get_num_threads()  # ONNX Runtime rows use the threads torch rows use
-    fp32_runner = OnnxRuntime().runner(fp32_onnx, threads)
-    measure("ORT fp32", lambda: fp32_runner.run(inputs), _dir_mb(out / "onnx-fp32"),
-            p=ort_pipeline(pipe, fp32_onnx, threads=threads) if pipe is not None else None)
-    fp32_runner = None  # frees the float session before the quantized export
+    q_module = quantize_module(module, recipe, calibration=calibration)
+    if "torch" in chosen:
+        q_family = denoiser_for(q_module)
+        quantized = None
+        if pipe is not None:
+            quantized = copy.copy(pipe)
+            object.__setattr__(quantized, family.pipeline_attribute, q_module)
+        with quark_compile(False):
+            fake_quant(f"torch fake-quant {recipe.name}", q_family, quantized)
+        if fake_quant_compiled:
+            with quark_compile(True):
+                fake_quant(f"torch fake-quant {recipe.name} +compile", q_family)
+        quantized = q_family = None
     # Random weights put many activations on rounding ties, so ORT and torch fake-quant differ by
     # more than on a trained UNet: the error is reported, not enforced, for an architecture.
     q_export = export_onnx(q_module, out / f"onnx-{recipe.name}", inputs=inputs, check=arch is None)
     result.notes.append(f"ORT {recipe.name} vs torch fake-quant on one denoiser call: relative L2 error "
-                        f"{q_export.relative_error:.2e}")
-    q_runner = OnnxRuntime().runner(q_export.path, threads)
+                        f"{q_export.relative_error:.2e}; attentions fused into MultiHeadAttention: "
+                        f"{q_export.fusion.get('fused_attention', 0)}")
+    # The float and quantized modules are not needed any more: the runtime rows run in their own
+    # processes, and this one should not hold gigabytes while they do.
+    q_module = module = calibration = None
+    if pipe is not None:
+        object.__setattr__(pipe, family.pipeline_attribute, None)
+    family = None
+    gc.collect()
+    fp32_mb_onnx, q_mb = _dir_mb(out / "onnx-fp32"), _dir_mb(out / f"onnx-{recipe.name}")
     q_label = f"ORT {recipe.name} (QDQ)"
-    measure(q_label, lambda: q_runner.run(inputs), _dir_mb(out / f"onnx-{recipe.name}"),
-            p=ort_pipeline(pipe, q_export.path, threads=threads) if pipe is not None else None)
-    q_runner = None
+    if "onnxruntime" in chosen:
+        own_process("ORT fp32", "onnxruntime", "f32", fp32_onnx, fp32_mb_onnx)
+        own_process(q_label, "onnxruntime", "int8", q_export.path, q_mb)
+    ov_label = f"OpenVINO {recipe.name} (QDQ)"
+    if "openvino" in chosen:
+        own_process("OpenVINO f32", "openvino", "f32", fp32_onnx, fp32_mb_onnx)
+        own_process("OpenVINO bf16", "openvino", "bf16", fp32_onnx, fp32_mb_onnx)
+        own_process(ov_label, "openvino", "f32", q_export.path, q_mb)
+        result.rows[-1].precision = "int8"
     if profile:
-        for label, path in (("ORT fp32", fp32_onnx), (q_label, q_export.path)):
-            result.profiles[label], result.optimized_ops[label] = profile_operators(path, inputs, out / "profile")
+        profiled = []
+        if "onnxruntime" in chosen:
+            profiled += [("ORT fp32", get_runtime("onnxruntime"), fp32_onnx), (q_label, get_runtime("onnxruntime"),
+                                                                              q_export.path)]
+        if "openvino" in chosen:
+            profiled.append((ov_label, get_runtime("openvino"), q_export.path))
+        for label, runtime, path in profiled:
+            result.profiles[label], result.optimized_ops[label] = runtime.profile(path, inputs, out / "profile")
 
     if arch and ARCHITECTURES[arch].reduced_depth:
         result.notes.append(f"{arch}: real widths and heads, {ARCHITECTURES[arch].depth_note}; a block's time is "
@@ -267,8 +328,16 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     for row in result.rows:
         row.speedup = base.call_ms_median / row.call_ms_median
         row.size_ratio = row.artifact_mb / base.artifact_mb
+    bf16 = [r for r in result.rows if r.precision == "bf16" and r.runtime_precision != "bf16"]
+    for row in bf16:
+        result.notes.append(f"{row.name}: bf16 was asked, this CPU has no bf16 instructions and it ran "
+                            f"{row.runtime_precision}")
     result.notes.append("fake-quant rows quantize and dequantize in float: simulated, never a real speedup")
-    result.notes.append("peak MB is this process's resident memory during the row (it includes earlier rows)")
+    result.notes.append("peak MB: each real row ran in its own process (its own peak resident memory); the "
+                        "simulated fake-quant rows ran in the bench process (with what it held)")
+    result.bench_peak_rss_mb = bench_row.peak_rss_mb()
+    result.notes.append(f"the bench process itself (exports, calibration, fake-quant rows) peaked at "
+                        f"{result.bench_peak_rss_mb:.0f} MB")
     write_json(out / "bench.json", result.to_dict())
     result.plot(out / "bench.png")
     return result

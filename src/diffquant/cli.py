@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
     p.add_argument("--export-pipeline", action="store_true",
                    help="also write each recipe's whole pipeline as ONNX in Optimum's layout (pipeline/<recipe>/)")
+    p.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino"),
+                   help="runtime that generates with each exported denoiser (default onnxruntime)")
     p.add_argument("--out", help="output folder (default ./diffquant-out/<timestamp>/; never overwritten)")
     p.add_argument("--config", metavar="CONFIG_JSON",
                    help="replay the config.json of an earlier run (every other option but --out is ignored)")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--no-browser", action="store_true", help="only print the URL")
 
-    p = sub.add_parser("bench", help="side-by-side latency, memory and size: torch, fake-quant, ONNX Runtime")
+    p = sub.add_parser("bench", help="side-by-side latency, memory and size: torch, fake-quant, ONNX Runtime, OpenVINO")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="pipeline to benchmark (default: shapes-sd)")
     source.add_argument("--arch", help="a real architecture with random weights instead: sd15, sd35-medium or flux (transformers at reduced depth)")
@@ -153,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="denoiser batch (default 2: one image with guidance; Flux: 1)")
     p.add_argument("--images", type=int, default=2, help="images for the time per image (default 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the fake-quant row through torch.compile")
+    p.add_argument("--runtime", help="rows to run, comma-separated: torch,onnxruntime,openvino (default: all)")
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
 
     sub.add_parser("env", help="versions, devices and settings that matter for a run")
@@ -170,7 +173,7 @@ def _cmd_run(args) -> int:
                            steps=args.steps, guidance=args.guidance,
                            recipes=[n.strip() for n in args.recipes.split(",")],
                            device=args.device, dtype=args.dtype, no_t5=args.no_t5, export=not args.no_export,
-                           export_pipeline=args.export_pipeline, out=args.out,
+                           export_pipeline=args.export_pipeline, runtime=args.runtime, out=args.out,
                            exclude=args.exclude, prompt_source=args.prompt_source,
                            prompt_column=args.prompts_column, prompt_split=args.prompts_split,
                            batch_size=args.batch_size, clip_model=args.clip_model,
@@ -448,14 +451,16 @@ def _bench(args, out: Path) -> int:
 
     result = benchmark(model=args.model, arch=args.arch, recipe=args.recipe, iterations=args.iterations,
                        warmup=args.warmup, batch=args.batch, images=args.images, out=out,
-                       fake_quant_compiled=not args.no_compile)
+                       fake_quant_compiled=not args.no_compile, runtimes=args.runtime)
     print(result.table())
     from .report import write_table_report
 
     write_table_report(out, f"diffquant bench: {result.model}",
-                       ["configuration", "call ms median", "p90", "x fp32 speed", "s/image", "peak MB", "MB", "x size"],
-                       [[r.name + (" (simulated)" if r.simulated else ""), r.call_ms_median, r.call_ms_p90, r.speedup,
-                         r.image_s, r.peak_rss_mb, r.artifact_mb, r.size_ratio] for r in result.rows],
+                       ["configuration", "ran", "call ms median", "p90", "x fp32 speed", "s/image", "peak MB", "MB",
+                        "x size"],
+                       [[r.name + (" (simulated)" if r.simulated else ""), f"{r.runtime} {r.runtime_precision}",
+                         r.call_ms_median, r.call_ms_p90, r.speedup, r.image_s, r.peak_rss_mb, r.artifact_mb,
+                         r.size_ratio] for r in result.rows],
                        "bench.png", result.profile_lines() + result.notes)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.png'} and {out / 'report.html'}")
     return 0
@@ -465,7 +470,7 @@ def _cmd_env(args) -> int:
     from importlib import metadata
 
     for name in ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "onnx", "onnxruntime",
-                 "torchmetrics", "netron"):
+                 "openvino", "torchmetrics", "netron"):
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:

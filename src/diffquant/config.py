@@ -35,6 +35,7 @@ class RunConfig:
     no_t5: bool = False
     export: bool = True
     export_pipeline: bool = False
+    runtime: str = "onnxruntime"  # where the exported denoiser generates its images: onnxruntime or openvino
     out: str | None = None
     exclude: tuple[str, ...] = ()
     calib_prompts: str | None = None
@@ -83,6 +84,8 @@ class RunConfig:
             # weights, so the ONNX export fails after all the generation work.
             raise DiffquantError("--dtype bf16 cannot be exported to ONNX: pass --no-export with bf16, or --dtype "
                                  "fp32 (CPU) / fp16 (GPU)")
+        if self.runtime not in ("onnxruntime", "openvino"):
+            raise DiffquantError(f"unknown --runtime {self.runtime!r}: use onnxruntime or openvino")
         if self.export_pipeline and not self.export:
             raise DiffquantError("--export-pipeline writes the exported denoiser into the pipeline folder: drop "
                                  "--no-export")

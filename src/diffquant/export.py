@@ -163,30 +163,50 @@ def _trace_inputs(family: Denoiser, batch_size: int | None, sequence_length: int
 
 
 def export_fp32_onnx(module: torch.nn.Module, out_dir: str | Path, sequence_length: int | None = 77,
-                     batch_size: int | None = None, inputs: dict[str, torch.Tensor] | None = None) -> Path:
+                     batch_size: int | None = None, inputs: dict[str, torch.Tensor] | None = None,
+                     fuse_attention: bool = True) -> Path:
     """Export the float denoiser (the reference for ONNX Runtime speed) to `out_dir/<unet|transformer>.onnx`,
-    with the same named inputs and dynamic axes as the quantized export."""
+    with the same named inputs and dynamic axes as the quantized export, and (`fuse_attention`) the same
+    fused MultiHeadAttention, so that fp32 and int8 run the same attention kernel."""
     family = denoiser_for(module)
     inputs = _trace_inputs(family, batch_size, sequence_length, inputs)
     names = list(inputs)
     model_bytes = _param_bytes(module)
     with atomic_dir(Path(out_dir)) as tmp, family.exportable(), torch.no_grad():
-        torch.onnx.export(family.export_module(names).eval(), tuple(inputs.values()), str(tmp / onnx_name(family)),
+        path = tmp / onnx_name(family)
+        torch.onnx.export(family.export_module(names).eval(), tuple(inputs.values()), str(path),
                           input_names=names, output_names=[family.output_name], dynamo=False, opset_version=20,
                           dynamic_axes=family.dynamic_axes(names) or None,
                           external_data=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
+        if fuse_attention:
+            _fuse_attention_in_file(path)
     return Path(out_dir) / onnx_name(family)
+
+
+def _fuse_attention_in_file(path: Path) -> int:
+    """Fuse the attentions of the ONNX file at `path` in place. Only the graph is read and rewritten:
+    the weights of a large model stay in their external data files, untouched and never in memory."""
+    import onnx
+
+    from .runtimes.onnxruntime import fuse_attention
+
+    model = onnx.load(str(path), load_external_data=False)
+    fused = fuse_attention(model)
+    if fused:
+        onnx.save_model(model, str(path))
+    return fused
 
 
 def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = None,
                 sequence_length: int | None = None, check: bool = True,
-                inputs: dict[str, torch.Tensor] | None = None) -> OnnxExport:
+                inputs: dict[str, torch.Tensor] | None = None, fuse_attention: bool = True) -> OnnxExport:
     """Export a quantized denoiser to `out_dir/unet.onnx` or `out_dir/transformer.onnx` with Quark, then check it.
 
     The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
     as fp32), then `compress_weights` stores every quantized weight as INT8 or FLOAT8E4M3FN codes
     feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights, and
-    `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels.
+    `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels (and
+    each attention into one MultiHeadAttention).
 
     Args:
         pipe_or_module: a pipeline from `quantize` (its tokenizers give the text length) or a bare
@@ -201,6 +221,8 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
         inputs: flat example inputs to trace with instead of the family's (e.g. `family.flat_inputs(record)`
             of a calibration record): a family whose graph has fixed shapes (Flux) then runs at their
             image size and text length.
+        fuse_attention: write each attention as one com.microsoft.MultiHeadAttention (ONNX Runtime's
+            flash-attention kernel, exact in float; OpenVINO reads it too); False keeps torch's MatMul/Softmax.
 
     Returns:
         An `OnnxExport` with the operators ONNX Runtime runs and the measured ORT-vs-torch error.
@@ -230,7 +252,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
                                     output_names=[family.output_name])
         model = onnx.load(str(tmp / "quark_model.onnx"))
         compression = compress_weights(model, module)
-        fusion = prepare_for_ort_fusion(model)
+        fusion = prepare_for_ort_fusion(model, fuse_attention)
         for leftover in tmp.iterdir():
             leftover.unlink()
         _save(model, tmp / name, external=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)

@@ -27,8 +27,8 @@ from .pipeline import load_pipeline
 from .quantization import layer_report, quantize
 from .recipes import parse_recipes
 from .report import versions, write_report, write_results
-from .results import Evaluation, OrtImages, Quality, RecipeResult, RunResult, Throughput
-from .runtimes.onnxruntime import ort_pipeline
+from .results import Evaluation, OrtImages, RecipeResult, RunResult, Throughput
+from .runtimes import get_runtime
 
 logger = logging.getLogger(__name__)
 GRID_COLUMNS = 8  # the grid shows the first images; every image is saved and measured
@@ -63,6 +63,10 @@ def calibration_overlap(prompts: list[str], calibration_prompts: list[str]) -> l
     return overlap
 
 
+# Image folder tag, grid row label and timing label of the runtime that runs the exported denoiser.
+_RUNTIME_LABELS = {"onnxruntime": ("ort", "ORT", "ONNX Runtime"), "openvino": ("openvino", "OpenVINO", "OpenVINO")}
+
+
 @contextmanager
 def _timed(timings: dict, step: str):
     started = time.perf_counter()
@@ -92,6 +96,10 @@ def run(config: RunConfig | None = None, **overrides) -> RunResult:
     started = time.perf_counter()
     config = (config or RunConfig()).replace(**overrides)
     recipes = parse_recipes(list(config.recipes))  # fail on a bad name before any slow work
+    if config.runtime == "openvino" and config.export:
+        from .runtimes.openvino.runtime import import_openvino
+
+        import_openvino()  # not installed: say so before any slow work
     if config.export_pipeline:
         from .onnx_pipeline import require_exporter
 
@@ -291,7 +299,7 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
         if config.export:
             entry = _export_stages(config, pipe, quantized, recipe, out_dir, prompts, gen, family, records, entry,
                                    timings, state, scorer, throughput)
-            labels.append(f"{recipe.name}-ort")
+            labels.append(f"{recipe.name}-{_RUNTIME_LABELS[config.runtime][0]}")
         if main:
             saved.set(replace(saved.results.with_recipe(recipe.name, entry), evaluation=evaluation()))
         del quantized, q_module
@@ -299,11 +307,19 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
 
     if main:
         columns = min(len(prompts), GRID_COLUMNS)
-        rows = {label.replace("-ort", " ORT"): read_images([out_dir / image_path(label, k) for k in range(columns)])
+        rows = {_row_name(label): read_images([out_dir / image_path(label, k) for k in range(columns)])
                 for label in labels}
         grid = image_grid(rows, column_labels=[f"#{k} seed {config.seed + k}" for k in range(columns)])
         save_image(grid, out_dir / "grid.png")
         saved.update(grid="grid.png")
+
+
+def _row_name(label: str) -> str:
+    """Grid row of an image set: "w8a8-int8-ort" -> "w8a8-int8 ORT"."""
+    for tag, row, _ in _RUNTIME_LABELS.values():
+        if label.endswith(f"-{tag}"):
+            return f"{label[:-len(tag) - 1]} {row}"
+    return label
 
 
 def _paths(label: str, prompts: list[str]) -> tuple[str, ...]:
@@ -314,7 +330,7 @@ def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, pr
                    records: list[dict], entry: RecipeResult | None, timings: dict, state, scorer,
                    throughput: list) -> RecipeResult | None:
     """The main process exports the quantized denoiser to ONNX (and the pipeline, when asked); every process
-    then generates its share of the ONNX Runtime images; the main process measures them."""
+    then generates its share of the runtime images (ONNX Runtime or OpenVINO); the main process measures them."""
     main = state.is_main_process
     path = None
     if main:
@@ -323,15 +339,16 @@ def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, pr
         entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
         path = exported.path
     path = Path(broadcast(state, str(path)))
-    with _timed(timings, f"generate {recipe.name} (ONNX Runtime)"):
-        # ONNX Runtime gets the thread count torch was given (the CLI's --threads), not all cores.
-        ort = ort_pipeline(pipe, path, threads=torch.get_num_threads())
-        throughput += generate_set(state, ort, prompts, out_dir, f"{recipe.name}-ort", gen, config.batch_size)
+    tag, _, runtime_label = _RUNTIME_LABELS[config.runtime]
+    with _timed(timings, f"generate {recipe.name} ({runtime_label})"):
+        # The runtime gets the thread count torch was given (the CLI's --threads), not all cores.
+        runner = get_runtime(config.runtime).pipeline(pipe, path, threads=torch.get_num_threads())
+        throughput += generate_set(state, runner, prompts, out_dir, f"{recipe.name}-{tag}", gen, config.batch_size)
     if not main:
         return None
-    vs_baseline, _ = scorer.image_set(f"{recipe.name}-ort", scores=False)
-    vs_torch = _vs_torch(scorer, recipe.name)
-    entry = replace(entry, ort=OrtImages(_paths(f"{recipe.name}-ort", prompts), vs_torch=vs_torch,
+    vs_baseline, _ = scorer.image_set(f"{recipe.name}-{tag}", scores=False)
+    vs_torch, _ = scorer.image_set(f"{recipe.name}-{tag}", reference=recipe.name, scores=False)
+    entry = replace(entry, ort=OrtImages(_paths(f"{recipe.name}-{tag}", prompts), vs_torch=vs_torch,
                                          vs_baseline=vs_baseline))
     if config.export_pipeline:
         from .onnx_pipeline import export_pipeline
@@ -341,8 +358,3 @@ def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, pr
         entry = replace(entry, pipeline=deployed.to_dict() | {"path": str(deployed.path.relative_to(out_dir))})
     return entry
 
-
-def _vs_torch(scorer: Scorer, name: str) -> Quality:
-    """PSNR/SSIM/LPIPS of the ONNX Runtime images against the torch fake-quant images of the same recipe."""
-    quality, _ = scorer.image_set(f"{name}-ort", reference=name, scores=False)
-    return quality

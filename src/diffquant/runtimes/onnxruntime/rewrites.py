@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FusionReport:
     """How many constant Identity nodes were bypassed, weight transposes folded into the codes, quantized
-    inputs split per layer, Gemm biases moved out, MatMul biases shielded from MatMulAddFusion and shared
-    weight scales widened."""
+    inputs split per layer, Gemm biases moved out, MatMul biases shielded from MatMulAddFusion, shared
+    weight scales widened and attentions fused into MultiHeadAttention (`attention.fuse_attention`)."""
 
     bypassed_identities: int
     folded_transposes: int
@@ -45,6 +45,7 @@ class FusionReport:
     unbiased_gemms: int = 0
     shielded_biases: int = 0
     widened_scales: int = 0
+    fused_attention: int = 0
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -340,15 +341,18 @@ def _copy(tensor, name: str):
     return duplicate
 
 
-def prepare_for_ort_fusion(model) -> FusionReport:
+def prepare_for_ort_fusion(model, fuse_attention: bool = True) -> FusionReport:
     """Rewrite `model` (an onnx.ModelProto after `compress_weights`) in place; drops initializers
-    that nothing reads any more."""
+    that nothing reads any more. `fuse_attention`: also turn each attention into one
+    MultiHeadAttention (ONNX Runtime's flash-attention kernel; exact in float)."""
+    from .attention import fuse_attention as fuse
+
     bypassed = bypass_constant_identities(model)
     folded = fold_weight_transposes(model)
     split = split_shared_quantize(model)
     distinct = distinct_quantize_constants(model)
     report = FusionReport(bypassed, folded, split, distinct, unbias_quantized_gemms(model), shield_matmul_biases(model),
-                          widen_shared_weight_scales(model))
+                          widen_shared_weight_scales(model), fuse(model) if fuse_attention else 0)
     drop_unused_initializers(model.graph)
     logger.info("ONNX Runtime fusion form: %s", report.to_dict())
     return report
