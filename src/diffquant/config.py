@@ -14,7 +14,7 @@ from .errors import DiffquantError
 from .generation import as_prompt_list, check_settings
 from .recipes import DEFAULT_RECIPES
 
-CONFIG_VERSION = 3  # 3: evaluation at scale (prompt source, batch size, CLIP/FID, resume); 2: frozen, tuples,
+CONFIG_VERSION = 3  # 3: evaluation at scale (prompt source, batch size, CLIP/FID, resume), runtime; 2: frozen, tuples,
 # no_t5; version 1 and 2 files still load (the new fields take their defaults)
 RESUME_IGNORED = ("out", "resume")  # fields a resumed run may change; every other one must match the folder's
 
