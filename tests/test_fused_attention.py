@@ -75,7 +75,11 @@ def test_int8_attention_rewrite_keeps_the_integer_projections(shapes_pipe, shape
     assert after["QLinearConv"] == before["QLinearConv"]
     inputs = example_inputs(shapes_pipe.unet, batch_size=2, sequence_length=16, seed=4)
     reference, output = runtime.run(exported.path, inputs), runtime.run(fused, inputs)
-    assert np.linalg.norm(output - reference) <= 1e-5 * np.linalg.norm(reference)
+    # Exact in float is the fp32 test above; here activations are re-quantized after attention, so a 1e-7
+    # difference can flip a rounding and the flip cascades through later quantizers (one call of the
+    # retrained shapes-sd: identical outputs for two input seeds, 3.7% relative for a third). The fused
+    # graph must stay within the bound the export itself allows between ONNX Runtime and torch.
+    assert np.linalg.norm(output - reference) <= exported.relative_error_bound * np.linalg.norm(reference)
 
 
 # Weight-only: the fused graph's images equal the unfused ones to float rounding (>= 45 dB). W8A8
