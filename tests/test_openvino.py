@@ -72,5 +72,7 @@ def test_run_generates_with_the_exported_denoiser_in_openvino(openvino_runtime, 
     images = result.recipes["int8-w"].ort
     assert [path.split("/")[1] for path in images.images] == ["int8-w-openvino"] * 2
     assert images.vs_torch.psnr_db >= 35  # OpenVINO reproduces the torch quantized denoiser's images
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "OpenVINO images vs torch fake-quant" in report and "ORT images vs torch" not in report
     with pytest.raises(DiffquantError, match="unknown --runtime 'tensorrt'"):
         RunConfig(runtime="tensorrt")

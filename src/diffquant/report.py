@@ -55,6 +55,11 @@ _ADHERENCE_LABELS = {"background": "background", "color": "colour", "shape": "sh
                      "position": "position"}
 
 
+def runtime_name(results: RunResult) -> str:
+    """Short name of the runtime that ran the exported denoiser ("ORT" or "OpenVINO")."""
+    return "OpenVINO" if results.config.get("runtime") == "openvino" else "ORT"
+
+
 def adherence_table(results: RunResult) -> tuple[list[str], list[list[str]]] | None:
     """ShapeEval per attribute (with n) for the baseline, each recipe and its ONNX Runtime images, and
     the share of images whose detections agree with the baseline's; None when prompts are not shapes captions.
@@ -78,7 +83,7 @@ def adherence_table(results: RunResult) -> tuple[list[str], list[list[str]]] | N
     for name, r in results.recipes.items():
         rows.append(row(name, r.quality.shapeeval or {}, r.quality.shapeeval_agreement))
         if r.ort is not None:
-            rows.append(row(f"{name} ORT", r.ort.vs_baseline.shapeeval or {}, r.ort.vs_baseline.shapeeval_agreement))
+            rows.append(row(f"{name} {runtime_name(results)}", r.ort.vs_baseline.shapeeval or {}, r.ort.vs_baseline.shapeeval_agreement))
     return headers, rows
 
 
@@ -136,9 +141,10 @@ def render_html(out_dir: Path, results: RunResult) -> str:
                               _fmt(r.ort.vs_torch.psnr_db if r.ort else None),
                               e(json.dumps(onnx.get("weight_dtypes", {})))])
     if size_rows:
+        runtime = runtime_name(results)
         parts.append("<h2>ONNX exports (checked in ONNX Runtime)</h2>" + _table(
             ["recipe", "size (MB)", "x fp32 params", "ORT vs torch max-abs", "ORT vs torch relative L2",
-             "ORT images vs torch fake-quant PSNR (dB)", "initializer dtypes"], size_rows))
+             f"{runtime} images vs torch fake-quant PSNR (dB)", "initializer dtypes"], size_rows))
         parts.append(f"<p>fp32 {e(denoiser)} parameters: {_fmt(results.denoiser_fp32_bytes / 1e6)} MB</p>")
 
     timing_rows = [[e(step), _fmt(seconds)] for step, seconds in results.timings.items()]
