@@ -206,7 +206,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     from .calibration import CalibrationConfig, capture_denoiser_inputs, random_calibration
     from .denoisers import denoiser_for, denoiser_of
     from .export import export_fp32_onnx, export_onnx
-    from .generation import default_prompts, generate
+    from .generation import default_prompts
     from .pipeline import load_pipeline
     from .quantization import quantize_module
     from .recipes import get_recipe
@@ -260,11 +260,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
         def fake_quant(label: str, q_family, p=None) -> None:
             with _PeakRss() as rss, torch.no_grad():
                 first, times = _time_calls(lambda: q_family(inputs), warmup, iterations)
-                per_image = None
-                if p is not None:
-                    started = time.perf_counter()
-                    generate(p, prompts, seed=0, batch_size=len(prompts))
-                    per_image = (time.perf_counter() - started) / len(prompts)
+                per_image = bench_row.seconds_per_image(p, prompts) if p is not None else None
             result.rows.append(BenchRow(label, True, statistics.median(times), _p90(times), first, per_image,
                                         rss.peak_mb, fp32_mb, memory="shared"))
 

@@ -56,6 +56,15 @@ def _time_calls(call, warmup: int, iterations: int) -> tuple[float, list[float]]
     return first, times
 
 
+def seconds_per_image(pipe, prompts: list[str]) -> float:
+    """Wall seconds per image of one batch of `prompts` through `pipe` (seed 0)."""
+    from .generation import generate
+
+    started = time.perf_counter()
+    generate(pipe, prompts, seed=0, batch_size=len(prompts))
+    return (time.perf_counter() - started) / len(prompts)
+
+
 def p90(values: list[float]) -> float:
     """The 90th percentile (nearest rank) of `values`."""
     ordered = sorted(values)
@@ -134,13 +143,10 @@ def run_row(spec: RowSpec) -> dict:
         first, times = _time_calls(call, spec.warmup, spec.iterations)
         image_s = None
         if timed_pipe is not None and spec.images:
-            from .generation import default_prompts, generate
+            from .generation import default_prompts
 
-            prompts = default_prompts(pipe, spec.images)
-            started = time.perf_counter()
             with autocast:
-                generate(timed_pipe, prompts, seed=0, batch_size=len(prompts))
-            image_s = (time.perf_counter() - started) / len(prompts)
+                image_s = seconds_per_image(timed_pipe, default_prompts(pipe, spec.images))
     peak_mb = peak_rss_mb()
     return {"call_ms_median": statistics.median(times), "call_ms_p90": p90(times), "first_call_s": first,
             "image_s": image_s, "peak_rss_mb": peak_mb, "runtime_precision": runtime_precision}

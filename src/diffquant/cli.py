@@ -319,7 +319,9 @@ def _generate(args, out: Path) -> int:
 
 
 def _load_generated(folder: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .eval_metrics import read_images
 
     meta_file = Path(folder) / "prompts.json"
     if not meta_file.is_file():
@@ -336,7 +338,7 @@ def _load_generated(folder: str):
         raise DiffquantError(f"{folder} lacks {len(missing)} of its {len(paths)} images (first: images/{missing[0]}): "
                              "generate the folder again")
     try:
-        images = [Image.open(p).convert("RGB") for p in paths]
+        images = read_images(paths)
     except (UnidentifiedImageError, OSError) as error:
         raise DiffquantError(f"an image of {folder} cannot be read ({error}): generate the folder again") from None
     return meta, images

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +100,14 @@ def load_clip(model_id: str, device: torch.device):
 
 
 class _QualityAccumulator:
-    """Per-image fidelity of one set against the baseline, and ShapeEval, accumulated chunk by chunk."""
+    """Per-image fidelity of one set against a reference set, and ShapeEval, accumulated chunk by chunk.
 
-    def __init__(self, shapes: bool) -> None:
-        self.reference_detections: list = []
+    `reference_detections`: the reference set's ShapeEval detections when it was scored already (they are
+    then not detected again), else None."""
+
+    def __init__(self, shapes: bool, reference_detections: list | None = None) -> None:
+        self.known_reference = reference_detections is not None
+        self.reference_detections: list = list(reference_detections or [])
         self.psnr: list[float] = []
         self.ssim: list[float] = []
         self.lpips: list[float] | None = []
@@ -123,7 +128,8 @@ class _QualityAccumulator:
         if self.shapes:
             from .shapes.shapeeval import detect, score
 
-            self.reference_detections += [detect(image) for image in reference]
+            if not self.known_reference:
+                self.reference_detections += [detect(image) for image in reference]
             scored = [score(image, prompt) for image, prompt in zip(images, prompts)]
             self.scores += scored
             self.detections += [s.detection for s in scored]
@@ -158,6 +164,7 @@ class Scorer:
         self.out_dir, self.prompts, self.device, self.shapes = Path(out_dir), prompts, device, shapes
         self.missing: list[str] = []
         self.notes: list[str] = []  # LPIPS's reason, when it is missing
+        self.detections: dict[str, list] = {}  # ShapeEval detections of each set scored so far, by label
         self.clip = None
         self.fid_features: str | None = None
         self.reference_paths = reference_images(reference) if reference else None
@@ -243,13 +250,14 @@ class Scorer:
             from .shapes.shapeeval import summarize
 
             shapeeval = summarize(scored)
+            self.detections["baseline"] = [s.detection for s in scored]
         return shapeeval, self._scores(clip, self._fid_vs_real, len(self.prompts))
 
     def image_set(self, label: str, reference: str = "baseline",
                   scores: bool = True) -> tuple[Quality, ImageSetScores | None]:
         """Quality of an image set against the `reference` set (against the baseline: with the reference FID),
         and its own scores (CLIP score, FID against real images) unless `scores` is False."""
-        quality = _QualityAccumulator(self.shapes)
+        quality = _QualityAccumulator(self.shapes, self.detections.get(reference))
         clip = self._clip_score() if scores else None
         fid = self._fid_vs_baseline if reference == "baseline" else None
         real = self._fid_vs_real if scores else None
@@ -264,9 +272,11 @@ class Scorer:
             if clip is not None:
                 clip.update(list(_bytes(tensor)), self.prompts[start:start + len(images)])
         result = quality.quality()
+        if self.shapes:
+            self.detections[label] = quality.detections
         self.notes = sorted(quality.notes)
         if fid is not None:
-            result = _with(result, fid=float(fid.compute()))
+            result = replace(result, fid=float(fid.compute()))
             fid.reset()
         return result, (self._scores(clip, real, len(self.prompts)) if scores else None)
 
@@ -274,9 +284,3 @@ class Scorer:
 def _bytes(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] as the uint8 pixels they were read from (what CLIP's image processor expects)."""
     return (images * 255).round().to(torch.uint8)
-
-
-def _with(quality: Quality, **changes) -> Quality:
-    from dataclasses import replace
-
-    return replace(quality, **changes)

@@ -79,10 +79,10 @@ def _modelopt_config(kind: str):
 def _peer_pipeline(pipe):
     """A pipeline sharing `pipe`'s components but with its own copy of the denoiser (quantized in place)."""
     from .denoisers import denoiser_of
-    from .quantization import _with_denoiser
+    from .quantization import with_denoiser
 
     family = denoiser_of(pipe)
-    peer = _with_denoiser(pipe, family.pipeline_attribute, copy.deepcopy(family.module))
+    peer = with_denoiser(pipe, family.pipeline_attribute, copy.deepcopy(family.module))
     return peer, denoiser_of(peer)
 
 

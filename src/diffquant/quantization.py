@@ -90,7 +90,7 @@ def _stamp(module: torch.nn.Module, recipe: Recipe, excluded: list[str], backend
     module.diffquant_backend = backend
 
 
-def _with_denoiser(pipe, attribute: str, module: torch.nn.Module):
+def with_denoiser(pipe, attribute: str, module: torch.nn.Module):
     """A pipeline of the same class as `pipe` sharing its components, with `module` as its denoiser."""
     components = dict(pipe.components)
     components[attribute] = module
@@ -127,7 +127,7 @@ def quantize(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
     """
     family = denoiser_of(pipe)
     quantized = quantize_module(family.module, recipe, calibration, exclude, backend)
-    return _with_denoiser(pipe, family.pipeline_attribute, quantized)
+    return with_denoiser(pipe, family.pipeline_attribute, quantized)
 
 
 ARTIFACT_FILE = "diffquant_quantized.json"
@@ -249,4 +249,4 @@ def load_quantized(path: str | Path, device: str = "auto", dtype: str = "auto", 
     module = family.module if loaded else copy.deepcopy(family.module)  # a caller's pipeline stays float
     quantized = backend.restore(module, recipe, excluded, state)
     _stamp(quantized, recipe, excluded, backend.name)
-    return _with_denoiser(pipe, family.pipeline_attribute, quantized)
+    return with_denoiser(pipe, family.pipeline_attribute, quantized)

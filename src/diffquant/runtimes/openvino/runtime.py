@@ -34,6 +34,11 @@ def import_openvino():
     return openvino
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise DiffquantError(f"unknown OpenVINO precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
 def _numpy_dtype(element_type) -> np.dtype:
     return np.dtype(element_type.to_dtype())
 
@@ -47,8 +52,7 @@ class OvRunner(GraphRunner):
         path = Path(path)
         if not path.is_file():
             raise DiffquantError(f"no ONNX file at {path}: export one with `diffquant export` or `run`")
-        if precision not in PRECISIONS:
-            raise DiffquantError(f"unknown OpenVINO precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        _check_precision(precision)
         core = ov.Core()
         model = core.read_model(str(path))
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profiling}
@@ -95,8 +99,7 @@ class OpenVino(Runtime):
     name = "openvino"
 
     def __init__(self, precision: str = "f32"):
-        if precision not in PRECISIONS:
-            raise DiffquantError(f"unknown OpenVINO precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        _check_precision(precision)
         self.precision = precision
 
     def runner(self, path, threads=None) -> OvRunner:
