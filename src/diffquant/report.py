@@ -57,7 +57,9 @@ _ADHERENCE_LABELS = {"background": "background", "color": "colour", "shape": "sh
 
 def runtime_name(results: RunResult) -> str:
     """Short name of the runtime that ran the exported denoiser ("ORT" or "OpenVINO")."""
-    return "OpenVINO" if results.config.get("runtime") == "openvino" else "ORT"
+    from .runtimes import get_runtime
+
+    return get_runtime(results.config.get("runtime", "onnxruntime")).short_name
 
 
 def adherence_table(results: RunResult) -> tuple[list[str], list[list[str]]] | None:

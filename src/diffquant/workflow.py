@@ -28,7 +28,7 @@ from .quantization import layer_report, quantize
 from .recipes import parse_recipes
 from .report import versions, write_report, write_results
 from .results import Evaluation, OrtImages, RecipeResult, RunResult, Throughput
-from .runtimes import get_runtime
+from .runtimes import RUNTIMES, get_runtime
 
 logger = logging.getLogger(__name__)
 GRID_COLUMNS = 8  # the grid shows the first images; every image is saved and measured
@@ -61,10 +61,6 @@ def calibration_overlap(prompts: list[str], calibration_prompts: list[str]) -> l
         logger.warning("%d of the %d evaluation prompts are also calibration prompts (%s): pass disjoint "
                        "--prompts and --calib-prompts", len(overlap), len(set(prompts)), shown)
     return overlap
-
-
-# Image folder tag, grid row label and timing label of the runtime that runs the exported denoiser.
-_RUNTIME_LABELS = {"onnxruntime": ("ort", "ORT", "ONNX Runtime"), "openvino": ("openvino", "OpenVINO", "OpenVINO")}
 
 
 @contextmanager
@@ -299,7 +295,7 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
         if config.export:
             entry = _export_stages(config, pipe, quantized, recipe, out_dir, prompts, gen, family, records, entry,
                                    timings, state, scorer, throughput)
-            labels.append(f"{recipe.name}-{_RUNTIME_LABELS[config.runtime][0]}")
+            labels.append(f"{recipe.name}-{get_runtime(config.runtime).tag}")
         if main:
             saved.set(replace(saved.results.with_recipe(recipe.name, entry), evaluation=evaluation()))
         del quantized, q_module
@@ -316,9 +312,9 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
 
 def _row_name(label: str) -> str:
     """Grid row of an image set: "w8a8-int8-ort" -> "w8a8-int8 ORT"."""
-    for tag, row, _ in _RUNTIME_LABELS.values():
-        if label.endswith(f"-{tag}"):
-            return f"{label[:-len(tag) - 1]} {row}"
+    for runtime in RUNTIMES.values():
+        if label.endswith(f"-{runtime.tag}"):
+            return f"{label[:-len(runtime.tag) - 1]} {runtime.short_name}"
     return label
 
 
@@ -339,10 +335,11 @@ def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, pr
         entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
         path = exported.path
     path = Path(broadcast(state, str(path)))
-    tag, _, runtime_label = _RUNTIME_LABELS[config.runtime]
-    with _timed(timings, f"generate {recipe.name} ({runtime_label})"):
+    runtime = get_runtime(config.runtime)
+    tag = runtime.tag
+    with _timed(timings, f"generate {recipe.name} ({runtime.title})"):
         # The runtime gets the thread count torch was given (the CLI's --threads), not all cores.
-        runner = get_runtime(config.runtime).pipeline(pipe, path, threads=torch.get_num_threads())
+        runner = runtime.pipeline(pipe, path, threads=torch.get_num_threads())
         throughput += generate_set(state, runner, prompts, out_dir, f"{recipe.name}-{tag}", gen, config.batch_size)
     if not main:
         return None

@@ -41,6 +41,9 @@ class Runtime(ABC):
     operators it really runs (fused integer kernels or dequantize-then-float)."""
 
     name: ClassVar[str]
+    tag: ClassVar[str]  # suffix of a run's image folder made with it ("w8a8-int8-ort")
+    short_name: ClassVar[str]  # its name in a grid row or table ("w8a8-int8 ORT")
+    title: ClassVar[str]  # its name in prose and timings
 
     @abstractmethod
     def runner(self, path: str | Path, threads: int | None = None) -> GraphRunner:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from .rewrites import _attribute, _consumers
 
 logger = logging.getLogger(__name__)

@@ -56,6 +56,7 @@ class OnnxRuntime(Runtime):
     its fusions see them."""
 
     name = "onnxruntime"
+    tag, short_name, title = "ort", "ORT", "ONNX Runtime"
 
     def __init__(self, providers: list[str] | tuple[str, ...] | None = None):
         self.providers = providers

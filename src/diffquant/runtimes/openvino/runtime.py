@@ -97,6 +97,7 @@ class OpenVino(Runtime):
     """OpenVINO on CPU with a forced float precision ("f32" or "bf16"); QDQ graphs run int8 kernels."""
 
     name = "openvino"
+    tag, short_name, title = "openvino", "OpenVINO", "OpenVINO"
 
     def __init__(self, precision: str = "f32"):
         _check_precision(precision)
