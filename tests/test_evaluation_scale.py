@@ -3,6 +3,7 @@ makes only what is missing, CLIP score and FID run through torchmetrics on a tin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -55,7 +56,8 @@ def single_run(tmp_path_factory, tiny_clip_dir, prompt_file):
     import diffquant as dq
 
     out = tmp_path_factory.mktemp("single") / "run"
-    return dq.run(dq.RunConfig(prompt_source=str(prompt_file), clip_model=str(tiny_clip_dir), out=str(out), **RUN))
+    with one_thread():
+        return dq.run(dq.RunConfig(prompt_source=str(prompt_file), clip_model=str(tiny_clip_dir), out=str(out), **RUN))
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +75,19 @@ def two_process_run(tmp_path_factory, tiny_clip_dir, prompt_file):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return RunResult.load(out), done
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread, as each process of the two-process run has (OMP_NUM_THREADS=1): float sums
+    split over another thread count round differently, and a pixel can flip between runs that should
+    make the same images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _pixels(path: Path) -> bytes:
@@ -108,7 +123,8 @@ def test_resume_generates_only_the_missing_images(single_run, tmp_path):
     for k in range(4, 8):  # half of the images: batches 2 and 3
         (folder / f"{k:03d}.png").unlink()
     config = dq.RunConfig.load(out / "config.json").replace(resume=True, out=str(out))
-    resumed = dq.run(config)
+    with one_thread():
+        resumed = dq.run(config)
     done = {t.images: (t.generated, t.skipped) for t in resumed.evaluation.throughput}
     assert done == {"baseline": (0, 8), "int8-w": (4, 4)}
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png") if int(p.stem) < 4} == kept
