@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated ({recipe_help})")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of module names kept in float, for every recipe (repeatable)")
+    p.add_argument("--quantize-all", action="store_true",
+                   help="ignore the model profile's measured float layers (e.g. shapes-sd's for the W8A8 int8 "
+                        "recipes): quantize every layer the recipe and --exclude allow")
     _add_calibration(p)
     _add_evaluation(p)
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and its ONNX Runtime check")
@@ -124,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help=f"one of: {', '.join(RECIPES)}")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of module names kept in float (repeatable)")
+    p.add_argument("--quantize-all", action="store_true",
+                   help="ignore the model profile's measured float layers for this recipe")
     _add_calibration(p)
     p.add_argument("--out", required=True)
 
@@ -174,7 +179,7 @@ def _cmd_run(args) -> int:
                            recipes=[n.strip() for n in args.recipes.split(",")],
                            device=args.device, dtype=args.dtype, no_t5=args.no_t5, export=not args.no_export,
                            export_pipeline=args.export_pipeline, runtime=args.runtime, out=args.out,
-                           exclude=args.exclude, prompt_source=args.prompt_source,
+                           exclude=args.exclude, quantize_all=args.quantize_all, prompt_source=args.prompt_source,
                            prompt_column=args.prompts_column, prompt_split=args.prompts_split,
                            batch_size=args.batch_size, clip_model=args.clip_model,
                            reference_images=args.reference_images, resume=args.resume,
@@ -395,7 +400,8 @@ def _cmd_quantize(args) -> int:
         if recipe.needs_calibration:
             settings = default_settings(pipe)
             calibration, _ = calibrate_for_run(pipe, config, steps=settings.steps, guidance=settings.guidance)
-        quantized = quantize(pipe, recipe, calibration=calibration, exclude=args.exclude)
+        quantized = quantize(pipe, recipe, calibration=calibration, exclude=args.exclude,
+                             profile_exclusions=not args.quantize_all)
         save_quantized(quantized, out, model=args.model)
     from .denoisers import denoiser_of
 

@@ -14,8 +14,8 @@ from .errors import DiffquantError
 from .generation import as_prompt_list, check_settings
 from .recipes import DEFAULT_RECIPES
 
-CONFIG_VERSION = 3  # 3: evaluation at scale (prompt source, batch size, CLIP/FID, resume), runtime; 2: frozen, tuples,
-# no_t5; version 1 and 2 files still load (the new fields take their defaults)
+CONFIG_VERSION = 4  # 4: quantize_all; 3: evaluation at scale (prompt source, batch size, CLIP/FID, resume), runtime; 2: frozen, tuples,
+# no_t5; version 1 to 3 files still load (the new fields take their defaults)
 RESUME_IGNORED = ("out", "resume")  # fields a resumed run may change; every other one must match the folder's
 
 
@@ -38,6 +38,7 @@ class RunConfig:
     runtime: str = "onnxruntime"  # where the exported denoiser generates its images: onnxruntime or openvino
     out: str | None = None
     exclude: tuple[str, ...] = ()
+    quantize_all: bool = False  # ignore the model profile's measured float layers (profiles.KeepFloat)
     calib_prompts: str | None = None
     calib_size: int = 64
     calib_steps: int | None = None

@@ -4,6 +4,9 @@ captions, calibration captions and fp32 images (`pip install -e '.[peers]'`)::
     python -m diffquant.peers --out peers/                  # shapes-sd, 64 captions, 64 calibration captions
     python -m diffquant.peers --model DIR --n 16 --methods diffquant:w8a8-int8-sq,modelopt:int8
 
+`diffquant:RECIPE` applies the model profile's measured float layers for that recipe (as `diffquant run`
+does); `diffquant-all:RECIPE` quantizes every layer the recipe allows.
+
 Every method's images come from diffquant's own `generate` (image k seeded `seed + k`, 8 prompts a
 call) and are measured against one fp32 baseline; before quantizing, each peer's float copy of the
 pipeline must reproduce the baseline's first batch pixel for pixel, or the run stops.
@@ -31,9 +34,9 @@ import torch
 from .errors import DiffquantError
 
 logger = logging.getLogger(__name__)
-DEFAULT_METHODS = ("diffquant:w8a8-int8", "diffquant:w8a8-int8-sq", "diffquant:w8a8-int8-ort",
-                   "diffquant:w8a8-int8-ort-sq", "diffquant:w8a8-fp8", "modelopt:int8", "modelopt:int8-sq",
-                   "modelopt:fp8", "quanto:w8a8")
+DEFAULT_METHODS = ("diffquant:w8a8-int8-sq", "diffquant:w8a8-int8-ort-sq", "diffquant:w8a8-int8",
+                   "diffquant:w8a8-int8-ort", "diffquant-all:w8a8-int8-sq", "diffquant:w8a8-fp8", "modelopt:int8",
+                   "modelopt:int8-sq", "modelopt:fp8", "quanto:w8a8")
 # The module names ModelOpt's diffusers example keeps in float (its filter_func_default).
 MODELOPT_FLOAT = re.compile(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|"
                             r"time_text_embed|context_embedder|norm_out|x_embedder).*")
@@ -127,7 +130,8 @@ def _quantize_peer(method: str, pipe, baseline, prompts, calib_prompts, settings
         layers = sum(isinstance(m, QModuleMixin) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                      for m in module.modules())
         return peer, layers, []
-    raise DiffquantError(f"unknown method {method!r}: use diffquant:RECIPE, modelopt:int8|int8-sq|fp8 or quanto:w8a8")
+    raise DiffquantError(f"unknown method {method!r}: use diffquant:RECIPE, diffquant-all:RECIPE, "
+                         "modelopt:int8|int8-sq|fp8 or quanto:w8a8")
 
 
 def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS, n: int = 64,
@@ -141,6 +145,7 @@ def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHO
     from .calibration import CALIBRATION_SEED
     from .generation import default_settings
     from .profiles import profile_of
+    from .recipes import get_recipe
 
     pipe = load_pipeline(model, device="cpu")
     defaults = default_settings(pipe, seed)
@@ -164,12 +169,16 @@ def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHO
     for method in methods:
         started = time.perf_counter()
         library, _, name = method.partition(":")
-        if library == "diffquant":
+        if library in ("diffquant", "diffquant-all"):
             if calibration is None:
                 calibration = calibrate(pipe, calib_prompts, steps=steps, timesteps=calib_timesteps, guidance=guidance)
-            quantized = quantize(pipe, name, calibration=calibration)
-            layers, notes = len(layer_report(quantized.unet if hasattr(quantized, "unet") else
-                                             quantized.transformer).quantized), []
+            recipe = get_recipe(name)
+            quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
+                                 profile_exclusions=library == "diffquant")
+            module = quantized.unet if hasattr(quantized, "unet") else quantized.transformer
+            layers = len(layer_report(module).quantized)
+            notes = [module.diffquant_float_reason] if module.diffquant_float_reason else []
+            method = f"{library}:{recipe.name}"  # a recipe file is labelled by the recipe it holds
         else:
             quantized, layers, notes = _quantize_peer(method, pipe, baseline, prompts, calib_prompts, settings,
                                                       calib_settings)

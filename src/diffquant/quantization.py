@@ -103,13 +103,15 @@ def with_denoiser(pipe, attribute: str, module: torch.nn.Module):
 
 
 def quantize(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
-             exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND):
+             exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND,
+             profile_exclusions: bool = True):
     """Quantize a copy of the pipeline's denoiser (`pipe.unet` or `pipe.transformer`) and return a new
     pipeline that uses it.
 
     Every Linear and Conv2d layer is quantized (a transformer's attention, context-stream, feed-forward,
     AdaLayerNorm modulation and embedding projections, and SD3's patch-embedding Conv2d) except the
-    recipe's `exclude` patterns, `exclude` and the denoiser family's `default_exclusions`.
+    recipe's `exclude` patterns, `exclude`, the denoiser family's `default_exclusions` and, for a recipe
+    the model's profile has measured, the profile's `keep_float` layers (see `diffquant.profiles`).
 
     The original pipeline and its denoiser are left untouched, so a baseline and several recipes can be
     compared in one process; the new pipeline shares the text encoders, VAE, tokenizers and scheduler.
@@ -121,12 +123,23 @@ def quantize(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
             activations, never read for weight-only recipes.
         exclude: extra fnmatch patterns of module names kept in float.
         backend: the quantization backend (see `diffquant.backends`).
+        profile_exclusions: apply the profile's measured float layers for this recipe (False: quantize
+            every layer the recipe and `exclude` allow).
 
     Returns:
-        A pipeline of the same class whose denoiser is the quantized copy.
+        A pipeline of the same class whose denoiser is the quantized copy; its denoiser's
+        `diffquant_float_reason` says why layers were kept in float ("" when none were by the profile).
     """
+    from .profiles import profile_of
+
     family = denoiser_of(pipe)
+    recipe = get_recipe(recipe)
+    rule = profile_of(pipe).keep_float_for(recipe.name) if profile_exclusions else None
+    if rule is not None:
+        exclude = tuple(exclude) + rule.patterns
+        logger.info("%s: the model's profile keeps %s in float (%s)", recipe.name, ", ".join(rule.patterns), rule.reason)
     quantized = quantize_module(family.module, recipe, calibration, exclude, backend)
+    quantized.diffquant_float_reason = "" if rule is None else rule.reason
     return with_denoiser(pipe, family.pipeline_attribute, quantized)
 
 

@@ -131,12 +131,21 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                        "integer QLinearConv (its fast CPU path)"),
     Recipe("w8a8-fp8", TensorQuant(FP8, PerTensor()), TensorQuant(FP8, PerTensor()),
            description="fp8 e4m3 weights and static per-tensor input activations (calibrated)"),
-    Recipe("w8a8-int8-sq", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()), smoothing=Smoothing(),
+    # The -sq recipes take activation ranges from Quark's percentile observer (a 2048-bin histogram cut at
+    # 99.99999999%): on shapes-sd (64 captions vs fp32, the profile's float layers) 54.62 dB mean / 37.12 dB
+    # worst image against 54.14 / 30.74 with min-max. Per-timestep ranges (each layer input's max per
+    # calibration timestep, reduced across the 8 timesteps as ModelOpt's diffusers example does), 16 captions,
+    # every layer quantized: mean of the steps 48.94 dB, median 47.97, 75th percentile 49.61, against min-max
+    # 49.37 and percentile 49.75; Quark's MSE observer took 30 s per calibration batch (32 min for 64).
+    Recipe("w8a8-int8-sq", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor(), "percentile"),
+           smoothing=Smoothing(),
            description="w8a8-int8 after activation smoothing (SmoothQuant factors folded into the norms, value "
-                       "and GEGLU projections in front of each layer, exponent searched per layer group)"),
-    Recipe("w8a8-int8-ort-sq", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
+                       "and GEGLU projections in front of each layer, exponent searched per layer group), "
+                       "percentile activation ranges"),
+    Recipe("w8a8-int8-ort-sq", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor(), "percentile"),
            conv_output=TensorQuant(INT8, PerTensor()), smoothing=Smoothing(),
-           description="w8a8-int8-ort after activation smoothing (integer Convs in ONNX Runtime)"),
+           description="w8a8-int8-ort after activation smoothing (integer Convs in ONNX Runtime), percentile input "
+                       "activation ranges"),
 )}
 DEFAULT_RECIPES = ("int8-w", "fp8-w")
 

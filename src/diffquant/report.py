@@ -159,12 +159,18 @@ def render_html(out_dir: Path, results: RunResult) -> str:
         layers = r.layers
         parts.append(f"<details><summary>{e(name)}: {layers['n_quantized']} quantized, "
                      f"{layers['n_float']} float</summary><p>float: {e(', '.join(layers['float']) or 'none')}"
-                     f"</p></details>")
+                     f"</p>{_float_reason(layers)}</details>")
     parts.append("<h2>Versions</h2>" + _table(["package", "version"],
                                                 [[e(k), e(v)] for k, v in results.versions.items()]))
     parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(results.config, indent=2)) + "</pre>")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>diffquant report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _float_reason(layers: dict) -> str:
+    """Why the model's profile kept layers in float for this recipe (older results have no reason)."""
+    reason = layers.get("float_reason")
+    return f"<p>why: {html.escape(reason)}</p>" if reason else ""
 
 
 def _evaluation_parts(results: RunResult) -> list[str]:

@@ -280,7 +280,7 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
     for recipe in recipes:
         with _timed(timings, f"quantize {recipe.name}"):
             quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
-                                 exclude=config.exclude)
+                                 exclude=config.exclude, profile_exclusions=not config.quantize_all)
         q_module = denoiser_of(quantized).module
         with _timed(timings, f"generate {recipe.name} (simulated fake-quant)"):
             throughput += generate_set(state, quantized, prompts, out_dir, recipe.name, gen, config.batch_size)
@@ -291,7 +291,8 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
                 quality, scores = scorer.image_set(recipe.name)
             entry = RecipeResult(recipe=recipe.to_dict(), images=_paths(recipe.name, prompts), quality=quality,
                                  notes=tuple(scorer.notes), sqnr_db=denoiser_output_sqnr(family.module, q_module, records),
-                                 layers=layer_report(q_module).to_dict(), scores=scores)
+                                 layers=layer_report(q_module).to_dict()
+                                 | {"float_reason": getattr(q_module, "diffquant_float_reason", "")}, scores=scores)
         if config.export:
             entry = _export_stages(config, pipe, quantized, recipe, out_dir, prompts, gen, family, records, entry,
                                    timings, state, scorer, throughput)
