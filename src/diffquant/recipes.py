@@ -189,7 +189,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            description=f"int4 Linear weights, symmetric, one scale per {INT4_GROUP} inputs (round to nearest); "
                        "Conv2d and Linears the group does not divide stay float"),
     Recipe("int4-w-conv8", TensorQuant(INT4, PerGroup(INT4_GROUP)), fallback=TensorQuant(INT8, PerChannel()),
-           description=f"int4-w, but Conv2d (half of a UNet) and Linears the group does not divide take int8 "
+           description="int4-w, but Conv2d (half of a UNet) and Linears the group does not divide take int8 "
                        "per-channel weights"),
     Recipe("mxfp4-w", TensorQuant(MXFP4, PerGroup(MX_GROUP)),
            description="OCP MX FP4 (e2m1) Linear weights, one power-of-two scale per 32 inputs (Quark's "

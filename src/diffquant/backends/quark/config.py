@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import DiffquantError
-from ...recipes import INT4, INT8, MXFP4, PerChannel, PerTensor, Recipe, TensorQuant
+from ...recipes import INT4, INT8, MXFP4, PerTensor, Recipe, TensorQuant
 
 
 def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: list[str] | tuple[str, ...] = ()):

@@ -32,6 +32,9 @@ MS_DOMAIN = "com.microsoft"
 # B and multiplies in float; 4 lets MLAS quantize A to int8 per block and use integer dot products.
 # Measured on shapes-sd: see `ACCURACY_LEVEL_NOTE`.
 ACCURACY_LEVEL = 0
+# ORT vs torch at accuracy_level 0: the dequantized weights are torch's bit for bit, only the float
+# summation order differs. Measured: 5.3e-7 relative L2 error on shapes-sd (int4-w, batch 2).
+MAX_RELATIVE_ERROR_NBITS = 1e-4
 
 
 @dataclass
