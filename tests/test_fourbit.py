@@ -171,3 +171,15 @@ def test_conv8_export_keeps_int8_convolutions_beside_matmul_nbits(tiny_conv8, tm
 def test_mxfp4_export_is_refused_in_one_line(tiny_sd, tmp_path):
     with pytest.raises(DiffquantError, match="MXFP4 .* no kernel"):
         export_onnx(quantize(tiny_sd, "mxfp4-w"), tmp_path / "mx")
+
+
+def test_a_transformer_denoiser_runs_its_int4_linears_on_matmul_nbits(tiny_sd3, tmp_path):
+    """A DiT is almost all Linear: every Linear that the group divides runs as MatMulNBits in ORT."""
+    quantized = quantize(tiny_sd3, "int4-w")
+    group = quantized.transformer.diffquant_recipe.weight.granularity.size
+    linears = _layers(tiny_sd3.transformer, torch.nn.Linear)
+    int4 = {n for n, m in quantized.transformer.named_modules() if fourbit.weight_kind(m) == "int4"}
+    assert int4 == {n for n, m in linears.items() if m.in_features % group == 0} and len(int4) > 20
+    result = export_onnx(quantized, tmp_path / "sd3")
+    assert result.nbits["layers"] == len(int4) and result.fused_ops["MatMulNBits"] == len(int4)
+    assert result.relative_error <= MAX_RELATIVE_ERROR_NBITS

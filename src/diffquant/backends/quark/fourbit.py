@@ -111,15 +111,24 @@ _PACKED4, _INT8, _E8M0 = ".weight_packed4", ".weight_int8", ".weight_scale_e8m0"
 _SCALE = "._weight_quantizer.scale"
 
 
+def _exact(weight: torch.Tensor, layer: torch.nn.Module) -> bool:
+    """True when `weight` (float32, from codes) is the layer's fake-quantized weight in the layer's dtype."""
+    fake = internals.weight_quantizer(layer)(layer.weight.detach())
+    return torch.equal(weight.to(fake.dtype), fake)
+
+
 def pack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` (the module's un-frozen state dict) with each 4-bit weight replaced by its packed nibbles
     (and an MX scale by its e8m0 exponent byte) and each int8 weight by its int8 codes: the float master
-    weights are not needed again, since the fake-quantized weight is a fixed point of its quantizer."""
+    weights are not needed again, since the fake-quantized weight is a fixed point of its quantizer.
+    A weight whose codes would not give its fake-quantized weight exactly keeps its float master weight."""
     packed = dict(state)
     for name, layer in module.named_modules():
         kind = weight_kind(layer)
         if kind in ("int4", "mxfp4"):
             nibbles, scale, _ = group_codes(layer)
+            if not _exact(dequantize_groups(nibbles, scale, kind), layer):
+                continue
             del packed[f"{name}.weight"]
             packed[name + _PACKED4] = pack_nibbles(nibbles).contiguous()
             if kind == "mxfp4":
@@ -128,7 +137,7 @@ def pack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
                 packed[name + _E8M0] = exponent.to(torch.uint8).contiguous()
         elif kind == "int8":
             codes, scale, _ = internals.weight_codes(layer)
-            if torch.equal(codes.float() * scale, internals.fake_quantized_weight(layer)):
+            if _exact(codes.float() * scale, layer):
                 del packed[f"{name}.weight"]
                 packed[name + _INT8] = codes.contiguous()
     return packed
@@ -149,8 +158,10 @@ def unpack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dic
         codes = state.pop(key)
         if key.endswith(_INT8):
             scale = state[name + _SCALE].float()
-            if scale.dim() == 1:
-                scale = scale.reshape([-1] + [1] * (codes.dim() - 1))
+            if scale.dim() == 1:  # per channel along the quantizer's axis
+                shape = [1] * codes.dim()
+                shape[internals.weight_quantizer(layer).ch_axis or 0] = -1
+                scale = scale.reshape(shape)
             weight = codes.float() * scale
         else:
             kind = weight_kind(layer)

@@ -30,10 +30,13 @@ logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 # MatMulNBits' accuracy_level: the lowest precision of A it may compute with. 0 (unset) dequantizes
 # B and multiplies in float; 4 lets MLAS quantize A to int8 per block and use integer dot products.
-# Measured on shapes-sd: see `ACCURACY_LEVEL_NOTE`.
+# Measured on shapes-sd (int4-w, group 32, 83 MatMulNBits; batch 2, 16 tokens; 1 thread, AVX2 CPU
+# without VNNI; median of 20 calls): level 0 53.8 ms per call, relative L2 error vs torch 5.6e-7;
+# level 4 59.2 ms, 3.6e-3 (ORT fp32: 53.3 ms). Level 4 is slower here and 6000x less exact: 0 it is.
 ACCURACY_LEVEL = 0
 # ORT vs torch at accuracy_level 0: the dequantized weights are torch's bit for bit, only the float
-# summation order differs. Measured: 5.3e-7 relative L2 error on shapes-sd (int4-w, batch 2).
+# summation order differs. Measured: 5.6e-7 relative L2 error on shapes-sd (above); 1e-4 still fails
+# a wrong code, scale or nibble order (each gives > 10%).
 MAX_RELATIVE_ERROR_NBITS = 1e-4
 
 
