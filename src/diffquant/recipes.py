@@ -9,8 +9,9 @@ from .errors import DiffquantError
 
 RECIPE_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)  # version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback
-DTYPES = ("int8", "fp8_e4m3", "int4", "mxfp4")
-FOUR_BIT = ("int4", "mxfp4")  # per-group weights of Linear layers only
+INT8, FP8, INT4, MXFP4 = "int8", "fp8_e4m3", "int4", "mxfp4"
+DTYPES = (INT8, FP8, INT4, MXFP4)
+FOUR_BIT = (INT4, MXFP4)  # per-group weights of Linear layers only
 GROUP_SIZES = (16, 32, 64, 128, 256)  # powers of two that ONNX Runtime's MatMulNBits takes as block_size
 MX_GROUP = 32  # OCP MX: one shared power-of-two scale per 32 elements
 OBSERVERS = ("min_max", "percentile", "MSE")
@@ -33,7 +34,7 @@ class PerGroup:
     """One scale per `size` consecutive input elements of each output row (4-bit weights of Linear layers;
     a Linear whose input width `size` does not divide is left to the recipe's `fallback`)."""
 
-    size: int = 64
+    size: int
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or self.size not in GROUP_SIZES:
@@ -78,27 +79,22 @@ class TensorQuant:
         if (self.dtype in FOUR_BIT) != isinstance(self.granularity, PerGroup):
             raise DiffquantError(f"dtype {self.dtype} with {type(self.granularity).__name__}(): 4-bit dtypes "
                                  f"({', '.join(FOUR_BIT)}) take PerGroup(size) and only they do")
-        if self.dtype == "mxfp4" and self.granularity.size != MX_GROUP:
+        if self.dtype == MXFP4 and self.granularity.size != MX_GROUP:
             raise DiffquantError(f"mxfp4 shares one scale per {MX_GROUP} elements (OCP MX), got "
                                  f"PerGroup({self.granularity.size}): use PerGroup({MX_GROUP})")
-
-    @property
-    def bits(self) -> int:
-        """Bits of one stored code."""
-        return 4 if self.dtype in FOUR_BIT else 8
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A named quantization scheme for the Linear and Conv2d layers of a denoiser (UNet or transformer).
 
-    `activation` None means weight-only (no calibration data needed). A 4-bit `weight` (PerGroup) applies to
-    Linear layers whose input width the group size divides; the other Linears and every Conv2d take
-    `fallback` (e.g. int8 per channel) or stay float when it is None, and the layer report says why.
-    `conv_output` also quantizes
+    `activation` None means weight-only (no calibration data needed). `conv_output` also quantizes
     the outputs of Conv2d layers: ONNX Runtime runs a Conv as an integer QLinearConv only when its
     output is quantized, otherwise it dequantizes and runs the float Conv. `exclude` holds fnmatch
-    patterns over module names (e.g. "conv_in", "*time_emb*") that stay in float.
+    patterns over module names (e.g. "conv_in", "*time_emb*") that stay in float. A 4-bit `weight`
+    (PerGroup) applies to the Linear layers whose input width the group size divides; the other
+    Linears and every Conv2d take `fallback` (8-bit) or stay float without one, and the layer report
+    says why.
     """
 
     name: str
@@ -156,10 +152,6 @@ class Recipe:
         return replace(self, exclude=tuple(dict.fromkeys(self.exclude + tuple(patterns))))
 
 
-INT8 = "int8"
-FP8 = "fp8_e4m3"
-INT4 = "int4"
-MXFP4 = "mxfp4"
 # int4 group size, measured on shapes-sd (16 held-out captions, 25 steps, image PSNR vs fp32 mean / worst;
 # denoiser-output SQNR on 40 captured calls). On the same 40 Linears (those 128 divides): group 32
 # 45.6 / 37.6 dB (SQNR 35.9), 64: 43.3 / 33.7 (35.4), 128: 43.3 / 29.6 (35.3). As recipes: int4-w with
@@ -238,7 +230,7 @@ def recipe_from_dict(data: dict) -> Recipe:
             raise DiffquantError(f"unknown granularity {granularity!r} in the recipe's {key!r}: use PerTensor, "
                                  "PerChannel or PerGroup")
         made = {"PerTensor": PerTensor, "PerChannel": lambda: PerChannel(q.get("axis", 0)),
-                "PerGroup": lambda: PerGroup(q.get("group_size", 64))}[granularity]()
+                "PerGroup": lambda: PerGroup(q.get("group_size"))}[granularity]()
         return TensorQuant(q["dtype"], made, q.get("observer", "min_max"))
 
     if "weight" not in data or data["weight"] is None:
