@@ -183,3 +183,11 @@ def test_a_transformer_denoiser_runs_its_int4_linears_on_matmul_nbits(tiny_sd3, 
     result = export_onnx(quantized, tmp_path / "sd3")
     assert result.nbits["layers"] == len(int4) and result.fused_ops["MatMulNBits"] == len(int4)
     assert result.relative_error <= MAX_RELATIVE_ERROR_NBITS
+
+
+def test_a_run_refuses_to_export_mxfp4_before_any_slow_work(tmp_path, monkeypatch):
+    from diffquant import RunConfig, pipeline, run
+
+    monkeypatch.setattr(pipeline, "load_pipeline", None)  # reaching it would fail differently
+    with pytest.raises(DiffquantError, match="--no-export"):
+        run(RunConfig(recipes=("int4-w", "mxfp4-w"), out=str(tmp_path / "run")))

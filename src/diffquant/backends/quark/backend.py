@@ -29,9 +29,11 @@ class QuarkBackend(QuantBackend):
         quark_torch = internals.import_quark(module.device)
         unfit = fourbit.unfit_layers(module, recipe, excluded)
         if unfit:
-            logger.info("%s: %d layers %s the 4-bit weight cannot take: %s", recipe.name, len(unfit),
-                        "stay float" if recipe.fallback is None else "take the int8 fallback",
-                        "; ".join(f"{n} ({why})" for n, why in unfit.items()))
+            narrow = {n: why for n, why in unfit.items() if not why.startswith("Conv2d")}
+            logger.info("%s: %d Conv2d and %d Linears %s, as its 4-bit weight cannot take them%s", recipe.name,
+                        len(unfit) - len(narrow), len(narrow),
+                        "stay float" if recipe.fallback is None else f"take {recipe.fallback.dtype} weights",
+                        "".join(f"; {n}: {why}" for n, why in narrow.items()))
         quantizer = quark_torch.ModelQuantizer(to_quark_config(recipe, excluded, list(unfit)))
         started = time.perf_counter()
         with torch.no_grad():
