@@ -256,7 +256,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
                                     output_names=[family.output_name])
         model = onnx.load(str(tmp / "quark_model.onnx"))
         compression = compress_weights(model, module)
-        nbits = to_matmul_nbits(model, module, int4).to_dict() if int4 else {}
+        nbits = to_matmul_nbits(model, int4).to_dict() if int4 else {}
         fusion = prepare_for_ort_fusion(model, fuse_attention)
         for leftover in tmp.iterdir():
             leftover.unlink()

@@ -104,8 +104,7 @@ def _gemm_is_linear(node) -> bool:
             and values.get("alpha", 1.0) == 1.0 and values.get("beta", 1.0) == 1.0)
 
 
-def to_matmul_nbits(model, module: torch.nn.Module, layers: dict[str, torch.nn.Module],
-                    accuracy_level: int = ACCURACY_LEVEL) -> NBitsReport:
+def to_matmul_nbits(model, layers: dict[str, torch.nn.Module], accuracy_level: int = ACCURACY_LEVEL) -> NBitsReport:
     """Rewrite `model` (an onnx.ModelProto exported with `plain_int4_linears`) in place: the MatMul (or
     Gemm with its bias) of each layer in `layers` becomes MatMulNBits with Quark's codes and scales.
 
@@ -140,7 +139,8 @@ def to_matmul_nbits(model, module: torch.nn.Module, layers: dict[str, torch.nn.M
             raise AssertionError(f"{node.name}: its weight is not the constant ({k}, {n}) of layer {name}")
         packed = fourbit.pack_nibbles(nibbles).reshape(n, k // group, group // 2)
         b = numpy_helper.from_array(packed.numpy(), f"{name}.weight_uint4")
-        scales = numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}.weight_scale")
+        scale_type = np.float16 if layer.weight.dtype == torch.float16 else np.float32  # A's type (T1)
+        scales = numpy_helper.from_array(scale.numpy().astype(scale_type), f"{name}.weight_scale")
         graph.initializer.extend([b, scales])
         inputs = [node.input[0], b.name, scales.name]
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
