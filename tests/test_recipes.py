@@ -1,15 +1,15 @@
 import pytest
 
 from diffquant.errors import DiffquantError
-from diffquant.recipes import (RECIPE_VERSION, RECIPES, PerChannel, PerTensor, Recipe, TensorQuant, get_recipe,
-                               parse_recipes, recipe_from_dict)
+from diffquant.recipes import (RECIPE_VERSION, RECIPES, PerChannel, PerGroup, PerTensor, Recipe, TensorQuant,
+                               get_recipe, parse_recipes, recipe_from_dict)
 
 
 def test_unknown_recipe_lists_the_valid_ones():
     with pytest.raises(DiffquantError) as error:
-        get_recipe("int4-w")
+        get_recipe("int3-w")
     message = str(error.value)
-    assert "int4-w" in message and all(name in message for name in RECIPES)
+    assert "int3-w" in message and all(name in message for name in RECIPES)
 
 
 def test_tutorial_recipes_are_there_with_their_per_channel_variants():
@@ -29,8 +29,8 @@ def test_parse_recipes_refuses_blanks_and_duplicates():
 
 
 def test_bad_dataclass_values_name_the_allowed_ones():
-    with pytest.raises(DiffquantError, match="int8, fp8_e4m3"):
-        TensorQuant("int4")
+    with pytest.raises(DiffquantError, match="int8, fp8_e4m3, int4, mxfp4"):
+        TensorQuant("int2")
     with pytest.raises(DiffquantError, match="min_max"):
         TensorQuant("int8", observer="magic")
 
@@ -55,3 +55,19 @@ def test_version_1_recipe_files_still_load():
 def test_conv_output_quantization_needs_activation_quantization():
     with pytest.raises(DiffquantError, match="conv_output needs activation"):
         Recipe("x", TensorQuant("int8"), conv_output=TensorQuant("int8"))
+
+
+def test_4bit_recipes_round_trip_and_version_3_files_still_load():
+    for name in ("int4-w", "int4-w-conv8", "mxfp4-w"):
+        recipe = get_recipe(name)
+        assert recipe.four_bit and not recipe.needs_calibration and recipe_from_dict(recipe.to_dict()) == recipe
+    assert isinstance(get_recipe("int4-w").weight.granularity, PerGroup) and get_recipe("int4-w").fallback is None
+    assert get_recipe("int4-w-conv8").fallback == TensorQuant("int8", PerChannel())
+    data = get_recipe("int8-w-pc").to_dict()
+    del data["fallback"]
+    data["version"] = 3  # written before 4-bit recipes
+    assert recipe_from_dict(data) == get_recipe("int8-w-pc")
+    bad = get_recipe("int4-w").to_dict()
+    bad["weight"]["group_size"] = 48
+    with pytest.raises(DiffquantError, match="group size 48"):
+        recipe_from_dict(bad)

@@ -406,7 +406,9 @@ def _cmd_quantize(args) -> int:
     from .denoisers import denoiser_of
 
     report = layer_report(denoiser_of(quantized).module)
-    print(f"quantized {len(report.quantized)} layers ({len(report.float_layers)} left in float); saved to {out}")
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    print(f"quantized {len(report.quantized)} layers ({len(report.float_layers)} left in float), "
+          f"{report.bits_per_weight:.2f} bits per weight; saved to {out} ({size / 1e6:.1f} MB)")
     return 0
 
 

@@ -84,11 +84,12 @@ class OnnxExport:
     compression: dict = field(default_factory=dict)
     fusion: dict = field(default_factory=dict)
     fused_ops: dict[str, int] = field(default_factory=dict)
+    nbits: dict = field(default_factory=dict)  # int4 Linears written as MatMulNBits (matmul_nbits.NBitsReport)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "inputs": self.inputs,
                 "op_counts": self.op_counts, "weight_dtypes": self.weight_dtypes, "compression": self.compression,
-                "fusion": self.fusion, "fused_ops": self.fused_ops,
+                "fusion": self.fusion, "fused_ops": self.fused_ops, "nbits": self.nbits,
                 "max_abs_error": self.max_abs_error, "relative_error": self.relative_error,
                 "relative_error_bound": self.relative_error_bound, "export_seconds": self.export_seconds}
 
@@ -204,7 +205,8 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
 
     The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
     as fp32), then `compress_weights` stores every quantized weight as INT8 or FLOAT8E4M3FN codes
-    feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights, and
+    feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights (int4 Linears become
+    com.microsoft.MatMulNBits with Quark's codes, see `backends.quark.matmul_nbits`), and
     `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels (and
     each attention into one MultiHeadAttention).
 
@@ -231,10 +233,12 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
 
     from .backends.quark.compress import compress_weights
     from .backends.quark import import_quark
+    from .backends.quark.matmul_nbits import check_exportable, plain_int4_linears, to_matmul_nbits
     from .runtimes.onnxruntime import OnnxRuntime, prepare_for_ort_fusion
 
     family, sequence_length = _family_and_length(pipe_or_module, sequence_length)
     module = family.module
+    check_exportable(module)
     quark_torch = import_quark(module.device)
     inputs = _trace_inputs(family, batch_size, sequence_length, inputs)
     names = list(inputs)
@@ -247,11 +251,12 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
     with atomic_dir(out_dir) as tmp:
         model_bytes = _param_bytes(module)
         with (_dynamic_axes(family.dynamic_axes(names)), _external_data_saves(model_bytes), family.exportable(),
-              torch.no_grad()):
+              torch.no_grad(), plain_int4_linears(module) as int4):
             quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
                                     output_names=[family.output_name])
         model = onnx.load(str(tmp / "quark_model.onnx"))
         compression = compress_weights(model, module)
+        nbits = to_matmul_nbits(model, int4).to_dict() if int4 else {}
         fusion = prepare_for_ort_fusion(model, fuse_attention)
         for leftover in tmp.iterdir():
             leftover.unlink()
@@ -270,7 +275,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
         inputs={k: list(v.shape) for k, v in inputs.items()}, op_counts=dict(ops.most_common()),
         max_abs_error=max_abs, relative_error=relative, export_seconds=seconds, weight_dtypes=dict(weight_dtypes),
         compression=compression.to_dict(), fusion=fusion.to_dict(), relative_error_bound=relative_error_bound(module),
-        fused_ops=OnnxRuntime().optimized_ops(path),
+        fused_ops=OnnxRuntime().optimized_ops(path), nbits=nbits,
     )
     if check and not (math.isfinite(relative) and relative <= result.relative_error_bound):
         raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized {family.name} by "

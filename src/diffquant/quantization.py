@@ -145,9 +145,10 @@ def quantize(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
 
 ARTIFACT_FILE = "diffquant_quantized.json"
 ARTIFACT_TYPE = "QuantizedDenoiser"
-ARTIFACT_VERSION = 2
+ARTIFACT_VERSION = 3
 # Version 1 ("QuantizedUNet") held a UNet and no list of its float layers: they are matched again from the recipe.
-_READABLE = {(ARTIFACT_TYPE, ARTIFACT_VERSION), ("QuantizedUNet", 1)}
+# Version 2 held float master weights; version 3 holds int8 / packed 4-bit codes (backends/quark/fourbit.py).
+_READABLE = {(ARTIFACT_TYPE, ARTIFACT_VERSION), (ARTIFACT_TYPE, 2), ("QuantizedUNet", 1)}
 
 
 def state_file(attribute: str) -> str:

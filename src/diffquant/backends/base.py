@@ -40,10 +40,13 @@ class LayerReport:
 
     quantized: dict[str, str] = field(default_factory=dict)  # name -> "int8 per_tensor" etc.
     float_layers: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)  # name -> why a 4-bit recipe left it float / 8-bit
+    bits_per_weight: float | None = None  # stored bits per Linear/Conv2d weight element, scales included
 
     def to_dict(self) -> dict:
         return {"quantized": self.quantized, "float": self.float_layers,
-                "n_quantized": len(self.quantized), "n_float": len(self.float_layers)}
+                "n_quantized": len(self.quantized), "n_float": len(self.float_layers),
+                "notes": self.notes, "bits_per_weight": self.bits_per_weight}
 
 
 class QuantBackend(ABC):

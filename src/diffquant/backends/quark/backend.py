@@ -11,7 +11,7 @@ import torch
 from ...errors import DiffquantError
 from ...recipes import Recipe
 from ..base import QUANTIZABLE, LayerReport, QuantBackend, register
-from . import internals
+from . import fourbit, internals
 from .config import to_quark_config
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,14 @@ class QuarkBackend(QuantBackend):
     def quantize(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
                  calibration: list[dict] | None) -> torch.nn.Module:
         quark_torch = internals.import_quark(module.device)
-        quantizer = quark_torch.ModelQuantizer(to_quark_config(recipe, excluded))
+        unfit = fourbit.unfit_layers(module, recipe, excluded)
+        if unfit:
+            narrow = {n: why for n, why in unfit.items() if not why.startswith("Conv2d")}
+            logger.info("%s: %d Conv2d and %d Linears %s, as its 4-bit weight cannot take them%s", recipe.name,
+                        len(unfit) - len(narrow), len(narrow),
+                        "stay float" if recipe.fallback is None else f"take {recipe.fallback.dtype} weights",
+                        "".join(f"; {n}: {why}" for n, why in narrow.items()))
+        quantizer = quark_torch.ModelQuantizer(to_quark_config(recipe, excluded, list(unfit)))
         started = time.perf_counter()
         with torch.no_grad():
             module = quantizer.quantize_model(module, calibration if recipe.needs_calibration else None)
@@ -36,9 +43,16 @@ class QuarkBackend(QuantBackend):
 
     def layer_report(self, module: torch.nn.Module) -> LayerReport:
         report = LayerReport()
+        recipe = getattr(module, "diffquant_recipe", None)
+        bits = elements = 0
         for name, layer in module.named_modules():
             if not isinstance(layer, QUANTIZABLE) and not internals.is_quant_layer(layer):
                 continue
+            bits += fourbit.weight_bits(layer)
+            elements += layer.weight.numel()
+            reason = None if recipe is None else fourbit.unfit_reason(layer, recipe)
+            if reason is not None:
+                report.notes[name] = reason
             weight_q = internals.weight_quantizer(layer)
             if weight_q is None:
                 report.float_layers.append(name)
@@ -48,18 +62,21 @@ class QuarkBackend(QuantBackend):
             if input_q is not None:
                 description += f", act {internals.describe(input_q)}"
             report.quantized[name] = description
+        report.bits_per_weight = bits / max(elements, 1)
         return report
 
     def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        # The un-frozen state: float master weights plus each quantizer's scale and zero point.
-        return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        # The un-frozen state (each quantizer's scale and zero point) with weights as codes where exact.
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        return fourbit.pack_state(module, state)
 
     def restore(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
                 state: dict[str, torch.Tensor]) -> torch.nn.Module:
         internals.import_quark(module.device)
-        qconfig = to_quark_config(recipe, excluded)
+        qconfig = to_quark_config(recipe, excluded, list(fourbit.unfit_layers(module, recipe, excluded)))
         module = internals.transform(module, qconfig)
         device = next(module.parameters()).device
+        state = fourbit.unpack_state(module, state)
         try:
             module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
         except RuntimeError as error:  # torch lists every missing/unexpected key; its first line says which model
