@@ -83,6 +83,22 @@ def test_svdquant_without_rounding_computes_the_same_function(model):
     assert sqnr_db(reference, transformed) > 80
 
 
+def _half(records):
+    return [{k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in r.items()} for r in records]
+
+
+def test_svdquant_rounds_a_float16_denoiser_too(model):
+    """Quark's ErrorCorrectedModule computes float16 inputs with the residual's raw weight; ours keeps the
+    residual's quantizers in every dtype, so switching the rounding off changes a float16 model's output."""
+    denoiser, group, rank, calibration, held_out, layers = model
+    quantized = apply_svdquant(copy.deepcopy(denoiser).half(), _half(calibration), layers, rank=rank, group_size=group)
+    assert {p.dtype for p in quantized.parameters()} == {torch.float16}
+    reference, held_out = _outputs(denoiser, held_out), _half(held_out)
+    rounded = sqnr_db(reference, _outputs(quantized, held_out))
+    internals.set_fake_quant([m for m in quantized.modules() if internals.is_quant_layer(m)], False)
+    assert rounded < sqnr_db(reference, _outputs(quantized, held_out)) - 10
+
+
 def test_svdquant_rejects_a_group_size_that_does_not_divide_a_layer(tiny_sd, tiny_calibration):
     unet = tiny_sd.unet
     narrow = next(n for n, m in unet.named_modules() if type(m) is torch.nn.Linear and m.in_features % 32)

@@ -16,6 +16,8 @@ Why not `SVDQuantProcessor.apply` as it ships (Quark 0.13): on a UNet it leaves 
    the activations are quantized unsmoothed (w4a4 gains nothing from s) and the per-layer alpha
    search scores a different weight (and per-channel, not the group size) than the one quantized.
 3. It stores a float32 model's residual and branch in bfloat16, and then Linear gets mixed dtypes.
+4. Its `ErrorCorrectedModule` computes a float16 input with the residual's raw weight (F.linear in
+   float32), skipping the residual's quantizers: a float16 model would run unquantized.
 Here Quark's processor collects the statistics (`_calibrate`) and Quark's pieces (`_svd_decompose`,
 `ErrorCorrectedModule` with its runtime `smooth_factor`, the quantizers) do the rest, in float32, on
 the layers asked for only; s is kept on the activation (the divide the ONNX export keeps beside the
@@ -24,6 +26,7 @@ quantized MatMul) and the alpha search scores the quantization actually applied.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -138,6 +141,21 @@ def _rows(cached: list[torch.Tensor], channels: int) -> torch.Tensor:
     return rows
 
 
+@functools.cache
+def _error_corrected_class() -> type:
+    """Quark's `ErrorCorrectedModule` whose forward always runs the residual layer itself (with its
+    quantizers), in every dtype."""
+    from quark.torch.algorithm.svdquant import ErrorCorrectedModule
+
+    class ErrorCorrected(ErrorCorrectedModule):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.smooth_factor is not None:
+                x = x / self.smooth_factor
+            return self.layer(x) + self.correction(x)
+
+    return ErrorCorrected
+
+
 def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -170,7 +188,7 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
     """
     internals.import_quark(next(module.parameters()).device)
     from quark.torch import ModelQuantizer
-    from quark.torch.algorithm.svdquant import ErrorCorrectedModule, LowRankCorrectionModule
+    from quark.torch.algorithm.svdquant import LowRankCorrectionModule
     from quark.torch.quantization.config.config import QConfig, QLayerConfig
 
     chosen = _check(module, calibration, layers, mode, rank, group_size)
@@ -190,7 +208,7 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
             branch = LowRankCorrectionModule(layer.in_features, layer.out_features, l1.shape[0])
             branch.l1.weight.data, branch.l2.weight.data = l1.to(dtype), l2.to(dtype)
             branch.to(weight.device)
-            _set_module(module, name, ErrorCorrectedModule(branch, layer, None if s is None else s.to(dtype)))
+            _set_module(module, name, _error_corrected_class()(branch, layer, None if s is None else s.to(dtype)))
             report[name] = {"alpha": alpha, "error": error}
         cached.clear()
         residuals = {f"{name}.layer" for name in chosen}
