@@ -87,9 +87,9 @@ def _fake_quant(spec, tensor: torch.Tensor) -> torch.Tensor:
     return FakeQuantizeBase.get_fake_quantize(spec, device=tensor.device)(tensor)
 
 
-def _collect(module: torch.nn.Module, calibration, names: set[str]):
-    """Quark's SVDQuant calibration pass, on `names` only: per-channel input maxima of every Linear and
-    the inputs of the first `SEARCH_RECORDS` calls of each named one."""
+def _collect(module: torch.nn.Module, calibration, names: set[str], gptq: bool):
+    """Quark's SVDQuant calibration pass, on `names` only: per-channel input maxima of every Linear, the
+    inputs of the first `SEARCH_RECORDS` calls of each named one and, for GPTQ, their Hessians X^T X."""
     from quark.torch.algorithm.svdquant import SVDQuantProcessor
     from quark.torch.quantization.config.config import SVDQuantConfig
 
@@ -98,10 +98,26 @@ def _collect(module: torch.nn.Module, calibration, names: set[str]):
             return name in names
 
     config = SVDQuantConfig(search_alpha=True, alpha_search_max_samples=SEARCH_RECORDS, exclude_patterns=[],
-                            min_layer_size=0)
+                            min_layer_size=0, use_gptq=gptq)
     processor = Processor(module, config, calibration)
     processor._calibrate()
-    return processor.smoother.activation_max, processor.input_cache.inputs
+    hessians = processor.hessian_collector.hessians if gptq else {}
+    return processor.smoother.activation_max, processor.input_cache.inputs, hessians
+
+
+def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None, group_size: int):
+    """Quark's GPTQ of the residual on the Hessian of the input it really reads (x / s), and the per-group
+    scales it rounded to, (out, groups). Quark's int4 quantizer takes those scales (its own would be
+    max|w| / 7.5, not GPTQ's max|w| / 7, and would round the GPTQ weights a second time)."""
+    from quark.torch.algorithm.svdquant import gptq_quantize_residual
+
+    if s is not None:  # H of x / s = diag(1/s) H diag(1/s)
+        hessian = hessian / s.unsqueeze(0) / s.unsqueeze(1)
+    rounded = gptq_quantize_residual(residual, hessian, n_bits=4, symmetric=True, group_size=group_size)
+    start = residual.clone()
+    start[:, torch.diag(hessian) == 0] = 0  # as GPTQ zeroes dead columns before taking its scales
+    scales = start.reshape(start.shape[0], -1, group_size).abs().amax(dim=-1).clamp(min=1e-10) / 7
+    return rounded, scales
 
 
 def _candidate(weight: torch.Tensor, act_max: torch.Tensor, alpha: float | None, rank: int):
@@ -163,7 +179,7 @@ def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
 
 def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers: Sequence[str],
                    mode: str = "w4a16", rank: int = 32, group_size: int = 64,
-                   alphas: Sequence[float | None] = ALPHAS) -> torch.nn.Module:
+                   alphas: Sequence[float | None] = ALPHAS, gptq: bool = False) -> torch.nn.Module:
     """Quantize the Linear `layers` of a bare denoiser (UNet or transformer) with SVDQuant, in place.
 
     Every other layer stays float. Each named Linear becomes Quark's `ErrorCorrectedModule`: its input
@@ -181,6 +197,7 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         rank: the low-rank branch's rank (clipped to the layer's smaller dimension).
         group_size: input channels per int4 scale.
         alphas: the smoothing exponents tried per layer (None: no smoothing).
+        gptq: round the residual with Quark's GPTQ (on the Hessian of x / s) instead of to nearest.
 
     Returns:
         The quantized module; its `diffquant_svdquant` dict holds each layer's alpha and the relative
@@ -196,13 +213,15 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
     started = time.perf_counter()
     module.eval()
     with torch.no_grad():
-        act_max, cached = _collect(module, calibration, set(chosen))
-        report = {}
+        act_max, cached, hessians = _collect(module, calibration, set(chosen), gptq)
+        report, scales = {}, {}
         for name, layer in chosen.items():
             weight = layer.weight.detach().float()
             alpha, s, l1, l2, r, error = _search(weight, act_max[name].float().to(weight.device),
                                                   _rows(cached[name], layer.in_features).to(weight.device),
                                                   rank, specs, alphas)
+            if gptq:
+                r, scales[name] = _gptq(r, hessians.pop(name).to(r.device), s, group_size)
             dtype = layer.weight.dtype
             layer.weight = torch.nn.Parameter(r.to(dtype), requires_grad=False)
             branch = LowRankCorrectionModule(layer.in_features, layer.out_features, l1.shape[0])
@@ -217,7 +236,9 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         qconfig = QConfig(global_quant_config=QLayerConfig(weight=specs[0], input_tensors=specs[1]), exclude=keep)
         # Weight scales come from the weights and input scales per call: nothing to calibrate.
         module = ModelQuantizer(qconfig).quantize_model(module, None)
-    module.diffquant_svdquant = {"mode": mode, "rank": rank, "group_size": group_size, "layers": report}
+        for name, scale in scales.items():
+            internals.set_weight_scale(module.get_submodule(f"{name}.layer"), scale)
+    module.diffquant_svdquant = {"mode": mode, "rank": rank, "group_size": group_size, "gptq": gptq, "layers": report}
     smoothed = sum(v["alpha"] is not None for v in report.values())
     logger.info("SVDQuant %s rank %d: %d layers (%d smoothed) in %.1f s", mode, rank, len(report), smoothed,
                 time.perf_counter() - started)
