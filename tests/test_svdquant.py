@@ -123,3 +123,14 @@ def test_svdquant_rejects_a_group_size_that_does_not_divide_a_layer(tiny_sd, tin
         apply_svdquant(copy.deepcopy(unet), tiny_calibration, ["conv_in"], group_size=4)
     with pytest.raises(DiffquantError, match="mode 'w4a8'"):
         apply_svdquant(copy.deepcopy(unet), tiny_calibration, [narrow], mode="w4a8")
+
+
+def test_svdquant_quantizes_a_layer_the_calibration_never_reaches_unsmoothed(tiny_sd, tiny_calibration):
+    unet = copy.deepcopy(tiny_sd.unet)
+    unet.unused = torch.nn.Linear(16, 16)  # a layer no forward calls (as a pipeline's optional branch)
+    ran = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    quantized = apply_svdquant(unet, tiny_calibration, [ran, "unused"], rank=2, group_size=8, gptq=True)
+    report = quantized.diffquant_svdquant["layers"]
+    assert report["unused"]["alpha"] is None and quantized.unused.smooth_factor is None
+    assert internals.describe(internals.weight_quantizer(quantized.unused.layer)) == "int4 per_group"
+    assert report[ran]["error"] is not None

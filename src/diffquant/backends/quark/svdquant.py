@@ -120,7 +120,7 @@ def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None,
     return rounded, scales
 
 
-def _candidate(weight: torch.Tensor, act_max: torch.Tensor, alpha: float | None, rank: int):
+def _candidate(weight: torch.Tensor, act_max: torch.Tensor | None, alpha: float | None, rank: int):
     """(s or None, L1, L2, R) of one alpha: s as in SmoothQuant, then Quark's SVD of W s."""
     from quark.torch.algorithm.svdquant.svdquant import _svd_decompose
 
@@ -196,7 +196,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         mode: "w4a16" (weights only) or "w4a4" (weights and activations).
         rank: the low-rank branch's rank (clipped to the layer's smaller dimension).
         group_size: input channels per int4 scale.
-        alphas: the smoothing exponents tried per layer (None: no smoothing).
+        alphas: the smoothing exponents tried per layer (None: no smoothing). A layer the calibration
+            records never reach is not smoothed (and its residual is rounded to nearest).
         gptq: round the residual with Quark's GPTQ (on the Hessian of x / s) instead of to nearest.
 
     Returns:
@@ -217,10 +218,14 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         report, scales = {}, {}
         for name, layer in chosen.items():
             weight = layer.weight.detach().float()
-            alpha, s, l1, l2, r, error = _search(weight, act_max[name].float().to(weight.device),
-                                                  _rows(cached[name], layer.in_features).to(weight.device),
-                                                  rank, specs, alphas)
-            if gptq:
+            if name in cached:
+                alpha, s, l1, l2, r, error = _search(weight, act_max[name].float().to(weight.device),
+                                                      _rows(cached[name], layer.in_features).to(weight.device),
+                                                      rank, specs, alphas)
+            else:  # never ran on the calibration records: nothing to smooth by
+                logger.warning("SVDQuant: %s never ran on the calibration records; not smoothed", name)
+                alpha, error, (s, l1, l2, r) = None, None, _candidate(weight, None, None, rank)
+            if gptq and name in hessians:
                 r, scales[name] = _gptq(r, hessians.pop(name).to(r.device), s, group_size)
             dtype = layer.weight.dtype
             layer.weight = torch.nn.Parameter(r.to(dtype), requires_grad=False)
