@@ -18,10 +18,12 @@ Why not `SVDQuantProcessor.apply` as it ships (Quark 0.13): on a UNet it leaves 
 3. It stores a float32 model's residual and branch in bfloat16, and then Linear gets mixed dtypes.
 4. Its `ErrorCorrectedModule` computes a float16 input with the residual's raw weight (F.linear in
    float32), skipping the residual's quantizers: a float16 model would run unquantized.
+5. With `use_gptq` it runs GPTQ on the Hessian of x / s for a residual already folded to read x, on
+   GPTQ's own grid (max|w| / 7, per channel by default) that the int4 quantizer then rounds again.
 Here Quark's processor collects the statistics (`_calibrate`) and Quark's pieces (`_svd_decompose`,
 `ErrorCorrectedModule` with its runtime `smooth_factor`, the quantizers) do the rest, in float32, on
-the layers asked for only; s is kept on the activation (the divide the ONNX export keeps beside the
-quantized MatMul) and the alpha search scores the quantization actually applied.
+the layers asked for only; s is kept on the activation (a divide that an ONNX export keeps in front of
+the quantized MatMul and the low-rank pair) and the alpha search scores the quantization actually applied.
 """
 
 from __future__ import annotations
