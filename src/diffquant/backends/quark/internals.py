@@ -114,6 +114,14 @@ def fake_quantized_weight(layer: torch.nn.Module) -> torch.Tensor:
         return weight_quantizer(layer)(layer.weight.detach()).float()
 
 
+def set_weight_scale(layer: torch.nn.Module, scale: torch.Tensor) -> None:
+    """Give the layer's weight quantizer this scale (its shape) and stop it observing: an algorithm
+    (GPTQ) chose the scale and rounded the weight on it already."""
+    quantizer = weight_quantizer(layer)
+    quantizer.scale.data = scale.to(quantizer.scale.device, quantizer.scale.dtype).reshape(quantizer.scale.shape)
+    quantizer.disable_observer()
+
+
 def weight_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(codes, broadcast scale, 'int8'|'fp8') such that codes * scale == Quark's fake-quantized weight."""
     quantizer = weight_quantizer(layer)
