@@ -263,8 +263,11 @@ def tiny_flux(tiny_flux_dir):
 
 @pytest.fixture(scope="session")
 def shapes_ort_export(shapes_pipe, shapes_calibration, tmp_path_factory):
-    """(shapes-sd quantized with w8a8-int8-ort, its UNet's ONNX ExportResult)."""
+    """(shapes-sd quantized with w8a8-int8-ort on every layer, its UNet's ONNX ExportResult).
+
+    Every layer: the fusion tests count integer kernels against the whole UNet, so the profile's measured
+    float layers (tests/test_profile_exclusions.py) are turned off."""
     from diffquant import export_onnx, quantize
 
-    quantized = quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration)
+    quantized = quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration, profile_exclusions=False)
     return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ort") / "w8a8-int8-ort")

@@ -72,7 +72,7 @@ def test_smoothed_shapes_sd_export_still_fuses_and_matches_torch(shapes_pipe, sh
                                                                   tmp_path):
     from diffquant import export_onnx, quantize
 
-    quantized = quantize(shapes_pipe, "w8a8-int8-ort-sq", calibration=shapes_calibration)
+    quantized = quantize(shapes_pipe, "w8a8-int8-ort-sq", calibration=shapes_calibration, profile_exclusions=False)
     assert quantized.unet.diffquant_smoothing.smoothed > 0
     exported = export_onnx(quantized, tmp_path / "sq")
     layers = {n: m for n, m in quantized.unet.named_modules() if hasattr(m, "_weight_quantizer")}
@@ -85,9 +85,4 @@ def test_smoothed_shapes_sd_export_still_fuses_and_matches_torch(shapes_pipe, sh
     assert ops.get("QLinearConv", 0) >= 0.8 * len(convs)
     assert exported.relative_error <= exported.relative_error_bound
     plain = shapes_ort_export[1]
-    # Against the unsmoothed w8a8-int8-ort (same float layers): no Mul added, no integer kernel lost. The
-    # graphs differ in a few Q/DQ nodes since the -sq recipes take percentile ranges (measured: 104 vs 108
-    # QuantizeLinear, 19 vs 18 QLinearConv).
-    assert exported.op_counts.get("Mul", 0) == plain.op_counts.get("Mul", 0)
-    for op in ("MatMulIntegerToFloat", "QLinearConv"):
-        assert exported.fused_ops.get(op, 0) >= plain.fused_ops.get(op, 0), op
+    assert exported.op_counts == plain.op_counts and exported.fused_ops == plain.fused_ops
