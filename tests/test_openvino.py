@@ -16,11 +16,9 @@ def openvino_runtime():
 
 
 @pytest.fixture(scope="module")
-def shapes_w8a8_export(shapes_pipe, shapes_calibration, tmp_path_factory):
-    from diffquant import export_onnx, quantize
-
-    quantized = quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration)
-    return export_onnx(quantized, tmp_path_factory.mktemp("ov") / "w8a8-int8-ort")
+def shapes_w8a8_export(shapes_ort_export):
+    """The session's shapes-sd w8a8-int8-ort export (every layer quantized, fused attention)."""
+    return shapes_ort_export[1]
 
 
 def test_openvino_runs_the_int8_export_on_int8_kernels_and_matches_onnx_runtime(openvino_runtime, shapes_pipe,
