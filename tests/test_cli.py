@@ -25,11 +25,12 @@ def shapes_run(tmp_path_factory):
 
 def test_run_writes_results_that_reload(shapes_run):
     from diffquant import RunConfig, RunResult
+    from diffquant.config import CONFIG_VERSION
 
     results = RunResult.load(shapes_run)
     assert json.loads((shapes_run / "results.json").read_text())["version"] == 3
     assert results.status == "complete" and results.denoiser == "UNet2DConditionModel"
-    assert results.config["type"] == "RunConfig" and results.config["version"] == 3
+    assert results.config["type"] == "RunConfig" and results.config["version"] == CONFIG_VERSION == 4
     assert list(results.recipes) == ["int8-w", "fp8-w"]
     config = RunConfig.load(shapes_run / "config.json")
     assert config.recipes == ("int8-w", "fp8-w") and config.steps == 4
@@ -312,7 +313,10 @@ def test_run_on_the_embedded_transformer_model_end_to_end(tmp_path):
         assert entry.ort.vs_torch.psnr_db >= 30 and all((out / p).is_file() for p in entry.ort.images)
     w8a8 = results.recipes["w8a8-int8"]
     fused = w8a8.onnx["fused_ops"]
-    # Every quantized Linear on an integer kernel; the one quantized Conv (the patch embedding) runs float.
-    assert fused.get("MatMulIntegerToFloat", 0) + fused.get("QGemm", 0) == w8a8.layers["n_quantized"] - 1
+    # Every quantized Linear on an integer kernel; the one Conv (the patch embedding), when quantized, runs
+    # float (the profile's measured float layers include it).
+    convs = sum(name == "pos_embed.proj" for name in w8a8.layers["quantized"])
+    assert fused.get("MatMulIntegerToFloat", 0) + fused.get("QGemm", 0) == w8a8.layers["n_quantized"] - convs
+    assert w8a8.layers["float_reason"].startswith("the 24 layers")
     # 2 kept timesteps of one batch that holds both captions and both guidance halves
     assert results.calibration["denoiser_calls"] == 2 and len(results.calibration["timesteps"]) == 2
