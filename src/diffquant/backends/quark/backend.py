@@ -48,6 +48,10 @@ class QuarkBackend(QuantBackend):
         """SVDQuant (recipe.algorithm) on every Linear outside `skip` (excluded, or the group does not divide it)."""
         layers = [name for name, layer in module.named_modules() if type(layer) is torch.nn.Linear and name not in skip]
         algorithm = recipe.algorithm
+        if not layers:
+            raise DiffquantError(f"recipe {recipe.name}: no Linear of this {type(module).__name__} outside the "
+                                 f"excluded ones has an input width that the group size "
+                                 f"{recipe.weight.granularity.size} divides: use a recipe with a smaller group")
         return svdquant.apply_svdquant(module, calibration, layers, mode=algorithm.mode, rank=algorithm.rank,
                                        group_size=recipe.weight.granularity.size, gptq=algorithm.gptq)
 
