@@ -101,7 +101,9 @@ def test_svdquant_recipes_beat_round_to_nearest_int4_in_denoiser_sqnr(tiny_sd, t
     assert ours > baseline + MARGIN_DB[name], f"{name} {ours:.2f} dB vs int4-w {baseline:.2f} dB"
 
 
-MARGIN_DB = {"int4-w-gptq": 1.0, "svdquant-w4a16": 1.0, "svdquant-w4a4": 0.0}
+# Measured (held-out SQNR): int4-w at group 16 31.6 dB; int4-w-gptq 39.2, svdquant-w4a16 42.5, svdquant-w4a4
+# 37.4 (int4 inputs too); the shipped int4-w (group 32, the 32-wide Linears only) 37.3.
+MARGIN_DB = {"int4-w-gptq": 4.0, "svdquant-w4a16": 6.0, "svdquant-w4a4": 3.0}
 
 
 @pytest.mark.parametrize("name", ["svdquant-w4a16", "svdquant-w4a4", "int4-w-gptq"])
