@@ -196,9 +196,12 @@ class Recipe:
 # 128 leaves 43 float, 43.3 / 29.6. 32 is the most accurate per layer and the only size that takes every
 # Linear here; its cost is 5 bits per Linear weight with fp32 scales (64: 4.5, 128: 4.25).
 INT4_GROUP = 32
-# SVDQuant on shapes-sd (16 captions, image PSNR vs fp32 mean / worst, on the 49 Linears 64 divides; RTN int4
-# g64 on them 43.39 / 27.43): GPTQ w4a16 rank 8 47.10 / 38.42, 16 47.59 / 38.46, 32 52.64 / 42.66; w4a4
-# rank 32 51.74 / 42.50. The fp16 branch costs 6.84 (rank 8) and 9.14 (rank 16) bits per weight there.
+# SVDQuant on shapes-sd. Probe (16 captions, image PSNR vs fp32 mean / worst, 49 of the Linears 64 divides;
+# RTN int4 g64 on them 43.39 / 27.43): GPTQ w4a16 rank 8 47.10 / 38.42, 16 47.59 / 38.46, 32 52.64 / 42.66;
+# w4a4 rank 32 51.74 / 42.50. As recipes (`python -m diffquant.shapes.evaluate --steps 25 --guidance 3 --n 64
+# --no-export`, all 61 Linears 64 divides, the rest float): int4-w 37.71 / 22.75 dB, int4-w-gptq 43.91 / 24.87,
+# svdquant-w4a16 46.79 / 28.29, svdquant-w4a4 43.37 / 27.52. Bits per weight of those 61 Linears: int4-w-gptq
+# 4.74; rank 16 14.12 with the branch in fp32 as stored (9.46 were it fp16).
 SVDQUANT_GROUP = 64
 SVDQUANT_RANK = 16
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
