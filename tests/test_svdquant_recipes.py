@@ -178,3 +178,17 @@ def test_svdquant_w4a4_export_is_refused_in_one_line(tiny_svdquant, tmp_path, mo
     monkeypatch.setattr(pipeline, "load_pipeline", None)  # reaching it would fail differently
     with pytest.raises(DiffquantError, match="svdquant-w4a4: int4 activations .* --no-export"):
         run(RunConfig(recipes=("svdquant-w4a16", "svdquant-w4a4"), out=str(tmp_path / "run")))
+
+
+def test_a_transformer_takes_svdquant_on_every_linear_and_reloads_identically(tiny_sd3, tiny_sd3_dir, tmp_path,
+                                                                             monkeypatch):
+    """A DiT is almost all Linear: each one the group divides (all of the tiny SD3's) becomes an SVDQuant layer."""
+    calibration = capture_denoiser_inputs(tiny_sd3, HELD_OUT, CalibrationConfig(size=2, batch_size=2, steps=4,
+                                                                               timesteps=2))
+    quantized = quantize(tiny_sd3, tiny("svdquant-w4a16"), calibration=calibration)
+    linears = {n for n, m in tiny_sd3.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(layer_report(quantized.transformer).quantized) == linears and len(linears) > 20
+    save_quantized(quantized, tmp_path / "q", model=str(tiny_sd3_dir))
+    monkeypatch.setattr(svdquant, "apply_svdquant", None)
+    reloaded = load_quantized(tmp_path / "q", device="cpu")
+    assert torch.equal(_outputs(quantized.transformer, calibration), _outputs(reloaded.transformer, calibration))
