@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import DiffquantError
-from . import internals
+from . import fourbit, internals
 
 logger = logging.getLogger(__name__)
 MODES = ("w4a16", "w4a4")
@@ -208,8 +208,6 @@ def _qconfig(module: torch.nn.Module, names, specs):
 def stored_bits(layer: torch.nn.Module) -> tuple[int, str]:
     """(bits, description) of an SVDQuant layer as stored: the residual's int4 codes and scales, the
     low-rank branch and the smoothing factor in their dtype."""
-    from . import fourbit
-
     extra = [t for t in (layer.smooth_factor, *(() if layer.correction is None else layer.correction.parameters()))
              if t is not None]
     bits = fourbit.weight_bits(layer.layer) + sum(8 * t.element_size() * t.numel() for t in extra)
@@ -304,7 +302,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
             dtype = layer.weight.dtype
             layer.weight = torch.nn.Parameter(r.to(dtype), requires_grad=False)
             branch = _wrap(module, name, layer, l1.shape[0], None if s is None else s.to(dtype))
-            if branch is not None:
+            if branch is not None:  # contiguous as a reload stores them: U[:, :r] is strided, and matmul over
+                # a strided weight sums in another order (a saved model would not compute bit-identically)
                 branch.l1.weight.data, branch.l2.weight.data = l1.to(dtype).contiguous(), l2.to(dtype).contiguous()
             report[name] = {"alpha": alpha, "error": error}
         cached.clear()
