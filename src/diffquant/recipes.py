@@ -200,8 +200,11 @@ INT4_GROUP = 32
 # RTN int4 g64 on them 43.39 / 27.43): GPTQ w4a16 rank 8 47.10 / 38.42, 16 47.59 / 38.46, 32 52.64 / 42.66;
 # w4a4 rank 32 51.74 / 42.50. As recipes (`python -m diffquant.shapes.evaluate --steps 25 --guidance 3 --n 64
 # --no-export`, all 61 Linears 64 divides, the rest float): int4-w 37.71 / 22.75 dB, int4-w-gptq 43.91 / 24.87,
-# svdquant-w4a16 46.79 / 28.29, svdquant-w4a4 43.37 / 27.52. Bits per weight of those 61 Linears: int4-w-gptq
-# 4.74; rank 16 14.12 with the branch in fp32 as stored (9.46 were it fp16).
+# svdquant-w4a16 46.79 / 28.29, svdquant-w4a4 43.37 / 27.52; w4a16 rank 8 45.42 / 28.44, rank 32 50.41 / 34.25.
+# Bits per weight of those 61 Linears: int4-w-gptq 4.74; w4a16 rank 8 9.4, 16 14.1, 32 23.5 with the branch in
+# fp32 as stored (7.1, 9.5, 14.1 were it fp16). Rank 16: rank 32 is more accurate, but at shapes-sd's widths
+# (32 to 256) its branch costs more than int8 weights; at SD/Flux widths (>= 1280) a rank-16 fp16 branch
+# costs under half a bit per weight.
 SVDQUANT_GROUP = 64
 SVDQUANT_RANK = 16
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
