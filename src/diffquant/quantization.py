@@ -63,7 +63,8 @@ def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: 
     if exclude:
         recipe = recipe.with_exclude(tuple(exclude))
     if recipe.needs_calibration and not calibration:
-        raise DiffquantError(f"recipe {recipe.name} quantizes activations and needs calibration data, got "
+        reads = "SVDQuant's statistics" if recipe.algorithm else "activation ranges"
+        raise DiffquantError(f"recipe {recipe.name} needs calibration data ({reads}), got "
                              f"{'an empty list' if calibration is not None else 'none'}: pass calibrate(pipe, prompts)")
     quantizer = get_backend(backend)
     excluded = excluded_layers(module, recipe)

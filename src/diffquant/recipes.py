@@ -7,14 +7,16 @@ from dataclasses import dataclass, field, replace
 
 from .errors import DiffquantError
 
-RECIPE_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback
+RECIPE_VERSION = 5
+# version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback, 4 no algorithm
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 INT8, FP8, INT4, MXFP4 = "int8", "fp8_e4m3", "int4", "mxfp4"
 DTYPES = (INT8, FP8, INT4, MXFP4)
 FOUR_BIT = (INT4, MXFP4)  # per-group weights of Linear layers only
 GROUP_SIZES = (16, 32, 64, 128, 256)  # powers of two that ONNX Runtime's MatMulNBits takes as block_size
 MX_GROUP = 32  # OCP MX: one shared power-of-two scale per 32 elements
 OBSERVERS = ("min_max", "percentile", "MSE")
+SVDQUANT_MODES = ("w4a16", "w4a4")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,28 @@ class Smoothing:
 
 
 @dataclass(frozen=True)
+class SVDQuant:
+    """SVDQuant (Li et al. 2024, through Quark; see `backends/quark/svdquant.py`) on the Linears a 4-bit
+    int4 weight takes: the input is divided by a per-channel smoothing factor (exponent searched per
+    layer on calibration inputs), a float rank-`rank` branch carries the top singular directions of the
+    smoothed weight and the int4 per-group residual is rounded by GPTQ (`gptq`) or to nearest. Rank 0
+    keeps the smoothing and the GPTQ residual without a branch. `mode` "w4a4" also quantizes the
+    residual's inputs to int4 per group, dynamically (one scale per group of each row, per call)."""
+
+    rank: int = 16
+    mode: str = "w4a16"
+    gptq: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise DiffquantError(f"SVDQuant rank must be a whole number >= 0 (0: no low-rank branch), got {self.rank!r}")
+        if self.mode not in SVDQUANT_MODES:
+            raise DiffquantError(f"SVDQuant mode {self.mode!r} is not one of {', '.join(SVDQUANT_MODES)}")
+        if not isinstance(self.gptq, bool):
+            raise DiffquantError(f"SVDQuant gptq must be true or false, got {self.gptq!r}")
+
+
+@dataclass(frozen=True)
 class TensorQuant:
     """How one kind of tensor (weights or input activations) is quantized: symmetric, static scales."""
 
@@ -94,7 +118,8 @@ class Recipe:
     patterns over module names (e.g. "conv_in", "*time_emb*") that stay in float. A 4-bit `weight`
     (PerGroup) applies to the Linear layers whose input width the group size divides; the other
     Linears and every Conv2d take `fallback` (8-bit) or stay float without one, and the layer report
-    says why.
+    says why. `algorithm` (SVDQuant) replaces round-to-nearest on the Linears an int4 weight takes; it
+    reads calibration data.
     """
 
     name: str
@@ -105,6 +130,7 @@ class Recipe:
     conv_output: TensorQuant | None = None
     smoothing: Smoothing | None = None
     fallback: TensorQuant | None = None
+    algorithm: SVDQuant | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or any(c in self.name for c in "/\\") \
@@ -122,6 +148,13 @@ class Recipe:
                                  "cannot take; it needs a 4-bit (PerGroup) weight and an 8-bit fallback")
         if self.four_bit and self.activation is not None:
             raise DiffquantError(f"recipe {self.name}: 4-bit weights are weight-only here; drop the activation")
+        if self.algorithm is not None:
+            if not isinstance(self.algorithm, SVDQuant):
+                raise DiffquantError(f"recipe {self.name}: algorithm must be SVDQuant(rank, mode, gptq) or None, "
+                                     f"not {self.algorithm!r}")
+            if self.weight.dtype != INT4 or self.fallback is not None:
+                raise DiffquantError(f"recipe {self.name}: SVDQuant takes an int4 PerGroup weight and no fallback, "
+                                     f"got {self.weight.dtype}{' with a fallback' if self.fallback else ''}")
 
     @property
     def four_bit(self) -> bool:
@@ -130,7 +163,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activation is not None
+        """True when quantizing runs calibration inputs (static activation scales, SVDQuant's statistics)."""
+        return self.activation is not None or self.algorithm is not None
 
     def to_dict(self) -> dict:
         """A JSON-able description with a type and a version, written next to every run's outputs."""
@@ -145,7 +179,10 @@ class Recipe:
                 "activation": quant(self.activation), "conv_output": quant(self.conv_output),
                 "exclude": list(self.exclude), "description": self.description,
                 "smoothing": None if self.smoothing is None else {"alphas": list(self.smoothing.alphas)},
-                "fallback": quant(self.fallback)}
+                "fallback": quant(self.fallback),
+                "algorithm": None if self.algorithm is None else {
+                    "type": "SVDQuant", "rank": self.algorithm.rank, "mode": self.algorithm.mode,
+                    "gptq": self.algorithm.gptq}}
 
     def with_exclude(self, patterns: tuple[str, ...] | list[str]) -> Recipe:
         """A copy that also keeps the modules matching `patterns` in float."""
@@ -159,6 +196,17 @@ class Recipe:
 # 128 leaves 43 float, 43.3 / 29.6. 32 is the most accurate per layer and the only size that takes every
 # Linear here; its cost is 5 bits per Linear weight with fp32 scales (64: 4.5, 128: 4.25).
 INT4_GROUP = 32
+# SVDQuant on shapes-sd. Probe (16 captions, image PSNR vs fp32 mean / worst, 49 of the Linears 64 divides;
+# RTN int4 g64 on them 43.39 / 27.43): GPTQ w4a16 rank 8 47.10 / 38.42, 16 47.59 / 38.46, 32 52.64 / 42.66;
+# w4a4 rank 32 51.74 / 42.50. As recipes (`python -m diffquant.shapes.evaluate --steps 25 --guidance 3 --n 64
+# --no-export`, all 61 Linears 64 divides, the rest float): int4-w 37.71 / 22.75 dB, int4-w-gptq 43.91 / 24.87,
+# svdquant-w4a16 46.79 / 28.29, svdquant-w4a4 43.37 / 27.52; w4a16 rank 8 45.42 / 28.44, rank 32 50.41 / 34.25.
+# Bits per weight of those 61 Linears: int4-w-gptq 4.74; w4a16 rank 8 9.4, 16 14.1, 32 23.5 with the branch in
+# fp32 as stored (7.1, 9.5, 14.1 were it fp16). Rank 16: rank 32 is more accurate, but at shapes-sd's widths
+# (32 to 256) its branch costs more than int8 weights; at SD/Flux widths (>= 1280) a rank-16 fp16 branch
+# costs under half a bit per weight.
+SVDQUANT_GROUP = 64
+SVDQUANT_RANK = 16
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int8-w", TensorQuant(INT8, PerTensor()),
            description="int8 weights, per-tensor, symmetric, min-max (the tutorial's recipe)"),
@@ -199,12 +247,26 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("mxfp4-w", TensorQuant(MXFP4, PerGroup(MX_GROUP)),
            description="OCP MX FP4 (e2m1) Linear weights, one power-of-two scale per 32 inputs (Quark's "
                        "OCP_MXFP4Spec); Conv2d stay float"),
+    # SVDQUANT_GROUP, SVDQUANT_RANK: see their comment.
+    Recipe("int4-w-gptq", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)), algorithm=SVDQuant(rank=0),
+           description=f"int4 Linear weights, one scale per {SVDQUANT_GROUP} inputs, rounded by GPTQ after a "
+                       "per-layer searched smoothing of the inputs (SVDQuant without its low-rank branch; "
+                       "calibrated); Conv2d and Linears the group does not divide stay float"),
+    Recipe("svdquant-w4a16", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)), algorithm=SVDQuant(SVDQUANT_RANK),
+           description=f"SVDQuant: smoothed int4 Linear weights (GPTQ, one scale per {SVDQUANT_GROUP} inputs) "
+                       f"plus a float rank-{SVDQUANT_RANK} branch (calibrated); Conv2d and Linears the group "
+                       "does not divide stay float"),
+    Recipe("svdquant-w4a4", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)),
+           algorithm=SVDQuant(SVDQUANT_RANK, mode="w4a4"),
+           description=f"svdquant-w4a16 with the residual's inputs quantized to int4 per {SVDQUANT_GROUP} "
+                       "too (dynamic scales); the low-rank branch stays float"),
 )}
 DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
 
 RECIPE_FIELDS = ("type", "version", "name", "weight", "activation", "conv_output", "exclude", "description",
-                 "smoothing", "fallback")
+                 "smoothing", "fallback", "algorithm")
+SVDQUANT_FIELDS = ("type", "rank", "mode", "gptq")
 QUANT_FIELDS = ("dtype", "granularity", "observer", "axis", "group_size")
 
 
@@ -253,8 +315,15 @@ def recipe_from_dict(data: dict) -> Recipe:
         if not isinstance(smoothing, dict) or set(smoothing) != {"alphas"} or not isinstance(smoothing["alphas"], list):
             raise DiffquantError("recipe field 'smoothing' must be null or {\"alphas\": [numbers in (0, 1]]}")
         smoothing = Smoothing(tuple(smoothing["alphas"]))
+    algorithm = data.get("algorithm")
+    if algorithm is not None:
+        if not isinstance(algorithm, dict) or algorithm.get("type") != "SVDQuant":
+            raise DiffquantError('recipe field \'algorithm\' must be null or {"type": "SVDQuant", "rank": ..., '
+                                 '"mode": ..., "gptq": ...}')
+        _check_fields(algorithm, SVDQUANT_FIELDS, "the recipe's 'algorithm'")
+        algorithm = SVDQuant(**{k: v for k, v in algorithm.items() if k != "type"})
     return Recipe(name, quant("weight"), quant("activation"), tuple(exclude), data.get("description", ""),
-                  quant("conv_output"), smoothing, quant("fallback"))
+                  quant("conv_output"), smoothing, quant("fallback"), algorithm)
 
 
 def get_recipe(name: str | Recipe) -> Recipe:

@@ -96,6 +96,10 @@ def run(config: RunConfig | None = None, **overrides) -> RunResult:
     if mx and config.export:
         raise DiffquantError(f"{', '.join(mx)}: MXFP4 weights have no ONNX Runtime kernel, so they cannot be exported; "
                              "run them with --no-export (torch only) or export an int4 recipe")
+    a4 = [r.name for r in recipes if r.algorithm is not None and r.algorithm.mode == "w4a4"]
+    if a4 and config.export:
+        raise DiffquantError(f"{', '.join(a4)}: int4 activations have no ONNX Runtime kernel, so they cannot be "
+                             "exported; run them with --no-export (torch only) or export svdquant-w4a16")
     if config.runtime == "openvino" and config.export:
         from .runtimes.openvino.runtime import import_openvino
 

@@ -11,7 +11,7 @@ import torch
 from ...errors import DiffquantError
 from ...recipes import Recipe
 from ..base import QUANTIZABLE, LayerReport, QuantBackend, register
-from . import fourbit, internals
+from . import fourbit, internals, svdquant
 from .config import to_quark_config
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class QuarkBackend(QuantBackend):
                         len(unfit) - len(narrow), len(narrow),
                         "stay float" if recipe.fallback is None else f"take {recipe.fallback.dtype} weights",
                         "".join(f"; {n}: {why}" for n, why in narrow.items()))
+        if recipe.algorithm is not None:
+            return self._svdquant(module, recipe, set(excluded) | set(unfit), calibration)
         quantizer = quark_torch.ModelQuantizer(to_quark_config(recipe, excluded, list(unfit)))
         started = time.perf_counter()
         with torch.no_grad():
@@ -41,11 +43,33 @@ class QuarkBackend(QuantBackend):
         logger.info("quantized %s with %s in %.1f s", type(module).__name__, recipe.name, time.perf_counter() - started)
         return module
 
+    @staticmethod
+    def _svdquant(module: torch.nn.Module, recipe: Recipe, skip: set[str], calibration: list[dict] | None):
+        """SVDQuant (recipe.algorithm) on every Linear outside `skip` (excluded, or the group does not divide it)."""
+        layers = [name for name, layer in module.named_modules() if type(layer) is torch.nn.Linear and name not in skip]
+        algorithm = recipe.algorithm
+        if not layers:
+            raise DiffquantError(f"recipe {recipe.name}: no Linear of this {type(module).__name__} outside the "
+                                 f"excluded ones has an input width that the group size "
+                                 f"{recipe.weight.granularity.size} divides: use a recipe with a smaller group")
+        return svdquant.apply_svdquant(module, calibration, layers, mode=algorithm.mode, rank=algorithm.rank,
+                                       group_size=recipe.weight.granularity.size, gptq=algorithm.gptq)
+
     def layer_report(self, module: torch.nn.Module) -> LayerReport:
         report = LayerReport()
         recipe = getattr(module, "diffquant_recipe", None)
         bits = elements = 0
+        inside: tuple[str, ...] = ()  # the submodules of an SVDQuant layer, reported with it
         for name, layer in module.named_modules():
+            if inside and name.startswith(inside):
+                continue
+            if svdquant.is_error_corrected(layer):
+                inside += (f"{name}.",)
+                layer_bits, description = svdquant.stored_bits(layer)
+                bits += layer_bits
+                elements += layer.layer.weight.numel()
+                report.quantized[name] = description
+                continue
             if not isinstance(layer, QUANTIZABLE) and not internals.is_quant_layer(layer):
                 continue
             bits += fourbit.weight_bits(layer)
@@ -73,8 +97,12 @@ class QuarkBackend(QuantBackend):
     def restore(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
                 state: dict[str, torch.Tensor]) -> torch.nn.Module:
         internals.import_quark(module.device)
-        qconfig = to_quark_config(recipe, excluded, list(fourbit.unfit_layers(module, recipe, excluded)))
-        module = internals.transform(module, qconfig)
+        if recipe.algorithm is not None:
+            module, qconfig = svdquant.rebuild(module, svdquant.saved_layers(state, type(module).__name__),
+                                               recipe.algorithm.mode, recipe.weight.granularity.size)
+        else:
+            qconfig = to_quark_config(recipe, excluded, list(fourbit.unfit_layers(module, recipe, excluded)))
+            module = internals.transform(module, qconfig)
         device = next(module.parameters()).device
         state = fourbit.unpack_state(module, state)
         try:

@@ -59,12 +59,19 @@ def int4_linears(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def check_exportable(module: torch.nn.Module) -> None:
-    """Refuse, in one line, a denoiser whose 4-bit weights ONNX Runtime cannot run (MXFP4)."""
+    """Refuse, in one line, a denoiser whose 4-bit weights ONNX Runtime cannot run (MXFP4) or whose int4
+    Linears also quantize their inputs to int4 (SVDQuant w4a4: MatMulNBits takes float inputs, and the
+    export would silently drop that rounding)."""
     mx = [name for name, layer in module.named_modules() if fourbit.weight_kind(layer) == "mxfp4"]
     if mx:
         raise DiffquantError(f"{len(mx)} layers have MXFP4 weights, which ONNX Runtime's CPU provider has no kernel "
                              "for (MatMulNBits takes integer codes): export an int4 recipe (int4-w, int4-w-conv8) "
                              "or run mxfp4-w in torch (--no-export)")
+    a4 = [name for name, layer in int4_linears(module).items() if internals.input_quantizer(layer) is not None]
+    if a4:
+        raise DiffquantError(f"{len(a4)} int4 Linears also quantize their inputs to int4 (SVDQuant w4a4), which "
+                             "ONNX Runtime has no kernel for (MatMulNBits takes float inputs): export "
+                             "svdquant-w4a16 or run w4a4 in torch (--no-export)")
 
 
 @contextlib.contextmanager

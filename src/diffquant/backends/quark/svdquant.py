@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import DiffquantError
-from . import internals
+from . import fourbit, internals
 
 logger = logging.getLogger(__name__)
 MODES = ("w4a16", "w4a4")
@@ -45,17 +45,14 @@ SEARCH_RECORDS = 8  # calibration calls whose layer inputs score the alpha candi
 SEARCH_ROWS = 4096  # activation rows kept per layer for the search
 
 
-def _check(module: torch.nn.Module, calibration, layers: Sequence[str], mode: str, rank: int,
+def _check(module: torch.nn.Module, layers: Sequence[str], mode: str, rank: int,
            group_size: int) -> dict[str, torch.nn.Linear]:
     if mode not in MODES:
         raise DiffquantError(f"SVDQuant mode {mode!r} is not one of {', '.join(MODES)}")
-    if rank < 1:
-        raise DiffquantError(f"SVDQuant rank must be at least 1, got {rank}")
+    if rank < 0:
+        raise DiffquantError(f"SVDQuant rank must be at least 0 (0: no low-rank branch), got {rank}")
     if group_size < 1:
         raise DiffquantError(f"SVDQuant group size must be at least 1, got {group_size}")
-    if not calibration:
-        raise DiffquantError("SVDQuant needs calibration records (its smoothing reads activations): "
-                             "pass calibrate(pipe, prompts)")
     if not layers:
         raise DiffquantError("SVDQuant got no layers to quantize: name at least one Linear")
     modules = dict(module.named_modules())
@@ -169,7 +166,8 @@ def _error_corrected_class() -> type:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.smooth_factor is not None:
                 x = x / self.smooth_factor
-            return self.layer(x) + self.correction(x)
+            out = self.layer(x)
+            return out if self.correction is None else out + self.correction(x)
 
     return ErrorCorrected
 
@@ -177,6 +175,76 @@ def _error_corrected_class() -> type:
 def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def is_error_corrected(layer: torch.nn.Module) -> bool:
+    """True for a Linear that SVDQuant replaced (residual `layer`, low-rank `correction`, `smooth_factor`)."""
+    return isinstance(layer, _error_corrected_class())
+
+
+def _wrap(module: torch.nn.Module, name: str, layer: torch.nn.Linear, rank: int, s: torch.Tensor | None):
+    """Put the error-corrected module around the Linear `name` (its weight becomes the residual's): a
+    rank-`rank` branch (None for rank 0), the smoothing factor `s` as a buffer. Returns the branch."""
+    from quark.torch.algorithm.svdquant import LowRankCorrectionModule
+
+    branch = None
+    if rank:
+        branch = LowRankCorrectionModule(layer.in_features, layer.out_features, rank)
+        branch.to(layer.weight.device, layer.weight.dtype)
+    _set_module(module, name, _error_corrected_class()(branch, layer, s))
+    return branch
+
+
+def _qconfig(module: torch.nn.Module, names, specs):
+    """Quark's QConfig that quantizes the residuals of the wrapped `names` only."""
+    from quark.torch.quantization.config.config import QConfig, QLayerConfig
+
+    residuals = {f"{name}.layer" for name in names}
+    keep = [n for n, m in module.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n not in residuals]
+    return QConfig(global_quant_config=QLayerConfig(weight=specs[0], input_tensors=specs[1]), exclude=keep)
+
+
+def stored_bits(layer: torch.nn.Module) -> tuple[int, str]:
+    """(bits, description) of an SVDQuant layer as stored: the residual's int4 codes and scales, the
+    low-rank branch and the smoothing factor in their dtype."""
+    extra = [t for t in (layer.smooth_factor, *(() if layer.correction is None else layer.correction.parameters()))
+             if t is not None]
+    bits = fourbit.weight_bits(layer.layer) + sum(8 * t.element_size() * t.numel() for t in extra)
+    description = internals.describe(internals.weight_quantizer(layer.layer))
+    if internals.input_quantizer(layer.layer) is not None:
+        description += f", act {internals.describe(internals.input_quantizer(layer.layer))}"
+    rank = 0 if layer.correction is None else layer.correction.l1.out_features
+    return bits, description + (f", rank-{rank} branch" if rank else "") + \
+        (", smoothed" if layer.smooth_factor is not None else "")
+
+
+def saved_layers(state: dict[str, torch.Tensor], model: str) -> dict[str, tuple[int, bool]]:
+    """name -> (rank, smoothed) of each SVDQuant layer in a saved state (`rebuild`'s `layers`)."""
+    names = {key.rsplit(".layer.", 1)[0] for key in state if ".layer._weight_quantizer." in key}
+    if not names:
+        raise DiffquantError(f"the saved quantized state holds no SVDQuant layers for this {model}: quantize the "
+                             "model again")
+    return {name: (state[f"{name}.correction.l1.weight"].shape[0] if f"{name}.correction.l1.weight" in state else 0,
+                   f"{name}.smooth_factor" in state) for name in sorted(names)}
+
+
+def rebuild(module: torch.nn.Module, layers: dict[str, tuple[int, bool]], mode: str, group_size: int):
+    """The modules `apply_svdquant` leaves, without running anything, for a saved state to be loaded into:
+    `layers` maps each SVDQuant Linear to (its branch's rank, whether it was smoothed). The weights,
+    branch, smoothing factors and quantizer scales are placeholders until `load_state_dict`.
+
+    Returns:
+        (module, Quark's QConfig; pass it to `internals.finish_loading` after loading the state).
+    """
+    internals.import_quark(next(module.parameters()).device)
+    chosen = _check(module, list(layers), mode, max((r for r, _ in layers.values()), default=0), group_size)
+    for name, layer in chosen.items():
+        rank, smoothed = layers[name]
+        s = torch.ones(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype) if smoothed else None
+        _wrap(module, name, layer, rank, s)
+    qconfig = _qconfig(module, chosen, _specs(mode, group_size))
+    return internals.transform(module, qconfig), qconfig
 
 
 def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers: Sequence[str],
@@ -196,7 +264,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         calibration: denoiser forward-kwargs dicts (`calibrate`), read for the smoothing statistics.
         layers: module names of the Linears to quantize; their input width must divide by `group_size`.
         mode: "w4a16" (weights only) or "w4a4" (weights and activations).
-        rank: the low-rank branch's rank (clipped to the layer's smaller dimension).
+        rank: the low-rank branch's rank (clipped to the layer's smaller dimension); 0: no branch (the
+            smoothing and the residual's rounding only).
         group_size: input channels per int4 scale.
         alphas: the smoothing exponents tried per layer (None: no smoothing). A layer the calibration
             records never reach is not smoothed (and its residual is rounded to nearest).
@@ -208,10 +277,11 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
     """
     internals.import_quark(next(module.parameters()).device)
     from quark.torch import ModelQuantizer
-    from quark.torch.algorithm.svdquant import LowRankCorrectionModule
-    from quark.torch.quantization.config.config import QConfig, QLayerConfig
 
-    chosen = _check(module, calibration, layers, mode, rank, group_size)
+    if not calibration:
+        raise DiffquantError("SVDQuant needs calibration records (its smoothing reads activations): "
+                             "pass calibrate(pipe, prompts)")
+    chosen = _check(module, layers, mode, rank, group_size)
     specs = _specs(mode, group_size)
     started = time.perf_counter()
     module.eval()
@@ -231,16 +301,13 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
                 r, scales[name] = _gptq(r, hessians.pop(name).to(r.device), s, group_size)
             dtype = layer.weight.dtype
             layer.weight = torch.nn.Parameter(r.to(dtype), requires_grad=False)
-            branch = LowRankCorrectionModule(layer.in_features, layer.out_features, l1.shape[0])
-            branch.l1.weight.data, branch.l2.weight.data = l1.to(dtype), l2.to(dtype)
-            branch.to(weight.device)
-            _set_module(module, name, _error_corrected_class()(branch, layer, None if s is None else s.to(dtype)))
+            branch = _wrap(module, name, layer, l1.shape[0], None if s is None else s.to(dtype))
+            if branch is not None:  # contiguous as a reload stores them: U[:, :r] is strided, and matmul over
+                # a strided weight sums in another order (a saved model would not compute bit-identically)
+                branch.l1.weight.data, branch.l2.weight.data = l1.to(dtype).contiguous(), l2.to(dtype).contiguous()
             report[name] = {"alpha": alpha, "error": error}
         cached.clear()
-        residuals = {f"{name}.layer" for name in chosen}
-        keep = [n for n, m in module.named_modules()
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n not in residuals]
-        qconfig = QConfig(global_quant_config=QLayerConfig(weight=specs[0], input_tensors=specs[1]), exclude=keep)
+        qconfig = _qconfig(module, chosen, specs)
         # Weight scales come from the weights and input scales per call: nothing to calibrate.
         module = ModelQuantizer(qconfig).quantize_model(module, None)
         for name, scale in scales.items():
