@@ -168,7 +168,7 @@ def test_interrupted_run_keeps_finished_artifacts_valid(tmp_path, tiny_sd_dir, m
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--recipes", "int4-w"], "unknown recipe 'int4-w': choose from int8-w"),
+    (["run", "--recipes", "int3-w"], "unknown recipe 'int3-w': choose from int8-w"),
     (["run", "--model", "/no/such/model"], "does not exist"),
     (["run", "--dtype", "fp16", "--device", "cpu"], "--dtype fp32"),
     (["view", "/no/such.onnx", "--no-browser"], "no ONNX file"),
