@@ -195,20 +195,23 @@ def _run(model, methods, n, calib_size, steps, guidance, seed, calib_timesteps, 
         calib_prompts = default_prompts(pipe, n + calib_size)[n:]
     settings = {"seed": seed, "steps": steps, "guidance": guidance, "batch_size": 8}
     calib_settings = settings | {"seed": CALIBRATION_SEED}
+    started = time.perf_counter()
     baseline = generate(pipe, prompts, desc="fp32", **settings)
+    fp32_per_image = (time.perf_counter() - started) / len(prompts)
     calibration = None
     rows = []
     result = {"model": model or "shapes-sd", "captions": n, "calibration_captions": calib_size, **settings,
               "calib_timesteps_diffquant": calib_timesteps, "fp32_identical": True,
               "fp32_bytes": torch_storage(denoiser_of(pipe).module).total_bytes,
+              "fp32_seconds_per_image": fp32_per_image,
               "calibration_prompts": calib_prompts, "rows": rows}
     for method in methods:
         started = time.perf_counter()
         library, _, name = method.partition(":")
         if library in ("diffquant", "diffquant-all"):
-            if calibration is None:
-                calibration = calibrate(pipe, calib_prompts, steps=steps, timesteps=calib_timesteps, guidance=guidance)
             recipe = get_recipe(name)
+            if calibration is None and recipe.needs_calibration:  # weight-only recipes read no calibration
+                calibration = calibrate(pipe, calib_prompts, steps=steps, timesteps=calib_timesteps, guidance=guidance)
             quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
                                  profile_exclusions=library == "diffquant")
             module = quantized.unet if hasattr(quantized, "unet") else quantized.transformer
@@ -268,8 +271,10 @@ def table(result: dict) -> str:
                  number(r["agreement_with_fp32"], ".1%"), number(r.get("seconds_per_image"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     if fp32_bytes:
-        lines.append(f"\nfp32 denoiser: {fp32_bytes / 1e6:.2f} MB. bits/weight: the quantized layers' codes, scales and "
-                     "zero points per weight; bytes: the whole quantized denoiser.")
+        per_image = result.get("fp32_seconds_per_image")
+        lines.append(f"\nfp32 denoiser: {fp32_bytes / 1e6:.2f} MB" + (f", {per_image:.2f} s/image" if per_image else "")
+                     + ". bits/weight: the quantized layers' codes, scales and zero points per weight; bytes: the "
+                     "whole quantized denoiser.")
     notes = [f"- `{r['method']}`: " + "; ".join(r["notes"]) for r in result["rows"] if r["notes"]]
     return "\n".join(lines + ([""] + notes if notes else []))
 

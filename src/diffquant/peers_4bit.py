@@ -295,6 +295,10 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     if int8_layers:
         notes.append(f"{int8_layers} more layers int8 per channel (NNCF's backup precision: convolutions and "
                      "the layers it does not count in the int4 ratio); bits/weight counts the int4 layers")
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in family.module.modules())
+    if layers > int4_layers + int8_layers:
+        notes.append(f"{layers - int4_layers - int8_layers} layers stay float (group {group} does not divide "
+                     "their width; NNCF's IGNORE fallback)")
     storage.total_bytes = xml.with_suffix(".bin").stat().st_size
     return get_runtime("openvino").pipeline(pipe, xml, torch.get_num_threads()), int4_layers, storage, notes, onnx_file
 
@@ -321,21 +325,23 @@ def _ov_storage(model) -> tuple[Storage, int, int]:
 
 
 def _decompression_constants(op, depth: int = 4) -> list:
-    """The float constants (scales, zero points) that enter the Subtract/Multiply nodes decompressing `op`."""
+    """The constants (scales, zero points) that enter the Subtract/Multiply nodes decompressing `op`."""
     found, frontier = [], [op]
     for _ in range(depth):
         frontier = [target.get_node() for node in frontier for target in node.output(0).get_target_inputs()]
         for node in frontier:
-            if node.get_type_name() in ("Multiply", "Subtract"):
-                for value in node.input_values():
-                    source = value.get_node()
-                    if source.get_type_name() == "Constant" and source is not op:
-                        found.append(source)
-                    elif source.get_type_name() == "Convert" and source.input_value(0).get_node().get_type_name() == "Constant":
-                        inner = source.input_value(0).get_node()
-                        if inner.get_friendly_name() != op.get_friendly_name():
-                            found.append(inner)
-    return list({c.get_friendly_name(): c for c in found}.values())
+            if node.get_type_name() not in ("Multiply", "Subtract"):
+                continue
+            for value in node.input_values():
+                source = value.get_node()
+                if source.get_type_name() == "Convert":  # a u8 zero point or f16 scale converted to f32
+                    source = source.input_value(0).get_node()
+                if source.get_type_name() == "Constant" and source.get_friendly_name() != op.get_friendly_name():
+                    found.append(source)
+    # An int8 weight's zero point is itself a u8 constant whose subgraph meets the weight: keep only the
+    # smaller side (scales and zero points have one value per group or channel, never more than the weight).
+    size = math.prod(op.get_output_shape(0))
+    return list({c.get_friendly_name(): c for c in found if math.prod(c.get_output_shape(0)) < size}.values())
 
 
 def _constant_bytes(op) -> int:
