@@ -23,3 +23,62 @@ def test_peers_compare_on_identical_fp32_images(tiny_sd_dir, tmp_path):
     for row in rows.values():
         assert row["psnr_worst_db"] <= row["psnr_p10_db"] <= row["psnr_mean_db"] < 100  # quantized: not identical
     assert "modelopt:int8" in (tmp_path / "peers" / "peers.md").read_text()
+
+
+FOUR_BIT_PEERS = {"bnb:nf4": "bitsandbytes", "gguf:q4_0": "gguf", "quanto:w4": "optimum.quanto",
+                  "torchao:int4-g32": "torchao", "nncf:int4-g32": "nncf"}
+
+
+def _installed_4bit_peers() -> list[str]:
+    import importlib.util
+
+    methods = [m for m, package in FOUR_BIT_PEERS.items() if importlib.util.find_spec(package) is not None]
+    if not methods:
+        pytest.skip("no 4-bit peer library is installed (bitsandbytes, gguf, optimum-quanto, torchao, nncf)")
+    return methods
+
+
+def test_4bit_peers_store_about_4_bits_per_weight(tiny_sd_dir, tmp_path):
+    from diffquant.peers import main
+
+    methods = _installed_4bit_peers() + ["gguf:q4_k"] * ("gguf:q4_0" in _installed_4bit_peers())
+    assert main(["--model", str(tiny_sd_dir), "--bits", "4", "--n", "2", "--steps", "2",
+                 "--methods", ",".join(methods), "--out", str(tmp_path / "peers")]) == 0
+    result = json.loads((tmp_path / "peers" / "peers.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == methods and result["fp32_bytes"] > 0
+    for method in set(methods) - {"gguf:q4_k"}:
+        row = rows[method]
+        assert row["layers_quantized"] > 0 and row["bytes"] < result["fp32_bytes"]
+        assert row["psnr_worst_db"] <= row["psnr_mean_db"] < 100 and row["seconds_per_image"] > 0
+        # 4-bit codes plus scales; the tiny UNet's 8-32 wide layers give per-group/per-layer tables more weight
+        assert 4.0 < row["bits_per_weight"] < 7.0
+    if "gguf:q4_0" in rows:
+        assert rows["gguf:q4_0"]["bits_per_weight"] == pytest.approx(4.5)  # 18 bytes per block of 32
+        # gguf's Python quantizer has no Q4_K: a row saying so, not a crash
+        assert rows["gguf:q4_k"]["psnr_mean_db"] is None and "no Python quantizer" in rows["gguf:q4_k"]["notes"][0]
+    if "torchao:int4-g32" in rows:
+        assert rows["torchao:int4-g32"]["bits_per_weight"] == pytest.approx(4 + 2 * 32 / 32)  # fp32 scale + zero
+    assert "bits/weight" in (tmp_path / "peers" / "peers.md").read_text()
+
+
+def test_4bit_peer_whose_float_copy_differs_stops_the_run(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    import torch
+
+    import diffquant.quantization
+    from diffquant.peers import main
+
+    made = diffquant.quantization.with_denoiser
+
+    def perturbed(pipe, attribute, module):  # a peer copy that changed the float weights
+        with torch.no_grad():
+            module.conv_in.weight.add_(0.5)
+        return made(pipe, attribute, module)
+
+    monkeypatch.setattr(diffquant.quantization, "with_denoiser", perturbed)
+    assert main(["--model", str(tiny_sd_dir), "--bits", "4", "--n", "2", "--steps", "2",
+                 "--methods", "bnb:nf4", "--out", str(tmp_path / "peers")]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["error: a peer's float pipeline does not reproduce diffquant's fp32 images: the comparison "
+                   "would not be on identical images (check for global state the peer changes)"]
