@@ -115,27 +115,32 @@ def torch_storage(module: torch.nn.Module) -> Storage:
 
 
 def quark_storage(module: torch.nn.Module) -> Storage:
-    """What a diffquant (Quark) quantized denoiser stores once its weights are codes: each quantized
-    weight at its quantizer's bit width plus the scales and zero points the module holds; the rest as
-    stored. (diffquant's saved artifact today keeps float master weights: see `save_quantized`.)"""
-    from .backends.quark import internals
+    """What a diffquant (Quark) quantized denoiser stores: each quantized layer as the backend's layer
+    report counts it (codes plus scales; an SVDQuant layer's residual, low-rank branch and smoothing
+    factor included), everything else as stored."""
+    from .backends.quark import fourbit, internals, svdquant
 
     weights = quantized = 0
     total = sum(_tensor_bytes(t) for t in module.state_dict().values())
-    for layer in module.modules():
-        quantizer = internals.weight_quantizer(layer)
-        if quantizer is None:
+    inside: tuple[str, ...] = ()
+    for name, layer in module.named_modules():
+        if inside and name.startswith(inside):
             continue
-        dtype = str(quantizer.dtype).split(".")[-1]
-        bits = re.search(r"(\d+)", dtype)
-        if bits is None:
-            raise DiffquantError(f"cannot tell the bit width of Quark weight dtype {dtype!r}")
-        codes = layer.weight.numel() * int(bits.group(1)) // 8
-        params = sum(_tensor_bytes(getattr(quantizer, name)) for name in ("scale", "zero_point")
-                     if isinstance(getattr(quantizer, name, None), torch.Tensor))
-        weights += layer.weight.numel()
-        quantized += codes + params
-        total += codes - _tensor_bytes(layer.weight)
+        if svdquant.is_error_corrected(layer):
+            inside += (f"{name}.",)
+            bits, _ = svdquant.stored_bits(layer)
+            as_stored = sum(_tensor_bytes(t) for t in layer.state_dict().values())
+            weights += layer.layer.weight.numel()
+        elif internals.weight_quantizer(layer) is not None:
+            bits = fourbit.weight_bits(layer)
+            as_stored = _tensor_bytes(layer.weight) + sum(
+                _tensor_bytes(getattr(internals.weight_quantizer(layer), n)) for n in ("scale", "zero_point")
+                if isinstance(getattr(internals.weight_quantizer(layer), n, None), torch.Tensor))
+            weights += layer.weight.numel()
+        else:
+            continue
+        quantized += bits // 8
+        total += bits // 8 - as_stored
     return Storage(weights, quantized, total)
 
 
