@@ -90,6 +90,14 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Every test here recomputes metrics of the one-thread runs (FID, CLIP score) and compares them
+    closely: it computes them with the same single thread."""
+    with one_thread():
+        yield
+
+
 def _pixels(path: Path) -> bytes:
     return np.asarray(Image.open(path)).tobytes()
 
