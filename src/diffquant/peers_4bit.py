@@ -116,31 +116,26 @@ def torch_storage(module: torch.nn.Module) -> Storage:
 
 def quark_storage(module: torch.nn.Module) -> Storage:
     """What a diffquant (Quark) quantized denoiser stores: each quantized layer as the backend's layer
-    report counts it (codes plus scales; an SVDQuant layer's residual, low-rank branch and smoothing
-    factor included), everything else as stored."""
-    from .backends.quark import fourbit, internals, svdquant
+    report counts it (`stored_layers`: codes plus scales; an SVDQuant layer's residual, low-rank branch and
+    smoothing factor included), everything else as stored."""
+    from .backends.quark import internals
+    from .backends.quark.backend import stored_layers
 
     weights = quantized = 0
     total = sum(_tensor_bytes(t) for t in module.state_dict().values())
-    inside: tuple[str, ...] = ()
-    for name, layer in module.named_modules():
-        if inside and name.startswith(inside):
-            continue
-        if svdquant.is_error_corrected(layer):
-            inside += (f"{name}.",)
-            bits, _ = svdquant.stored_bits(layer)
-            as_stored = sum(_tensor_bytes(t) for t in layer.state_dict().values())
-            weights += layer.layer.weight.numel()
-        elif internals.weight_quantizer(layer) is not None:
-            bits = fourbit.weight_bits(layer)
-            as_stored = _tensor_bytes(layer.weight) + sum(
-                _tensor_bytes(getattr(internals.weight_quantizer(layer), n)) for n in ("scale", "zero_point")
-                if isinstance(getattr(internals.weight_quantizer(layer), n, None), torch.Tensor))
-            weights += layer.weight.numel()
+    for stored in stored_layers(module):
+        quantizer = internals.weight_quantizer(stored.layer)
+        if stored.svdquant is not None:
+            as_stored = sum(_tensor_bytes(t) for t in stored.layer.state_dict().values())
+        elif quantizer is not None:
+            as_stored = _tensor_bytes(stored.layer.weight) + sum(
+                _tensor_bytes(getattr(quantizer, n)) for n in ("scale", "zero_point")
+                if isinstance(getattr(quantizer, n, None), torch.Tensor))
         else:
-            continue
-        quantized += bits // 8
-        total += bits // 8 - as_stored
+            continue  # a float layer: counted as stored
+        weights += stored.elements
+        quantized += stored.bits // 8
+        total += stored.bits // 8 - as_stored
     return Storage(weights, quantized, total)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +17,33 @@ from . import fourbit, internals, svdquant
 from .config import to_quark_config
 
 logger = logging.getLogger(__name__)
+
+
+class StoredLayer(NamedTuple):
+    """One Linear/Conv2d of a denoiser as stored: an SVDQuant layer once, as its error-corrected wrapper
+    (`svdquant` holds its description); `bits` counts its weight's codes and scales (an SVDQuant layer's
+    branch and smoothing factor too; fp32 for a float layer) over `elements` weights."""
+
+    name: str
+    layer: torch.nn.Module
+    bits: int
+    elements: int
+    svdquant: str | None
+
+
+def stored_layers(module: torch.nn.Module) -> Iterator[StoredLayer]:
+    """Every Linear/Conv2d of a (quantized) denoiser with what its weight stores (the layer report's and
+    the peer comparison's one count)."""
+    inside: tuple[str, ...] = ()  # the submodules of an SVDQuant layer, counted with it
+    for name, layer in module.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if svdquant.is_error_corrected(layer):
+            inside += (f"{name}.",)
+            bits, description = svdquant.stored_bits(layer)
+            yield StoredLayer(name, layer, bits, layer.layer.weight.numel(), description)
+        elif isinstance(layer, QUANTIZABLE) or internals.is_quant_layer(layer):
+            yield StoredLayer(name, layer, fourbit.weight_bits(layer), layer.weight.numel(), None)
 
 
 @register
@@ -59,21 +88,12 @@ class QuarkBackend(QuantBackend):
         report = LayerReport()
         recipe = getattr(module, "diffquant_recipe", None)
         bits = elements = 0
-        inside: tuple[str, ...] = ()  # the submodules of an SVDQuant layer, reported with it
-        for name, layer in module.named_modules():
-            if inside and name.startswith(inside):
+        for name, layer, layer_bits, layer_elements, svdquant_description in stored_layers(module):
+            bits += layer_bits
+            elements += layer_elements
+            if svdquant_description is not None:
+                report.quantized[name] = svdquant_description
                 continue
-            if svdquant.is_error_corrected(layer):
-                inside += (f"{name}.",)
-                layer_bits, description = svdquant.stored_bits(layer)
-                bits += layer_bits
-                elements += layer.layer.weight.numel()
-                report.quantized[name] = description
-                continue
-            if not isinstance(layer, QUANTIZABLE) and not internals.is_quant_layer(layer):
-                continue
-            bits += fourbit.weight_bits(layer)
-            elements += layer.weight.numel()
             reason = None if recipe is None else fourbit.unfit_reason(layer, recipe)
             if reason is not None:
                 report.notes[name] = reason
