@@ -25,7 +25,7 @@ from .generation import default_prompts, default_settings, generate, image_grid
 from .metrics import are_shapes_captions, sqnr_db
 from .pipeline import load_pipeline
 from .quantization import layer_report, quantize
-from .recipes import MXFP4, parse_recipes
+from .recipes import parse_recipes
 from .report import versions, write_report, write_results
 from .results import Evaluation, OrtImages, RecipeResult, RunResult, Throughput
 from .runtimes import RUNTIMES, get_runtime
@@ -92,14 +92,10 @@ def run(config: RunConfig | None = None, **overrides) -> RunResult:
     started = time.perf_counter()
     config = (config or RunConfig()).replace(**overrides)
     recipes = parse_recipes(list(config.recipes))  # fail on a bad name before any slow work
-    mx = [r.name for r in recipes if r.weight.dtype == MXFP4]
-    if mx and config.export:
-        raise DiffquantError(f"{', '.join(mx)}: MXFP4 weights have no ONNX Runtime kernel, so they cannot be exported; "
-                             "run them with --no-export (torch only) or export an int4 recipe")
-    a4 = [r.name for r in recipes if r.algorithm is not None and r.algorithm.mode == "w4a4"]
-    if a4 and config.export:
-        raise DiffquantError(f"{', '.join(a4)}: int4 activations have no ONNX Runtime kernel, so they cannot be "
-                             "exported; run them with --no-export (torch only) or export svdquant-w4a16")
+    if config.export:
+        from .backends.quark.matmul_nbits import check_recipes_exportable
+
+        check_recipes_exportable(recipes)
     if config.runtime == "openvino" and config.export:
         from .runtimes.openvino.runtime import import_openvino
 

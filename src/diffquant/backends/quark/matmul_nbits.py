@@ -58,6 +58,20 @@ def int4_linears(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: layer for name, layer in module.named_modules() if fourbit.weight_kind(layer) == "int4"}
 
 
+def check_recipes_exportable(recipes) -> None:
+    """The same refusal as `check_exportable`, from the recipes alone: a run stops before any slow work."""
+    from ...recipes import MXFP4
+
+    mx = [r.name for r in recipes if r.weight.dtype == MXFP4]
+    if mx:
+        raise DiffquantError(f"{', '.join(mx)}: MXFP4 weights have no ONNX Runtime kernel, so they cannot be "
+                             "exported; run them with --no-export (torch only) or export an int4 recipe")
+    a4 = [r.name for r in recipes if r.algorithm is not None and r.algorithm.mode == "w4a4"]
+    if a4:
+        raise DiffquantError(f"{', '.join(a4)}: int4 activations have no ONNX Runtime kernel, so they cannot be "
+                             "exported; run them with --no-export (torch only) or export svdquant-w4a16")
+
+
 def check_exportable(module: torch.nn.Module) -> None:
     """Refuse, in one line, a denoiser whose 4-bit weights ONNX Runtime cannot run (MXFP4) or whose int4
     Linears also quantize their inputs to int4 (SVDQuant w4a4: MatMulNBits takes float inputs, and the
