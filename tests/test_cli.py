@@ -110,6 +110,22 @@ def test_terminal_and_report_show_adherence_per_attribute(shapes_run):
     assert "Prompt adherence (ShapeEval)" in page and "position (n=1)" in page
 
 
+def test_terminal_and_report_show_bits_per_weight(shapes_run):
+    from diffquant import RunResult
+    from diffquant.cli import summary_table
+
+    results = RunResult.load(shapes_run)
+    table = summary_table(results).splitlines()
+    column = table[0].split().index("bits/w") - 2  # the headers "PSNR dB" and "SQNR dB" are two words each
+    for name in ("int8-w", "fp8-w"):
+        bits = results.recipes[name].layers["bits_per_weight"]
+        assert 8 <= bits < 9  # 8-bit codes and their scales: every Linear/Conv2d of shapes-sd quantized
+        row = next(line.split() for line in table if line.split()[:1] == [name])
+        assert row[column] == f"{bits:.2f}"
+    page = (shapes_run / "report.html").read_text()
+    assert "bits per weight" in page and f"<td>{results.recipes['int8-w'].layers['bits_per_weight']:.2f}</td>" in page
+
+
 def test_report_shows_every_image_in_headless_chromium(shapes_run, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

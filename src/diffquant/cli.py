@@ -228,20 +228,25 @@ def _sensitivity(args, out: Path) -> int:
 
 def summary_table(results) -> str:
     """A plain-text table of the run's quality, sizes and (labelled) times (`results`: a RunResult)."""
-    lines = [f"{'recipe':<16} {'PSNR dB':>8} {'SSIM':>7} {'ShapeEval':>9} {'SQNR dB':>8} {'ONNX MB':>8} {'gen s*':>7}"]
+    lines = [f"{'recipe':<16} {'PSNR dB':>8} {'SSIM':>7} {'ShapeEval':>9} {'SQNR dB':>8} {'bits/w':>6} "
+             f"{'ONNX MB':>8} {'gen s*':>7}"]
     baseline_se = results.baseline_shapeeval
     timings = results.timings
     baseline_score = f"{baseline_se['overall']:.3f}" if baseline_se else "n/a"
-    lines.append(f"{'baseline':<16} {'':>8} {'':>7} {baseline_score:>9} {'':>8} "
+    lines.append(f"{'baseline':<16} {'':>8} {'':>7} {baseline_score:>9} {'':>8} {'32':>6} "
                  f"{results.denoiser_fp32_bytes / 1e6:>8.1f} {timings.get('generate baseline', 0):>7.1f}")
     for name, r in results.recipes.items():
         q = r.quality
         onnx_mb = f"{r.onnx['size_bytes'] / 1e6:.1f}" if r.onnx else "-"  # - : not exported
         gen = timings.get(f"generate {name} (simulated fake-quant)", float("nan"))
         score = f"{q.shapeeval['overall']:.3f}" if q.shapeeval else "n/a"
-        lines.append(f"{name:<16} {q.psnr_db:>8.2f} {q.ssim:>7.4f} {score:>9} {r.sqnr_db:>8.2f} {onnx_mb:>8} {gen:>7.1f}")
+        bits = r.layers.get("bits_per_weight")  # absent from results written before it was recorded
+        bits = "-" if bits is None else f"{bits:.2f}"
+        lines.append(f"{name:<16} {q.psnr_db:>8.2f} {q.ssim:>7.4f} {score:>9} {r.sqnr_db:>8.2f} {bits:>6} "
+                     f"{onnx_mb:>8} {gen:>7.1f}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
-                 "Baseline 'ONNX MB' is the fp32 parameter size.")
+                 "Baseline 'ONNX MB' is the fp32 parameter size. bits/w: stored bits per Linear/Conv2d weight, "
+                 "scales and low-rank branch included.")
     return "\n".join(lines + adherence_lines(results) + evaluation_lines(results))
 
 

@@ -115,13 +115,15 @@ def render_html(out_dir: Path, results: RunResult) -> str:
     baseline_se = results.baseline_shapeeval
     rows = []
     if baseline_se:
-        rows.append(["baseline", "-", "-", "-", _fmt(baseline_se.get("overall"), 3), "-"])
+        rows.append(["baseline", "-", "-", "-", _fmt(baseline_se.get("overall"), 3), "-", "32"])
     for name, r in results.recipes.items():
         q: Quality = r.quality
         rows.append([e(name), _fmt(q.psnr_db), _fmt(q.ssim, 4), _fmt(q.lpips, 4),
-                     _fmt(q.shapeeval.get("overall"), 3) if q.shapeeval else "n/a", _fmt(r.sqnr_db)])
+                     _fmt(q.shapeeval.get("overall"), 3) if q.shapeeval else "n/a", _fmt(r.sqnr_db),
+                     _fmt(r.layers.get("bits_per_weight"))])
     parts.append("<h2>Quality vs baseline</h2>" + _table(
-        ["recipe", "PSNR (dB)", "SSIM", "LPIPS", "ShapeEval overall", "denoiser output SQNR (dB)"], rows))
+        ["recipe", "PSNR (dB)", "SSIM", "LPIPS", "ShapeEval overall", "denoiser output SQNR (dB)",
+         "bits per weight (Linear/Conv2d; scales and low-rank branch included)"], rows))
     adherence = adherence_table(results)
     if adherence:
         headers, adherence_rows = adherence
