@@ -39,3 +39,20 @@ def test_a_graph_missing_an_input_names_it(tmp_path):
     del inputs["pooled_projections"]
     with pytest.raises(DiffquantError, match="needs input\\(s\\) pooled_projections"):
         get_runtime().run(path, inputs)
+
+
+def test_the_float_sd3_graph_stores_only_the_position_embeddings_it_uses(tmp_path):
+    """SD3 slices a pos_embed_max_size² table (8 x 8 here, 384 x 384 at SD3.5) to the latent's patch grid
+    (4 x 4): the graph's spatial size is fixed, so it keeps the 16-token crop, not the 64-token table."""
+    import onnx
+    from onnx import numpy_helper
+
+    family = denoiser_of(build_tiny_sd3())
+    path = export_fp32_onnx(family.module, tmp_path / "fp32", sequence_length=16)
+    table = family.module.pos_embed.pos_embed  # (1, 64, 64)
+    sizes = {tuple(numpy_helper.to_array(t).shape) for t in onnx.load(str(path)).graph.initializer}
+    assert tuple(table.shape) not in sizes and (1, 16, 64) in sizes
+    inputs = family.example_inputs(2, 16, seed=2)
+    with torch.no_grad():
+        reference = family(inputs).numpy()
+    assert np.abs(get_runtime().run(path, inputs) - reference).max() < 1e-4

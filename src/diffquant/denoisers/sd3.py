@@ -3,6 +3,9 @@ pooled CLIP embeddings in the AdaLayerNorm modulation)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from .base import Denoiser, register
@@ -35,3 +38,25 @@ class SD3Denoiser(Denoiser):
             "timestep": torch.full((batch_size,), 500.0),  # (B,) sigma * 1000
         }
         return {k: v.to(self.module.device, self.module.dtype) for k, v in inputs.items()}
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        """The patch grid's position embedding as a constant crop: diffusers slices SD3's whole sincos table
+        (pos_embed_max_size² tokens: 384 x 384 x 1536 floats, 906 MB, at SD3.5's widths) with indices traced
+        from the latent's shape, so the exported graph would store the whole table although its spatial size
+        is fixed (only the batch is dynamic). With the crop's indices as Python ints the exporter folds the
+        slice into an initializer of the tokens the graph uses."""
+        embeds = [m for m in self.module.modules() if getattr(m, "pos_embed_max_size", None) is not None
+                  and hasattr(m, "cropped_pos_embed")]
+        for m in embeds:
+            m.cropped_pos_embed = _constant_crop(m)
+        try:
+            yield
+        finally:
+            for m in embeds:
+                del m.cropped_pos_embed
+
+
+def _constant_crop(embed):
+    crop = type(embed).cropped_pos_embed.__get__(embed)
+    return lambda height, width: crop(int(height), int(width))
