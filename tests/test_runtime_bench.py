@@ -73,13 +73,15 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     assert data["type"] == "BenchResult" and data["version"] == BENCH_VERSION
     names = [r["name"] for r in data["rows"]]
     assert names == ["torch fp32", "torch bf16", "torch fake-quant int8-w", "ORT fp32", "ORT int8-w (QDQ)",
-                     "OpenVINO f32", "OpenVINO bf16", "OpenVINO int8-w (QDQ)"]
+                     "OpenVINO f32", "OpenVINO bf16", "OpenVINO int8-w (QDQ)",
+                     "OpenVINO int8-w (QDQ, bf16 float parts)"]
     assert [(r["runtime"], r["precision"]) for r in data["rows"]] == [
         ("torch", "f32"), ("torch", "bf16"), ("torch", "f32"), ("onnxruntime", "f32"), ("onnxruntime", "int8"),
-        ("openvino", "f32"), ("openvino", "bf16"), ("openvino", "int8")]
+        ("openvino", "f32"), ("openvino", "bf16"), ("openvino", "int8"), ("openvino", "int8")]
     # Every real row ran in its own process: its peak memory is its own, not the bench process's.
-    assert [r["memory"] for r in data["rows"]] == ["own process"] * 2 + ["shared"] + ["own process"] * 5
+    assert [r["memory"] for r in data["rows"]] == ["own process"] * 2 + ["shared"] + ["own process"] * 6
     assert data["rows"][6]["runtime_precision"] in ("bf16", "f32")
+    assert data["rows"][8]["runtime_precision"] == data["rows"][6]["runtime_precision"]  # both asked for bf16
     assert data["bench_peak_rss_mb"] > 0  # the exporting process's own peak
     base = data["rows"][0]
     for row in data["rows"]:
@@ -88,7 +90,7 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
         # Ratios are against the torch fp32 row of the same run.
         assert row["speedup"] == pytest.approx(base["call_ms_median"] / row["call_ms_median"])
         assert row["size_ratio"] == pytest.approx(row["artifact_mb"] / base["artifact_mb"])
-    assert [r["simulated"] for r in data["rows"]] == [False, False, True] + [False] * 5
+    assert [r["simulated"] for r in data["rows"]] == [False, False, True] + [False] * 6
     torch_fp32, _, fake_quant, ort_fp32, ort_int8, *_ = data["rows"]
     assert fake_quant["artifact_mb"] == torch_fp32["artifact_mb"]  # fake quantization keeps float weights
     # The int8 codes on disk (0.58x here: in a UNet this tiny the graph itself is a large share of the bytes).
