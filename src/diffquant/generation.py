@@ -27,7 +27,7 @@ class GenerationSettings:
 
 
 def default_settings(pipe, seed: int = 1024) -> GenerationSettings:
-    """The model profile's steps and guidance (see `profiles.py`): shapes-sd 25 steps at guidance 3, SD 1.x/2.x
+    """The model profile's steps and guidance (see `profiles.py`): shapes-sd 25 steps at guidance 2, SD 1.x/2.x
     the tutorial's 50 at 7.5, SD3 and FLUX.1 their model cards'."""
     from .profiles import profile_of
 

@@ -175,7 +175,7 @@ def _pipeline(vae, unet, text_encoder, tokenizer):
     )
 
 
-def train(out: Path, vae_steps: int = 1000, unet_steps: int = 3800, batch_size: int = 32,
+def train(out: Path, vae_steps: int = 1000, unet_steps: int = 7000, batch_size: int = 32,
           seed: int = 0, quiet: bool = False, vae_from: Path | None = None, checkpoint_every: int = 500,
           aux_weight: float = AUX_WEIGHT) -> Path:
     """Train all components and save the pipeline to `out` (replaced atomically). Returns `out`.
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffquant.shapes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the pipeline to")
     parser.add_argument("--vae-steps", type=int, default=1000)
-    parser.add_argument("--unet-steps", type=int, default=3800)
+    parser.add_argument("--unet-steps", type=int, default=7000)
     parser.add_argument("--checkpoint-every", type=int, default=500,
                         help="save a complete pipeline every N UNet steps under <out>-checkpoints/ (0: never)")
     parser.add_argument("--batch-size", type=int, default=32, help="UNet-stage batch (the VAE stage uses 32)")
