@@ -191,3 +191,22 @@ def test_sensitivity_ranks_a_damaged_layer_first(tiny_sd, tiny_calibration):
     assert mixed.name == "int8-w-mixed1"
     target = result.mixed_recipe(target_sqnr_db=result.keep_float_curve[1])
     assert len(target.exclude) <= 1
+
+
+def test_a_mixed_recipe_keeps_the_float_layers_its_ranking_was_measured_with(shapes_pipe, shapes_calibration):
+    """shapes-sd's profile keeps measured layers float for w8a8-int8; the ranking is measured with them float,
+    so the mixed recipe (a name the profile does not know) must carry them to reproduce its own curve."""
+    from diffquant.metrics import sqnr_db
+    from diffquant.profiles import profile_of
+    from diffquant.quantization import quantize
+    from diffquant.sensitivity import analyze_sensitivity
+
+    result = analyze_sensitivity(shapes_pipe, "w8a8-int8", shapes_calibration, max_keep=1)
+    mixed = result.mixed_recipe(keep_float=1)
+    assert set(profile_of(shapes_pipe).keep_float_for("w8a8-int8").patterns) < set(mixed.exclude)
+    items = shapes_calibration[:8]  # the sensitivity's own evaluation inputs
+    unet = quantize(shapes_pipe, mixed, calibration=shapes_calibration).unet
+    with torch.no_grad():
+        reference = torch.cat([shapes_pipe.unet(**x, return_dict=False)[0].flatten() for x in items])
+        output = torch.cat([unet(**x, return_dict=False)[0].flatten() for x in items])
+    assert abs(sqnr_db(reference, output) - result.keep_float_curve[1]) < 0.5
