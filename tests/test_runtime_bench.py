@@ -120,6 +120,10 @@ def test_bench_runtime_filter_runs_only_those_rows(tiny_sd, tmp_path, monkeypatc
                        runtimes="onnxruntime", profile=False)
     assert [(r.name, r.runtime, r.precision) for r in result.rows] == [
         ("ORT fp32", "onnxruntime", "f32"), ("ORT int8-w (QDQ)", "onnxruntime", "int8")]
+    # A 4-bit recipe's row says what its graph runs: MatMulNBits, int4.
+    result = benchmark(arch="tiny", recipe="int4-w", iterations=1, warmup=0, out=tmp_path / "int4",
+                       runtimes="onnxruntime", profile=False)
+    assert [(r.name, r.precision) for r in result.rows][-1] == ("ORT int4-w (MatMulNBits)", "int4")
 
 
 def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monkeypatch):

@@ -297,10 +297,12 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     family = None
     gc.collect()
     fp32_mb_onnx, q_mb = _dir_mb(out / "onnx-fp32"), _dir_mb(out / f"onnx-{recipe.name}")
-    q_label = f"ORT {recipe.name} (QDQ)"
+    # 4-bit Linears are com.microsoft.MatMulNBits nodes (ONNX Runtime only), 8-bit weights QDQ pairs
+    q_form, q_precision = ("MatMulNBits", "int4") if recipe.four_bit else ("QDQ", "int8")
+    q_label = f"ORT {recipe.name} ({q_form})"
     if "onnxruntime" in chosen:
         own_process("ORT fp32", "onnxruntime", "f32", fp32_onnx, fp32_mb_onnx)
-        own_process(q_label, "onnxruntime", "int8", q_export.path, q_mb)
+        own_process(q_label, "onnxruntime", q_precision, q_export.path, q_mb)
     ov_label = f"OpenVINO {recipe.name} (QDQ)"
     if "openvino" in chosen:
         own_process("OpenVINO f32", "openvino", "f32", fp32_onnx, fp32_mb_onnx)
