@@ -101,16 +101,13 @@ def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: li
     """
     if unit not in ("layer", "block"):
         raise DiffquantError(f"unknown sensitivity unit {unit!r}: use layer or block")
-    from .profiles import profile_of
-
     recipe = get_recipe(recipe)
     quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None)
-    # The ranking is measured with the profile's float layers for this recipe applied (as `quantize` does):
-    # the result's recipe carries them, so a mixed recipe derived from it (another name, which the profile
-    # does not know) keeps them float too and reproduces the measured curve.
-    rule = profile_of(pipe).keep_float_for(recipe.name)
-    if rule is not None:
-        recipe = recipe.with_exclude(rule.patterns)
+    denoiser = denoiser_of(quantized).module
+    # The recipe as `quantize` applied it, with the profile's float layers for this recipe: the ranking is
+    # measured with them float, so a mixed recipe derived from it (another name, which the profile does not
+    # know) keeps them float too and reproduces the measured curve.
+    recipe = denoiser.diffquant_recipe
     eval_inputs = list(eval_inputs or [calibration[i] for i in range(min(8, len(calibration)))])
     if not eval_inputs:
         raise DiffquantError("sensitivity needs evaluation inputs: pass calibration data")
@@ -119,7 +116,6 @@ def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: li
         with torch.no_grad():
             return torch.cat([module(**item, return_dict=False)[0].flatten().float() for item in eval_inputs])
 
-    denoiser = denoiser_of(quantized).module
     reference = outputs(denoiser_of(pipe).module)
     modules = dict(denoiser.named_modules())
     names = list(layer_report(denoiser).quantized)
