@@ -241,14 +241,17 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     threads = torch.get_num_threads()  # every row uses the threads of this process
     fp32_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
 
-    def own_process(label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float) -> None:
+    def own_process(label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float,
+                    weights: str | None = None) -> None:
+        """`precision`: the float precision the row runs in; `weights`: the row's precision when its graph
+        holds quantized weights (a QDQ graph in OpenVINO runs int8 kernels whatever its float precision)."""
         spec = bench_row.RowSpec(runtime, precision, str(inputs_path), iterations, warmup, threads,
                                  str(path) if path else None, model if pipe is not None else None, arch,
                                  images if pipe is not None else 0, *arch_spec)
         measured = _run_in_own_process(spec, out / "row-spec.json")
         result.rows.append(BenchRow(label, False, measured["call_ms_median"], measured["call_ms_p90"],
                                     measured["first_call_s"], measured["image_s"], measured["peak_rss_mb"],
-                                    artifact_mb, runtime=runtime, precision=precision,
+                                    artifact_mb, runtime=runtime, precision=weights or precision,
                                     runtime_precision=measured["runtime_precision"]))
         logger.info("%s: %.1f ms median, peak %.0f MB", label, measured["call_ms_median"], measured["peak_rss_mb"])
 
@@ -307,12 +310,11 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     if "openvino" in chosen:
         own_process("OpenVINO f32", "openvino", "f32", fp32_onnx, fp32_mb_onnx)
         own_process("OpenVINO bf16", "openvino", "bf16", fp32_onnx, fp32_mb_onnx)
-        own_process(ov_label, "openvino", "f32", q_export.path, q_mb)
-        result.rows[-1].precision = "int8"
+        own_process(ov_label, "openvino", "f32", q_export.path, q_mb, weights="int8")
         # What an AMX user would run: int8 kernels for the quantized layers, bf16 for what stays float
         # (attention, norms); OpenVINO falls back to f32 where the CPU has no bf16 (runtime_precision).
-        own_process(f"OpenVINO {recipe.name} (QDQ, bf16 float parts)", "openvino", "bf16", q_export.path, q_mb)
-        result.rows[-1].precision = "int8"
+        own_process(f"OpenVINO {recipe.name} (QDQ, bf16 float parts)", "openvino", "bf16", q_export.path, q_mb,
+                    weights="int8")
     if profile:
         profiled = []
         if "onnxruntime" in chosen:
