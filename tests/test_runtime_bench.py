@@ -51,9 +51,24 @@ def test_fp32_export_matches_torch_and_has_no_quantization(tiny_sd, tmp_path):
 
 
 def test_large_models_are_saved_with_external_data(tiny_int8_w, tmp_path, monkeypatch):
-    from diffquant import export as export_module
+    import quark.torch.export.api as quark_export
+    from collections import Counter
 
+    from diffquant import export as export_module
+    from diffquant.export import example_inputs, run_onnx
+
+    in_memory = export_onnx(tiny_int8_w, tmp_path / "small")
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_ABOVE_BYTES", 0)  # treat the tiny UNet as > 2 GB
+    passes = quark_export.export_onnx_model_optimization
+    seen = {}
+
+    def spy(path):  # what Quark's graph passes get: weights as graph inputs, no large initializer
+        graph = onnx.load(str(path), load_external_data=False).graph
+        seen["largest"] = max(t.ByteSize() for t in graph.initializer)
+        seen["inputs"] = {i.name for i in graph.input}
+        passes(path)
+
+    monkeypatch.setattr(quark_export, "export_onnx_model_optimization", spy)
     result = export_onnx(tiny_int8_w, tmp_path / "big")
     files = sorted(p.name for p in (tmp_path / "big").iterdir())
     assert files == ["unet.onnx", "unet.onnx.data"]
@@ -61,7 +76,14 @@ def test_large_models_are_saved_with_external_data(tiny_int8_w, tmp_path, monkey
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) >= 5
     assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"unet.onnx.data"}
-    assert result.relative_error < 0.05  # ONNX Runtime loaded the graph with its external data
+    parked = seen["inputs"] - {i.name for i in model.graph.input}
+    assert seen["largest"] <= 1024 and any(n.endswith("weight_int8") for n in parked)  # no weight above 1 KB
+    assert [i.name for i in model.graph.input] == list(in_memory.inputs)  # and initializers again afterwards
+    # the same graph and the same numbers as the export that held everything in memory
+    assert Counter(n.op_type for n in model.graph.node) == Counter(in_memory.op_counts)
+    assert result.compression == in_memory.compression and result.fused_ops == in_memory.fused_ops
+    inputs = example_inputs(tiny_int8_w.unet, 2, in_memory.inputs["encoder_hidden_states"][1])
+    assert np.array_equal(run_onnx(result.path, inputs), run_onnx(in_memory.path, inputs))
 
 
 def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, capsys):
@@ -116,14 +138,16 @@ def test_bench_runtime_filter_runs_only_those_rows(tiny_sd, tmp_path, monkeypatc
                         architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
     with pytest.raises(DiffquantError, match="unknown runtime\\(s\\) tensorrt: choose from torch, onnxruntime"):
         benchmark(arch="tiny", recipe="int8-w", runtimes="onnxruntime,tensorrt", out=tmp_path / "bad")
-    result = benchmark(arch="tiny", recipe="int8-w", iterations=1, warmup=0, out=tmp_path / "ort",
+    with pytest.raises(DiffquantError, match="different recipes"):
+        benchmark(arch="tiny", recipe="int8-w,int8-w", out=tmp_path / "twice")
+    # Two recipes side by side; a 4-bit recipe's row says what its graph runs: MatMulNBits, int4.
+    result = benchmark(arch="tiny", recipe="int8-w,int4-w", iterations=1, warmup=0, out=tmp_path / "ort",
                        runtimes="onnxruntime", profile=False)
     assert [(r.name, r.runtime, r.precision) for r in result.rows] == [
-        ("ORT fp32", "onnxruntime", "f32"), ("ORT int8-w (QDQ)", "onnxruntime", "int8")]
-    # A 4-bit recipe's row says what its graph runs: MatMulNBits, int4.
-    result = benchmark(arch="tiny", recipe="int4-w", iterations=1, warmup=0, out=tmp_path / "int4",
-                       runtimes="onnxruntime", profile=False)
-    assert [(r.name, r.precision) for r in result.rows][-1] == ("ORT int4-w (MatMulNBits)", "int4")
+        ("ORT fp32", "onnxruntime", "f32"), ("ORT int8-w (QDQ)", "onnxruntime", "int8"),
+        ("ORT int4-w (MatMulNBits)", "onnxruntime", "int4")]
+    fp32, int8, int4 = (r.artifact_mb for r in result.rows)
+    assert int8 < fp32 and int4 < fp32
 
 
 def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monkeypatch):

@@ -163,6 +163,16 @@ def _parse_runtimes(runtimes) -> tuple[str, ...]:
     return chosen
 
 
+def _parse_recipes(recipes) -> tuple:
+    from .recipes import get_recipe
+
+    names = recipes.split(",") if isinstance(recipes, str) else list(recipes)
+    chosen = tuple(get_recipe(name.strip()) for name in names if name.strip())
+    if not chosen or len({r.name for r in chosen}) != len(chosen):
+        raise DiffquantError(f"--recipe takes one or more different recipes, comma-separated, got {recipes!r}")
+    return chosen
+
+
 def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
     """Run one row as `python -m diffquant.bench_row` and read its JSON line; a failure surfaces."""
     import json
@@ -177,7 +187,8 @@ def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def benchmark(model: str | None = None, arch: str | None = None, recipe: str = DEFAULT_RECIPE, iterations: int = 10,
+def benchmark(model: str | None = None, arch: str | None = None, recipe: str | tuple[str, ...] = DEFAULT_RECIPE,
+              iterations: int = 10,
               warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
               fake_quant_compiled: bool = True, profile: bool = True,
               runtimes: str | tuple[str, ...] | None = None) -> BenchResult:
@@ -187,8 +198,9 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
         model: a pipeline (None: shapes-sd) whose denoiser is measured, with end-to-end time per image.
         arch: instead of `model`, a real architecture with random weights (denoiser calls only): sd15,
             sd35-medium or flux (the transformers at reduced depth, said in the notes).
-        recipe: the quantization recipe of the fake-quant and quantized rows (activation recipes
-            are calibrated on the pipeline's own captured inputs, or on random inputs for `arch`).
+        recipe: the quantization recipe(s) of the fake-quant and quantized rows, several comma-separated
+            (e.g. an 8-bit and a 4-bit one side by side); activation recipes are calibrated on the
+            pipeline's own captured inputs, or on random inputs for `arch`.
         iterations, warmup: timed denoiser calls after the warm-up calls.
         batch: denoiser batch (2 = one image with classifier-free guidance; a fixed-batch family, Flux, uses 1).
         images: images generated for the end-to-end time per image (pipelines only).
@@ -209,7 +221,6 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     from .generation import default_prompts
     from .pipeline import load_pipeline
     from .quantization import quantize_module
-    from .recipes import get_recipe
     from .runtimes import get_runtime
 
     for label, value, least in (("iterations", iterations, 1), ("warmup", warmup, 0), ("batch", batch, 1),
@@ -217,7 +228,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise DiffquantError(f"--{label} must be a whole number of at least {least}, got {value!r}")
     chosen = _parse_runtimes(runtimes)
-    recipe = get_recipe(recipe)
+    recipes = _parse_recipes(recipe)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     if arch:
@@ -240,20 +251,52 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
     result = BenchResult(name, batch, list(next(iter(inputs.values())).shape[1:]), iterations)
     threads = torch.get_num_threads()  # every row uses the threads of this process
     fp32_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    attribute, family = family.pipeline_attribute, None  # the family holds the module, quantized in place below
 
     def own_process(label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float,
                     weights: str | None = None) -> None:
         """`precision`: the float precision the row runs in; `weights`: the row's precision when its graph
         holds quantized weights (a QDQ graph in OpenVINO runs int8 kernels whatever its float precision)."""
         spec = bench_row.RowSpec(runtime, precision, str(inputs_path), iterations, warmup, threads,
-                                 str(path) if path else None, model if pipe is not None else None, arch,
-                                 images if pipe is not None else 0, *arch_spec)
+                                 str(path) if path else None, None if arch else model, arch,
+                                 0 if arch else images, *arch_spec)
         measured = _run_in_own_process(spec, out / "row-spec.json")
         result.rows.append(BenchRow(label, False, measured["call_ms_median"], measured["call_ms_p90"],
                                     measured["first_call_s"], measured["image_s"], measured["peak_rss_mb"],
                                     artifact_mb, runtime=runtime, precision=weights or precision,
                                     runtime_precision=measured["runtime_precision"]))
         logger.info("%s: %.1f ms median, peak %.0f MB", label, measured["call_ms_median"], measured["peak_rss_mb"])
+
+    def float_denoiser():
+        """A fresh float pipeline (None for an architecture) and denoiser, as the bench started with."""
+        if arch:
+            return None, build_arch(arch)
+        fresh = load_pipeline(model, device="cpu")
+        return fresh, denoiser_of(fresh).module
+
+    def quantize_and_export(recipe, pipe, module):
+        """Quantize `module` in place (every float row runs in its own process, so this one never holds a
+        float and a quantized denoiser at once), time its fake-quant rows, export it; returns the export."""
+        q_module = quantize_module(module, recipe, calibration=calibration if recipe.needs_calibration else None,
+                                   in_place=True)
+        if "torch" in chosen:
+            q_family = denoiser_for(q_module)
+            quantized = None
+            if pipe is not None:
+                quantized = copy.copy(pipe)
+                object.__setattr__(quantized, attribute, q_module)
+            with quark_compile(False):
+                fake_quant(f"torch fake-quant {recipe.name}", q_family, quantized)
+            if fake_quant_compiled:
+                with quark_compile(True):
+                    fake_quant(f"torch fake-quant {recipe.name} +compile", q_family)
+        # Random weights put many activations on rounding ties, so ORT and torch fake-quant differ by
+        # more than on a trained UNet: the error is reported, not enforced, for an architecture.
+        exported = export_onnx(q_module, out / f"onnx-{recipe.name}", inputs=inputs, check=arch is None)
+        result.notes.append(f"ORT {recipe.name} vs torch fake-quant on one denoiser call: relative L2 error "
+                            f"{exported.relative_error:.2e}; attentions fused into MultiHeadAttention: "
+                            f"{exported.fusion.get('fused_attention', 0)}")
+        return exported
 
     if "torch" in chosen:
         own_process("torch fp32", "torch", "f32", None, fp32_mb)
@@ -267,61 +310,50 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str = D
             result.rows.append(BenchRow(label, True, statistics.median(times), _p90(times), first, per_image,
                                         rss.peak_mb, fp32_mb, memory="shared"))
 
-    if recipe.needs_calibration:
+    if any(r.needs_calibration for r in recipes):
         calibration = (capture_denoiser_inputs(pipe, default_prompts(pipe, 8), CalibrationConfig(size=8, timesteps=4))
                        if pipe is not None else random_calibration(module, 2, seq))
     else:
         calibration = None
     fp32_onnx = export_fp32_onnx(module, out / "onnx-fp32", inputs=inputs)
-    q_module = quantize_module(module, recipe, calibration=calibration)
-    if "torch" in chosen:
-        q_family = denoiser_for(q_module)
-        quantized = None
-        if pipe is not None:
-            quantized = copy.copy(pipe)
-            object.__setattr__(quantized, family.pipeline_attribute, q_module)
-        with quark_compile(False):
-            fake_quant(f"torch fake-quant {recipe.name}", q_family, quantized)
-        if fake_quant_compiled:
-            with quark_compile(True):
-                fake_quant(f"torch fake-quant {recipe.name} +compile", q_family)
-        quantized = q_family = None
-    # Random weights put many activations on rounding ties, so ORT and torch fake-quant differ by
-    # more than on a trained UNet: the error is reported, not enforced, for an architecture.
-    q_export = export_onnx(q_module, out / f"onnx-{recipe.name}", inputs=inputs, check=arch is None)
-    result.notes.append(f"ORT {recipe.name} vs torch fake-quant on one denoiser call: relative L2 error "
-                        f"{q_export.relative_error:.2e}; attentions fused into MultiHeadAttention: "
-                        f"{q_export.fusion.get('fused_attention', 0)}")
-    # The float and quantized modules are not needed any more: the runtime rows run in their own
-    # processes, and this one should not hold gigabytes while they do.
-    q_module = module = calibration = None
-    if pipe is not None:
-        object.__setattr__(pipe, family.pipeline_attribute, None)
-    family = None
-    gc.collect()
-    fp32_mb_onnx, q_mb = _dir_mb(out / "onnx-fp32"), _dir_mb(out / f"onnx-{recipe.name}")
-    # 4-bit Linears are com.microsoft.MatMulNBits nodes (ONNX Runtime only), 8-bit weights QDQ pairs
-    q_form, q_precision = ("MatMulNBits", "int4") if recipe.four_bit else ("QDQ", "int8")
-    q_label = f"ORT {recipe.name} ({q_form})"
+    exports = {}
+    for index, recipe in enumerate(recipes):
+        if index:  # the previous recipe quantized the float module itself: the next one starts afresh
+            pipe, module = float_denoiser()
+        exports[recipe.name] = quantize_and_export(recipe, pipe, module)
+        pipe = module = None
+        gc.collect()
+    calibration = None
+    fp32_mb_onnx = _dir_mb(out / "onnx-fp32")
+    # 4-bit Linears are com.microsoft.MatMulNBits nodes (OpenVINO reads them as int4 weight decompression),
+    # 8-bit weights QDQ pairs
+    forms = {r.name: ("MatMulNBits", "int4") if r.four_bit else ("QDQ", "int8") for r in recipes}
     if "onnxruntime" in chosen:
         own_process("ORT fp32", "onnxruntime", "f32", fp32_onnx, fp32_mb_onnx)
-        own_process(q_label, "onnxruntime", q_precision, q_export.path, q_mb)
-    ov_label = f"OpenVINO {recipe.name} (QDQ)"
+        for r in recipes:
+            form, weights = forms[r.name]
+            own_process(f"ORT {r.name} ({form})", "onnxruntime", weights, exports[r.name].path,
+                        _dir_mb(exports[r.name].path.parent))
     if "openvino" in chosen:
         own_process("OpenVINO f32", "openvino", "f32", fp32_onnx, fp32_mb_onnx)
         own_process("OpenVINO bf16", "openvino", "bf16", fp32_onnx, fp32_mb_onnx)
-        own_process(ov_label, "openvino", "f32", q_export.path, q_mb, weights="int8")
-        # What an AMX user would run: int8 kernels for the quantized layers, bf16 for what stays float
-        # (attention, norms); OpenVINO falls back to f32 where the CPU has no bf16 (runtime_precision).
-        own_process(f"OpenVINO {recipe.name} (QDQ, bf16 float parts)", "openvino", "bf16", q_export.path, q_mb,
-                    weights="int8")
+        for r in recipes:
+            (form, weights), path = forms[r.name], exports[r.name].path
+            q_mb = _dir_mb(path.parent)
+            own_process(f"OpenVINO {r.name} ({form})", "openvino", "f32", path, q_mb, weights=weights)
+            # What an AMX user would run: integer kernels for the quantized layers, bf16 for what stays
+            # float (attention, norms); OpenVINO falls back to f32 where the CPU has no bf16 (runtime_precision).
+            own_process(f"OpenVINO {r.name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
+                        weights=weights)
     if profile:
         profiled = []
         if "onnxruntime" in chosen:
-            profiled += [("ORT fp32", get_runtime("onnxruntime"), fp32_onnx), (q_label, get_runtime("onnxruntime"),
-                                                                              q_export.path)]
+            profiled += [("ORT fp32", get_runtime("onnxruntime"), fp32_onnx)]
+            profiled += [(f"ORT {r.name} ({forms[r.name][0]})", get_runtime("onnxruntime"), exports[r.name].path)
+                         for r in recipes]
         if "openvino" in chosen:
-            profiled.append((ov_label, get_runtime("openvino"), q_export.path))
+            profiled += [(f"OpenVINO {r.name} ({forms[r.name][0]})", get_runtime("openvino"), exports[r.name].path)
+                         for r in recipes]
         for label, runtime, path in profiled:
             result.profiles[label], result.optimized_ops[label] = runtime.profile(path, inputs, out / "profile")
 

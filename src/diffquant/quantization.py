@@ -57,8 +57,11 @@ def excluded_layers(module: torch.nn.Module, recipe: Recipe) -> list[str]:
 
 
 def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: list[dict] | None = None,
-                    exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND) -> torch.nn.Module:
-    """Quantize a copy of a bare denoiser module (see `quantize`); `module` is left untouched."""
+                    exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND,
+                    in_place: bool = False) -> torch.nn.Module:
+    """Quantize a copy of a bare denoiser module (see `quantize`); `module` is left untouched unless
+    `in_place`, for a caller that has no further use for the float module (no second copy in memory:
+    3.4 GB less at the peak for an SD 1.5 UNet)."""
     recipe = get_recipe(recipe)
     if exclude:
         recipe = recipe.with_exclude(tuple(exclude))
@@ -70,7 +73,7 @@ def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: 
     excluded = excluded_layers(module, recipe)
     if excluded:
         logger.info("%s: keeping %d layers in float: %s", recipe.name, len(excluded), ", ".join(excluded))
-    work = copy.deepcopy(module)
+    work = module if in_place else copy.deepcopy(module)
     smoothing = None
     if recipe.smoothing is not None:
         from .smoothing import smooth
@@ -177,7 +180,8 @@ def save_quantized(quantized_pipe, out_dir: str | Path, model: str | None = None
         save_file(backend.state_dict(module), str(tmp / state_file(family.pipeline_attribute)))
         write_json(tmp / ARTIFACT_FILE, {
             "type": ARTIFACT_TYPE, "version": ARTIFACT_VERSION, "model": model, "denoiser": family.module_class,
-            "backend": backend.name, "recipe": recipe.to_dict(), "excluded": list(module.diffquant_excluded)})
+            "backend": backend.name, "recipe": recipe.to_dict(), "excluded": list(module.diffquant_excluded),
+            "record": backend.record(module)})
     return Path(out_dir)
 
 
@@ -262,6 +266,7 @@ def load_quantized(path: str | Path, device: str = "auto", dtype: str = "auto", 
         raise DiffquantError(f"corrupt quantized weights in {weights} ({error}): quantize again") from None
     excluded = meta["excluded"] if meta["excluded"] is not None else excluded_layers(family.module, recipe)
     module = family.module if loaded else copy.deepcopy(family.module)  # a caller's pipeline stays float
-    quantized = backend.restore(module, recipe, excluded, state)
+    record = meta.get("record") if isinstance(meta.get("record"), dict) else None  # absent from older files
+    quantized = backend.restore(module, recipe, excluded, state, record)
     _stamp(quantized, recipe, excluded, backend.name)
     return with_denoiser(pipe, family.pipeline_attribute, quantized)
