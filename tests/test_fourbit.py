@@ -1,6 +1,7 @@
 """4-bit weights: the int4 / MXFP4 recipes quantize the Linears they claim and report the ones they cannot
 take; packed codes round-trip bit-exact through save -> load; int4 Linears export as MatMulNBits that
-ONNX Runtime runs and dequantizes to exactly the torch fake-quantized weights."""
+ONNX Runtime runs and dequantizes to exactly the torch fake-quantized weights, and OpenVINO runs
+with 4-bit weights."""
 
 import logging
 
@@ -158,6 +159,18 @@ def test_int4_linears_export_as_matmul_nbits_that_ort_dequantizes_to_torchs_weig
     # ONNX Runtime runs them (counted after its optimizations) and matches torch.
     assert result.fused_ops.get("MatMulNBits") == len(int4) and "DequantizeLinear" not in result.fused_ops
     assert result.relative_error <= MAX_RELATIVE_ERROR_NBITS
+
+
+def test_openvino_runs_the_matmul_nbits_export_on_int4_weights_and_matches_onnx_runtime(tiny_int4_export):
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'diffquant[openvino]')")
+    from diffquant.runtimes import get_runtime
+
+    quantized, result = tiny_int4_export
+    # each MatMulNBits is one FullyConnected whose weights stay 4-bit (u4) in OpenVINO's compiled model
+    assert get_runtime("openvino").optimized_ops(result.path).get("FullyConnected u4") == result.nbits["layers"]
+    inputs = example_inputs(quantized.unet, batch_size=2, sequence_length=16, seed=3)
+    ort, ov = get_runtime("onnxruntime").run(result.path, inputs), get_runtime("openvino").run(result.path, inputs)
+    assert np.linalg.norm(ov - ort) / np.linalg.norm(ort) < 0.01  # 0.36% on shapes-sd's 83 int4-w Linears
 
 
 def test_conv8_export_keeps_int8_convolutions_beside_matmul_nbits(tiny_conv8, tmp_path):

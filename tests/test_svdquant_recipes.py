@@ -124,6 +124,9 @@ def test_svdquant_recipes_reload_to_identical_outputs_without_rerunning(tiny_sd,
     reloaded = load_quantized(tmp_path / "q", device="cpu")
     assert layer_report(reloaded.unet).to_dict() == layer_report(quantized.unet).to_dict()
     assert torch.equal(_outputs(quantized.unet, held_out), _outputs(reloaded.unet, held_out))
+    # what the search measured per layer (alpha, error) comes back with the weights
+    assert reloaded.unet.diffquant_svdquant == quantized.unet.diffquant_svdquant
+    assert len(reloaded.unet.diffquant_svdquant["layers"]) == len(wrapped)
 
 
 def test_bad_svdquant_recipes_are_one_clear_line(tiny_sd):

@@ -77,8 +77,14 @@ class QuantBackend(ABC):
     def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Everything `restore` needs besides the recipe: weights, scales, zero points."""
 
+    def record(self, module: torch.nn.Module) -> dict:
+        """What the backend's algorithm measured while quantizing `module` (JSON-able, e.g. SVDQuant's
+        alpha and error per layer): saved beside the weights and handed back to `restore`."""
+        return {}
+
     @abstractmethod
     def restore(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
-                state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Turn the float `module` (in place) into the quantized module whose `state_dict` was `state`,
-        without running it: no calibration data, the saved scales are the ones used."""
+                state: dict[str, torch.Tensor], record: dict | None = None) -> torch.nn.Module:
+        """Turn the float `module` (in place) into the quantized module whose `state_dict` was `state`
+        (and whose `record` was `record`), without running it: no calibration data, the saved scales
+        are the ones used."""

@@ -114,8 +114,12 @@ class QuarkBackend(QuantBackend):
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         return fourbit.pack_state(module, state)
 
+    def record(self, module: torch.nn.Module) -> dict:
+        svd = getattr(module, "diffquant_svdquant", None)
+        return {"svdquant": svd} if svd is not None else {}
+
     def restore(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
-                state: dict[str, torch.Tensor]) -> torch.nn.Module:
+                state: dict[str, torch.Tensor], record: dict | None = None) -> torch.nn.Module:
         internals.import_quark(module.device)
         if recipe.algorithm is not None:
             module, qconfig = svdquant.rebuild(module, svdquant.saved_layers(state, type(module).__name__),
@@ -131,4 +135,6 @@ class QuarkBackend(QuantBackend):
             raise DiffquantError(f"the saved quantized state does not fit this {type(module).__name__} "
                                  f"({str(error).splitlines()[0]} ...): quantize the model again") from None
         internals.finish_loading(module, qconfig)
+        if record and record.get("svdquant") is not None:
+            module.diffquant_svdquant = record["svdquant"]
         return module
