@@ -140,7 +140,7 @@ def _compress_before_quark_passes(module: torch.nn.Module, reports: list):
     whole model several times and onnxslim holds about seven copies of it: with float weights the
     export of an SD 1.5 W8A8 UNet peaked at 14.8 GB of resident memory, with int8 codes at 9.8 GB,
     with no weights in the passes at 6.6 GB (the trace; the passes stay at 4.1 GB, the quantized
-    module's own size). With the weights in, onnxslim also failed past protobuf's 2 GB and was
+    module's own size). With the float weights in, Quark's main onnxslim call failed and was
     skipped; now it runs (3,308 -> 2,240 nodes, shape arithmetic only). Quark's exporter has no hook
     between its trace and its passes, so its module-level function is wrapped for the duration."""
     import quark.torch.export.api as quark_export
