@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="pipeline to benchmark (default: shapes-sd)")
     source.add_argument("--arch", help="a real architecture with random weights instead: sd15, sd35-medium or flux (transformers at reduced depth)")
-    p.add_argument("--recipe", default="w8a8-int8-ort", help="recipe of the quantized rows (default w8a8-int8-ort)")
+    p.add_argument("--recipe", default="w8a8-int8-ort",
+                   help="recipe(s) of the quantized rows, comma-separated, e.g. w8a8-int8-ort,int4-w-gptq "
+                        "(default w8a8-int8-ort)")
     p.add_argument("--iterations", type=int, default=10, help="timed denoiser calls per row (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     p.add_argument("--batch", type=int, default=2, help="denoiser batch (default 2: one image with guidance; Flux: 1)")
