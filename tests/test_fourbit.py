@@ -173,6 +173,21 @@ def test_openvino_runs_the_matmul_nbits_export_on_int4_weights_and_matches_onnx_
     assert np.linalg.norm(ov - ort) / np.linalg.norm(ort) < 0.01  # 0.36% on shapes-sd's 83 int4-w Linears
 
 
+def test_a_large_int4_export_matches_the_in_memory_one(tiny_int4_export, tmp_path, monkeypatch):
+    """Above the external-data size the int4 Linears' float weights are never loaded: the same graph results."""
+    from diffquant import export as export_module
+    from diffquant.runtimes import get_runtime
+
+    quantized, in_memory = tiny_int4_export
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_ABOVE_BYTES", 0)  # treat the tiny UNet as > 2 GB
+    result = export_onnx(quantized, tmp_path / "big")
+    assert (tmp_path / "big" / "unet.onnx.data").is_file()
+    assert result.op_counts == in_memory.op_counts and result.nbits == in_memory.nbits
+    inputs = example_inputs(quantized.unet, batch_size=2, sequence_length=16, seed=3)
+    ort = get_runtime("onnxruntime")
+    assert np.array_equal(ort.run(result.path, inputs), ort.run(in_memory.path, inputs))
+
+
 def test_conv8_export_keeps_int8_convolutions_beside_matmul_nbits(tiny_conv8, tmp_path):
     result = export_onnx(tiny_conv8, tmp_path / "conv8")
     n_int4 = sum(fourbit.weight_kind(m) == "int4" for m in tiny_conv8.unet.modules())

@@ -163,6 +163,22 @@ def _parse_runtimes(runtimes) -> tuple[str, ...]:
     return chosen
 
 
+def _release_freed_memory() -> None:
+    """Collect garbage and hand the freed heap back to the OS. Without the second step glibc keeps the
+    gigabytes of a freed denoiser mapped, and this process's resident memory (which the next
+    recipe's fresh denoiser and the profiling sessions add to) never comes down. Hand-written because
+    no library wraps glibc's `malloc_trim`; a no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _parse_recipes(recipes) -> tuple:
     from .recipes import get_recipe
 
@@ -210,7 +226,6 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
             their profilers and record the time per operator type and the kernels that ran.
         runtimes: the rows to run by runtime, a subset of `RUNTIME_CHOICES` (default: all).
     """
-    import gc
     import tempfile
 
     from safetensors.torch import save_file
@@ -316,14 +331,16 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     else:
         calibration = None
     fp32_onnx = export_fp32_onnx(module, out / "onnx-fp32", inputs=inputs)
+    _release_freed_memory()  # the float export's copy of the weights
     exports = {}
     for index, recipe in enumerate(recipes):
         if index:  # the previous recipe quantized the float module itself: the next one starts afresh
             pipe, module = float_denoiser()
         exports[recipe.name] = quantize_and_export(recipe, pipe, module)
         pipe = module = None
-        gc.collect()
+        _release_freed_memory()
     calibration = None
+    _release_freed_memory()
     fp32_mb_onnx = _dir_mb(out / "onnx-fp32")
     # 4-bit Linears are com.microsoft.MatMulNBits nodes (OpenVINO reads them as int4 weight decompression),
     # 8-bit weights QDQ pairs

@@ -304,6 +304,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
         An `OnnxExport` with the operators ONNX Runtime runs and the measured ORT-vs-torch error.
     """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     from .backends.quark import import_quark
     from .backends.quark.matmul_nbits import check_exportable, plain_int4_linears, to_matmul_nbits
@@ -329,8 +330,11 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
             quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
                                     output_names=[family.output_name])
         compression, = reports
-        model = onnx.load(str(tmp / "quark_model.onnx"))
+        # The graph first: MatMulNBits replaces the int4 Linears' float weights before anything is read
+        # (it reads their shapes only), so they are never in memory; then what stays is loaded.
+        model = onnx.load(str(tmp / "quark_model.onnx"), load_external_data=False)
         nbits = to_matmul_nbits(model, int4).to_dict() if int4 else {}
+        load_external_data_for_model(model, str(tmp))
         fusion = prepare_for_ort_fusion(model, fuse_attention)
         for leftover in tmp.iterdir():
             leftover.unlink()
