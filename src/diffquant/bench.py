@@ -204,8 +204,7 @@ def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
 
 
 def benchmark(model: str | None = None, arch: str | None = None, recipe: str | tuple[str, ...] = DEFAULT_RECIPE,
-              iterations: int = 10,
-              warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
+              iterations: int = 10, warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
               fake_quant_compiled: bool = True, profile: bool = True,
               runtimes: str | tuple[str, ...] | None = None) -> BenchResult:
     """Measure every configuration side by side, each real row in its own process on the same inputs.
