@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import DiffquantError
+from ...progress import progress
 from . import fourbit, internals
 
 logger = logging.getLogger(__name__)
@@ -288,7 +289,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
     with torch.no_grad():
         act_max, cached, hessians = _collect(module, calibration, set(chosen), gptq)
         report, scales = {}, {}
-        for name, layer in chosen.items():
+        for name, layer in progress(chosen.items(), f"SVDQuant {mode} (alpha search{', GPTQ' if gptq else ''})",
+                                    total=len(chosen)):
             weight = layer.weight.detach().float()
             if name in cached:
                 alpha, s, l1, l2, r, error = _search(weight, act_max[name].float().to(weight.device),
