@@ -134,3 +134,17 @@ def test_svdquant_quantizes_a_layer_the_calibration_never_reaches_unsmoothed(tin
     assert report["unused"]["alpha"] is None and quantized.unused.smooth_factor is None
     assert internals.describe(internals.weight_quantizer(quantized.unused.layer)) == "int4 per_group"
     assert report[ran]["error"] is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rank_0_split_is_quarks_without_its_svd(dtype):
+    """int4-w-gptq (rank 0) skips the SVD that Quark runs to keep none of it: the same L1, L2 and R."""
+    from quark.torch.algorithm.svdquant.svdquant import _svd_decompose
+
+    from diffquant.backends.quark import svdquant
+
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ours, quarks = svdquant._decompose(weight, 0), _svd_decompose(weight, 0)
+    for a, b in zip(ours, quarks):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    assert svdquant._decompose(weight, 8)[0].shape == (8, 96)  # a real rank still goes through Quark's SVD

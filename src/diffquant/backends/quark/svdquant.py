@@ -120,15 +120,24 @@ def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None,
     return rounded, scales
 
 
-def _candidate(weight: torch.Tensor, act_max: torch.Tensor | None, alpha: float | None, rank: int):
-    """(s or None, L1, L2, R) of one alpha: s as in SmoothQuant, then Quark's SVD of W s."""
+def _decompose(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L1, L2, R) with W = L2 L1 + R: Quark's SVD split. At rank 0 (int4-w-gptq) the split keeps nothing
+    and R is W, which Quark computes through a full SVD of W all the same (minutes per alpha for a
+    3072 x 15360 Flux Linear); the empty factors and W are returned directly, the same tensors."""
     from quark.torch.algorithm.svdquant.svdquant import _svd_decompose
 
+    if rank == 0:
+        return weight.new_zeros(0, weight.shape[1]), weight.new_zeros(weight.shape[0], 0), weight
+    return _svd_decompose(weight, rank)
+
+
+def _candidate(weight: torch.Tensor, act_max: torch.Tensor | None, alpha: float | None, rank: int):
+    """(s or None, L1, L2, R) of one alpha: s as in SmoothQuant, then the SVD split of W s."""
     if alpha is None:
-        return (None, *_svd_decompose(weight, rank))
+        return (None, *_decompose(weight, rank))
     s = act_max.clamp(min=1e-8).pow(alpha) / weight.abs().amax(dim=0).clamp(min=1e-5).pow(1 - alpha)
     s = s.clamp(min=1e-5, max=1e5)
-    return (s, *_svd_decompose(weight * s, rank))
+    return (s, *_decompose(weight * s, rank))
 
 
 def _search(weight: torch.Tensor, act_max: torch.Tensor, inputs: torch.Tensor, rank: int, specs,
