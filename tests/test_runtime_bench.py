@@ -150,6 +150,26 @@ def test_bench_runtime_filter_runs_only_those_rows(tiny_sd, tmp_path, monkeypatc
     assert int8 < fp32 and int4 < fp32
 
 
+def test_a_row_whose_process_fails_is_a_note_and_the_others_still_count(tiny_sd, tmp_path, monkeypatch):
+    from diffquant import architectures, bench
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny",
+                        architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
+    run_row = bench._run_in_own_process
+
+    def failing_int8(spec, spec_path):
+        if spec.precision == "int8":
+            raise bench.RowFailed("bench row onnxruntime int8 failed: ...", "SomeError: the int8 graph broke")
+        return run_row(spec, spec_path)
+
+    monkeypatch.setattr(bench, "_run_in_own_process", failing_int8)
+    result = bench.benchmark(arch="tiny", recipe="int8-w", iterations=1, warmup=0, out=tmp_path,
+                             runtimes="onnxruntime")
+    assert [r.name for r in result.rows] == ["ORT fp32"] and set(result.profiles) == {"ORT fp32"}
+    assert "ORT int8-w (QDQ): not measured, its process failed: SomeError: the int8 graph broke" in result.notes
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["name"] == "ORT fp32"
+
+
 def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monkeypatch):
     """--arch builds a UNet from a config with random weights and calibrates W8A8 on random inputs."""
     from diffquant import architectures

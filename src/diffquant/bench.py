@@ -189,6 +189,14 @@ def _parse_recipes(recipes) -> tuple:
     return chosen
 
 
+class RowFailed(DiffquantError):
+    """A row's process failed; `last_line` is the last line it printed (the error)."""
+
+    def __init__(self, message: str, last_line: str):
+        super().__init__(message)
+        self.last_line = last_line
+
+
 def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
     """Run one row as `python -m diffquant.bench_row` and read its JSON line; a failure surfaces."""
     import json
@@ -199,7 +207,8 @@ def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "diffquant.bench_row", str(spec_path)], capture_output=True,
                           text=True)
     if done.returncode != 0:
-        raise DiffquantError(f"bench row {spec.runtime} {spec.precision} failed: {done.stderr.strip()[-2000:]}")
+        raise RowFailed(f"bench row {spec.runtime} {spec.precision} failed: {done.stderr.strip()[-2000:]}",
+                        (done.stderr.strip().splitlines() or ["(no output)"])[-1])
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -274,7 +283,12 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         spec = bench_row.RowSpec(runtime, precision, str(inputs_path), iterations, warmup, threads,
                                  str(path) if path else None, None if arch else model, arch,
                                  0 if arch else images, *arch_spec)
-        measured = _run_in_own_process(spec, out / "row-spec.json")
+        try:
+            measured = _run_in_own_process(spec, out / "row-spec.json")
+        except RowFailed as error:  # the other rows still count: the table says which one is missing and why
+            logger.warning("%s", error)
+            result.notes.append(f"{label}: not measured, its process failed: {error.last_line}")
+            return
         result.rows.append(BenchRow(label, False, measured["call_ms_median"], measured["call_ms_p90"],
                                     measured["first_call_s"], measured["image_s"], measured["peak_rss_mb"],
                                     artifact_mb, runtime=runtime, precision=weights or precision,
@@ -370,12 +384,16 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         if "openvino" in chosen:
             profiled += [(f"OpenVINO {r.name} ({forms[r.name][0]})", get_runtime("openvino"), exports[r.name].path)
                          for r in recipes]
+        measured = {r.name for r in result.rows}
         for label, runtime, path in profiled:
-            result.profiles[label], result.optimized_ops[label] = runtime.profile(path, inputs, out / "profile")
+            if label in measured:  # a row whose process failed would fail here too
+                result.profiles[label], result.optimized_ops[label] = runtime.profile(path, inputs, out / "profile")
 
     if arch and ARCHITECTURES[arch].reduced_depth:
         result.notes.append(f"{arch}: real widths and heads, {ARCHITECTURES[arch].depth_note}; a block's time is "
                             "real, the whole model's scales with depth")
+    if not result.rows:
+        raise DiffquantError("no row could be measured: " + "; ".join(result.notes))
     base = result.rows[0]
     for row in result.rows:
         row.speedup = base.call_ms_median / row.call_ms_median

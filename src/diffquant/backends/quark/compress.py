@@ -66,13 +66,24 @@ def compress_weights(model, unet: torch.nn.Module, base_dir: str = "") -> Compre
     """
     import onnx
 
-    def to_array(tensor):
-        return onnx.numpy_helper.to_array(tensor, base_dir)
-
     graph = model.graph
     before = sum(_tensor_bytes(t) for t in graph.initializer)
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+
+    def value(name: str) -> np.ndarray | None:
+        """A constant's values: an initializer or, in the graph as traced (before Quark's passes fold
+        them), a Constant node's tensor or an Identity of either (the tracer shares equal constants so);
+        None when `name` is none of these."""
+        if name in initializers:
+            return onnx.numpy_helper.to_array(initializers[name], base_dir)
+        node = producers.get(name)
+        if node is not None and node.op_type == "Identity":
+            return value(node.input[0])
+        if node is not None and node.op_type == "Constant":
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if tensor is None else onnx.numpy_helper.to_array(tensor)
+        return None
     modules = dict(unet.named_modules())
     dropped_nodes, counts = [], {"int8": 0, "fp8": 0}
     exact = 0
@@ -82,7 +93,7 @@ def compress_weights(model, unet: torch.nn.Module, base_dir: str = "") -> Compre
             continue
         module = modules[layer]
         codes, scale, kind = internals.weight_codes(module)
-        onnx_scale = to_array(initializers[node.input[1]]).astype(np.float32)
+        onnx_scale = value(node.input[1]).astype(np.float32)
         assert np.array_equal(onnx_scale.reshape(-1), scale.reshape(-1).numpy()), f"{node.name}: scale differs"
         exact += torch.equal(codes.float() * scale, internals.fake_quantized_weight(module))
         source = node.input[0]
@@ -96,8 +107,8 @@ def compress_weights(model, unet: torch.nn.Module, base_dir: str = "") -> Compre
         # no zero point, ORT's exact-int8 option (runtimes.onnxruntime.session.EXACT_INT8_PRODUCTS) rewrites a per-channel
         # DequantizeLinear that it does not fuse to u8 with a scalar zero point, and then rejects it.
         if len(node.input) == 3:
-            zero = initializers.get(node.input[2])
-            assert zero is None or not to_array(zero).any(), f"{node.name}: non-zero zero point"
+            zero = value(node.input[2])
+            assert zero is None or not zero.any(), f"{node.name}: non-zero zero point"
             del node.input[2]
         if kind == "int8":
             zero = onnx.numpy_helper.from_array(np.zeros(onnx_scale.shape, np.int8), f"{name}_zero")
@@ -123,14 +134,10 @@ def compress_weights_in_file(path: Path, unet: torch.nn.Module) -> CompressionRe
     stay on disk, so a model of gigabytes is never in memory as float (an SD 1.5 UNet: 3.4 GB of
     float weights in, 0.9 GB of codes out)."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(path), load_external_data=False)
     report = compress_weights(model, unet, str(path.parent))
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            load_external_data_for_tensor(tensor, str(path.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+    load_external_data_for_model(model, str(path.parent))  # what stays: codes are in memory already
     onnx.save_model(model, str(path))  # external data again when large (export._external_data_saves)
     return report
