@@ -329,7 +329,10 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
               torch.no_grad(), plain_int4_linears(module) as int4, _compress_before_quark_passes(module, reports)):
             quark_torch.export_onnx(wrapper, tmp, tuple(inputs.values()), input_names=names,
                                     output_names=[family.output_name])
-        compression, = reports
+        if len(reports) != 1:  # the wrapped pass function was not called once: another Quark's exporter
+            raise DiffquantError("Quark's ONNX exporter did not run its graph passes as amd-quark 0.13 does, so "
+                                 "the weights were not compressed: install the amd-quark version diffquant pins")
+        compression = reports[0]
         # The graph first: MatMulNBits replaces the int4 Linears' float weights before anything is read
         # (it reads their shapes only), so they are never in memory; then what stays is loaded.
         model = onnx.load(str(tmp / "quark_model.onnx"), load_external_data=False)
