@@ -278,8 +278,8 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
 
     The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
     as fp32), then `compress_weights` stores every quantized weight as INT8 or FLOAT8E4M3FN codes
-    feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights (between Quark's trace and
-    its graph passes, so that those never hold the float weights) (int4 Linears become
+    feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights, between Quark's trace and
+    its graph passes so that those never hold the float weights (int4 Linears become
     com.microsoft.MatMulNBits with Quark's codes, see `backends.quark.matmul_nbits`), and
     `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels (and
     each attention into one MultiHeadAttention).
