@@ -277,9 +277,10 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     attribute, family = family.pipeline_attribute, None  # the family holds the module, quantized in place below
 
     def own_process(label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float,
-                    weights: str | None = None) -> None:
+                    weights: str | None = None) -> bool:
         """`precision`: the float precision the row runs in; `weights`: the row's precision when its graph
-        holds quantized weights (a QDQ graph in OpenVINO runs int8 kernels whatever its float precision)."""
+        holds quantized weights (a QDQ graph in OpenVINO runs int8 kernels whatever its float precision).
+        Returns whether the row was measured."""
         spec = bench_row.RowSpec(runtime, precision, str(inputs_path), iterations, warmup, threads,
                                  str(path) if path else None, None if arch else model, arch,
                                  0 if arch else images, *arch_spec)
@@ -288,12 +289,13 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         except RowFailed as error:  # the other rows still count: the table says which one is missing and why
             logger.warning("%s", error)
             result.notes.append(f"{label}: not measured, its process failed: {error.last_line}")
-            return
+            return False
         result.rows.append(BenchRow(label, False, measured["call_ms_median"], measured["call_ms_p90"],
                                     measured["first_call_s"], measured["image_s"], measured["peak_rss_mb"],
                                     artifact_mb, runtime=runtime, precision=weights or precision,
                                     runtime_precision=measured["runtime_precision"]))
         logger.info("%s: %.1f ms median, peak %.0f MB", label, measured["call_ms_median"], measured["peak_rss_mb"])
+        return True
 
     def float_denoiser():
         """A fresh float pipeline (None for an architecture) and denoiser, as the bench started with."""
@@ -348,46 +350,38 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     exports = {}
     for index, recipe in enumerate(recipes):
         if index:  # the previous recipe quantized the float module itself: the next one starts afresh
+            _release_freed_memory()
             pipe, module = float_denoiser()
         exports[recipe.name] = quantize_and_export(recipe, pipe, module)
         pipe = module = None
-        _release_freed_memory()
     calibration = None
     _release_freed_memory()
     fp32_mb_onnx = _dir_mb(out / "onnx-fp32")
     # 4-bit Linears are com.microsoft.MatMulNBits nodes (OpenVINO reads them as int4 weight decompression),
-    # 8-bit weights QDQ pairs
-    forms = {r.name: ("MatMulNBits", "int4") if r.four_bit else ("QDQ", "int8") for r in recipes}
+    # 8-bit weights QDQ pairs: (recipe, graph form, weight precision, file, MB) of each quantized graph
+    graphs = [(r.name, *(("MatMulNBits", "int4") if r.four_bit else ("QDQ", "int8")), exports[r.name].path,
+               _dir_mb(exports[r.name].path.parent)) for r in recipes]
+    profiled = []  # (label, runtime, file) of the measured rows profiled once more after timing
     if "onnxruntime" in chosen:
-        own_process("ORT fp32", "onnxruntime", "f32", fp32_onnx, fp32_mb_onnx)
-        for r in recipes:
-            form, weights = forms[r.name]
-            own_process(f"ORT {r.name} ({form})", "onnxruntime", weights, exports[r.name].path,
-                        _dir_mb(exports[r.name].path.parent))
+        if own_process("ORT fp32", "onnxruntime", "f32", fp32_onnx, fp32_mb_onnx):
+            profiled.append(("ORT fp32", "onnxruntime", fp32_onnx))
+        for name, form, weights, path, q_mb in graphs:
+            if own_process(label := f"ORT {name} ({form})", "onnxruntime", weights, path, q_mb):
+                profiled.append((label, "onnxruntime", path))
     if "openvino" in chosen:
         own_process("OpenVINO f32", "openvino", "f32", fp32_onnx, fp32_mb_onnx)
         own_process("OpenVINO bf16", "openvino", "bf16", fp32_onnx, fp32_mb_onnx)
-        for r in recipes:
-            (form, weights), path = forms[r.name], exports[r.name].path
-            q_mb = _dir_mb(path.parent)
-            own_process(f"OpenVINO {r.name} ({form})", "openvino", "f32", path, q_mb, weights=weights)
+        for name, form, weights, path, q_mb in graphs:
+            if own_process(label := f"OpenVINO {name} ({form})", "openvino", "f32", path, q_mb, weights=weights):
+                profiled.append((label, "openvino", path))
             # What an AMX user would run: integer kernels for the quantized layers, bf16 for what stays
             # float (attention, norms); OpenVINO falls back to f32 where the CPU has no bf16 (runtime_precision).
-            own_process(f"OpenVINO {r.name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
+            own_process(f"OpenVINO {name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
                         weights=weights)
     if profile:
-        profiled = []
-        if "onnxruntime" in chosen:
-            profiled += [("ORT fp32", get_runtime("onnxruntime"), fp32_onnx)]
-            profiled += [(f"ORT {r.name} ({forms[r.name][0]})", get_runtime("onnxruntime"), exports[r.name].path)
-                         for r in recipes]
-        if "openvino" in chosen:
-            profiled += [(f"OpenVINO {r.name} ({forms[r.name][0]})", get_runtime("openvino"), exports[r.name].path)
-                         for r in recipes]
-        measured = {r.name for r in result.rows}
         for label, runtime, path in profiled:
-            if label in measured:  # a row whose process failed would fail here too
-                result.profiles[label], result.optimized_ops[label] = runtime.profile(path, inputs, out / "profile")
+            result.profiles[label], result.optimized_ops[label] = get_runtime(runtime).profile(path, inputs,
+                                                                                                out / "profile")
 
     if arch and ARCHITECTURES[arch].reduced_depth:
         result.notes.append(f"{arch}: real widths and heads, {ARCHITECTURES[arch].depth_note}; a block's time is "
