@@ -61,9 +61,9 @@ def test_4bit_recipe_quantizes_the_linears_it_claims_and_reports_the_rest(tiny_s
     assert all(report.notes[n].startswith("Conv2d") for n in convs)
     assert narrow in caplog.text and "stay float" in caplog.text  # logged, no traceback
     assert sqnr_db(_output(tiny_sd.unet), _output(quantized.unet)) > 10
-    # Bits per weight: 4-bit codes plus one fp32 (int4) or e8m0 (MX) scale per group, float layers 32.
+    # Bits per weight: 4-bit codes plus one fp16 (int4) or e8m0 (MX) scale per group, float layers 32.
     elements = {n: m.weight.numel() for n, m in {**linears, **convs}.items()}
-    scale_bits = 32 if "int4" in scheme else 8
+    scale_bits = 16 if "int4" in scheme else 8
     expected = sum((4 + scale_bits / group) * e if n in fit else 32 * e for n, e in elements.items())
     assert report.bits_per_weight == pytest.approx(expected / sum(elements.values()))
 
@@ -107,6 +107,9 @@ def test_packed_4bit_codes_round_trip_bit_exact_through_save_and_load(tiny_sd, t
     four = {n: m for n, m in quantized.unet.named_modules() if fourbit.weight_kind(m) in ("int4", "mxfp4")}
     assert four and all(f"{n}.weight" not in saved and saved[f"{n}.weight_packed4"].dtype == torch.uint8
                         for n in four)  # codes, not float master weights
+    # int4 scales stored in fp16 (the codes were taken on them), MX scales as e8m0 exponent bytes
+    assert all(saved[f"{n}._weight_quantizer.scale"].dtype == torch.float16 if fourbit.weight_kind(m) == "int4"
+               else saved[f"{n}.weight_scale_e8m0"].dtype == torch.uint8 for n, m in four.items())
     monkeypatch.setattr(internals.import_quark().ModelQuantizer, "quantize_model", None)  # no re-quantization
     reloaded = load_quantized(tmp_path / "q", device="cpu")
     assert layer_report(reloaded.unet).quantized == layer_report(quantized.unet).quantized

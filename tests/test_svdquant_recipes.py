@@ -82,9 +82,9 @@ def test_svdquant_recipes_quantize_the_linears_they_claim(tiny_sd, tiny_svdquant
         out, k = linears[n].weight.shape
         rank = min(algorithm.rank, out, k)
         assert (layer.correction is None) if rank == 0 else (layer.correction.l1.weight.shape == (rank, k)), n
-        # int4 codes and an fp32 scale per group, the fp32 branch and smoothing factor
-        expected_bits += 4 * out * k + 32 * out * k // GROUP + 32 * rank * (out + k)
-        expected_bits += 32 * k if layer.smooth_factor is not None else 0
+        # int4 codes and an fp16 scale per group, the branch and smoothing factor in fp16
+        expected_bits += 4 * out * k + 16 * out * k // GROUP + 16 * rank * (out + k)
+        expected_bits += 16 * k if layer.smooth_factor is not None else 0
     assert any(modules[n].smooth_factor is not None for n in fit)
     elements = sum(m.weight.numel() for m in {**linears, **convs}.values())
     assert report.bits_per_weight == pytest.approx(expected_bits / elements)
@@ -115,10 +115,14 @@ def test_svdquant_recipes_reload_to_identical_outputs_without_rerunning(tiny_sd,
     save_quantized(quantized, tmp_path / "q", model=str(tiny_sd_dir))
     saved = load_file(str(tmp_path / "q" / "unet_quantized.safetensors"))
     wrapped = {n for n, m in quantized.unet.named_modules() if svdquant.is_error_corrected(m)}
-    for n in wrapped:  # the residual as packed int4 codes, the branch and smoothing factor as they are
+    for n in wrapped:  # the residual as packed int4 codes and fp16 scales, the branch in fp16
         assert f"{n}.layer.weight" not in saved and saved[f"{n}.layer.weight_packed4"].dtype == torch.uint8
+        assert saved[f"{n}.layer._weight_quantizer.scale"].dtype == torch.float16
         assert (f"{n}.correction.l1.weight" in saved) == (tiny(name).algorithm.rank > 0)
-    assert any(k.endswith(".smooth_factor") for k in saved)
+        assert all(saved[f"{n}.correction.{f}.weight"].dtype == torch.float16
+                   for f in ("l1", "l2") if f"{n}.correction.{f}.weight" in saved)
+    smoothing = [v for k, v in saved.items() if k.endswith(".smooth_factor")]
+    assert smoothing and all(v.dtype == torch.float16 for v in smoothing)
     monkeypatch.setattr(svdquant, "apply_svdquant", None)  # reaching either would fail
     monkeypatch.setattr(internals.import_quark().ModelQuantizer, "quantize_model", None)
     reloaded = load_quantized(tmp_path / "q", device="cpu")

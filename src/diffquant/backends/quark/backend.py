@@ -69,6 +69,7 @@ class QuarkBackend(QuantBackend):
         started = time.perf_counter()
         with torch.no_grad():
             module = quantizer.quantize_model(module, calibration if recipe.needs_calibration else None)
+        fourbit.round_scales_fp16(module)  # int4 scales as stored (fp16); other layers untouched
         logger.info("quantized %s with %s in %.1f s", type(module).__name__, recipe.name, time.perf_counter() - started)
         return module
 

@@ -2,6 +2,12 @@
 scales of a quantized weight, nibble packing (saved artifacts and the ONNX MatMulNBits export), and the
 bits per weight a quantized denoiser stores.
 
+An int4 weight's group scales, and an SVDQuant layer's smoothing divisors and low-rank branch, are
+rounded to float16 values before the codes are taken from them (`fp16_grid`), so that they are stored
+in fp16 exactly (as GGUF, NNCF and ONNX Runtime's fp16 MatMulNBits models store theirs): 4.25 bits per
+weight at group 64 instead of 4.5 with fp32 scales, the same codes up to a 2**-11 relative change of a
+scale.
+
 Why hand-written: Quark exports per-group weights neither to safetensors in a form its own reload reads
 back into fake-quant modules nor to ONNX (its weight-folding pass fails on per-group scales), and no
 library packs Quark's codes; the packing itself is two nibbles per byte, low nibble first, the layout
@@ -19,6 +25,37 @@ from . import internals
 # OCP MX FP4 (e2m1): the value of each 4-bit code; bit 3 is the sign.
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _E8M0_BIAS = 127
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+_FP16_TINY = 2.0 ** -24  # the smallest positive float16 (subnormal): a scale rounded to fp16 stays above 0
+
+
+def fp16_grid(tensor: torch.Tensor, positive: bool = False) -> torch.Tensor:
+    """`tensor` rounded to the nearest float16 value (clamped into its range; at least the smallest
+    positive float16 when `positive`, as a scale or divisor must be), kept in its own dtype."""
+    clamped = tensor.clamp(_FP16_TINY if positive else -_FP16_MAX, _FP16_MAX)
+    return clamped.to(torch.float16).to(tensor.dtype)
+
+
+def fits_fp16(tensor: torch.Tensor) -> bool:
+    """True when every value of the float `tensor` is a float16 value (it is stored in fp16 exactly)."""
+    return tensor.is_floating_point() and torch.equal(tensor.to(torch.float16).to(tensor.dtype), tensor)
+
+
+def stored_bits(tensor: torch.Tensor) -> int:
+    """Bits a side tensor of a 4-bit layer (scale, smoothing divisor, branch) takes as saved: 16 per value
+    when it fits fp16 (`pack_state` stores it so), else its own dtype."""
+    return (16 if fits_fp16(tensor) else 8 * tensor.element_size()) * tensor.numel()
+
+
+def round_scales_fp16(module: torch.nn.Module) -> None:
+    """Give every int4 weight quantizer of `module` its scale rounded to fp16 (observing the weight first
+    where it has not yet), so that its codes are taken on the scale that is stored."""
+    for layer in module.modules():
+        if weight_kind(layer) == "int4":
+            quantizer = internals.weight_quantizer(layer)
+            with torch.no_grad():
+                quantizer(layer.weight.detach())  # observes while its observer is on; a no-op for the scale after
+            internals.set_weight_scale(layer, fp16_grid(quantizer.scale.detach(), positive=True))
 
 
 def unfit_reason(layer: torch.nn.Module, recipe: Recipe) -> str | None:
@@ -55,13 +92,15 @@ def weight_kind(layer: torch.nn.Module) -> str | None:
 
 
 def weight_bits(layer: torch.nn.Module) -> int:
-    """Bits that `layer`'s weight takes stored: codes plus scales (fp32; e8m0 for MX), or fp32 when float."""
+    """Bits that `layer`'s weight takes stored: codes plus scales (int4: fp16 when they fit it, see
+    `pack_state`; MX: e8m0; 8-bit: fp32), or fp32 when float."""
     kind = weight_kind(layer)
     elements = layer.weight.numel()
     if kind is None:
         return 32 * elements
-    scales = internals.weight_quantizer(layer).scale.numel()
-    return (4 if kind in ("int4", "mxfp4") else 8) * elements + (8 if kind == "mxfp4" else 32) * scales
+    scale = internals.weight_quantizer(layer).scale.detach()
+    scale_bits = {"mxfp4": 8 * scale.numel(), "int4": stored_bits(scale)}.get(kind, 32 * scale.numel())
+    return (4 if kind in ("int4", "mxfp4") else 8) * elements + scale_bits
 
 
 def group_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -109,6 +148,8 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 _PACKED4, _INT8, _E8M0 = ".weight_packed4", ".weight_int8", ".weight_scale_e8m0"
 _SCALE = "._weight_quantizer.scale"
+# An SVDQuant layer's smoothing divisor and low-rank branch (Quark's ErrorCorrectedModule's names).
+_SIDE = (".smooth_factor", ".correction.l1.weight", ".correction.l2.weight")
 
 
 def _exact(weight: torch.Tensor, layer: torch.nn.Module) -> bool:
@@ -121,8 +162,13 @@ def pack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
     """`state` (the module's un-frozen state dict) with each 4-bit weight replaced by its packed nibbles
     (and an MX scale by its e8m0 exponent byte) and each int8 weight by its int8 codes: the float master
     weights are not needed again, since the fake-quantized weight is a fixed point of its quantizer.
-    A weight whose codes would not give its fake-quantized weight exactly keeps its float master weight."""
+    A weight whose codes would not give its fake-quantized weight exactly keeps its float master weight.
+    int4 scales and SVDQuant's divisors and branches are stored in fp16 where their values fit it
+    (loading them back into their float32 buffers is exact)."""
     packed = dict(state)
+    for key, tensor in state.items():
+        if key.endswith(_SIDE) and tensor.dtype == torch.float32 and fits_fp16(tensor):
+            packed[key] = tensor.to(torch.float16)
     for name, layer in module.named_modules():
         kind = weight_kind(layer)
         if kind in ("int4", "mxfp4"):
@@ -131,6 +177,8 @@ def pack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
                 continue
             del packed[f"{name}.weight"]
             packed[name + _PACKED4] = pack_nibbles(nibbles).contiguous()
+            if kind == "int4" and fits_fp16(scale):
+                packed[name + _SCALE] = packed[name + _SCALE].to(torch.float16)
             if kind == "mxfp4":
                 del packed[name + _SCALE]
                 exponent = torch.frexp(scale)[1] - 1 + _E8M0_BIAS  # scale = 2**(byte - 127)

@@ -81,10 +81,17 @@ def _specs(mode: str, group_size: int):
 
 
 def _fake_quant(spec, tensor: torch.Tensor) -> torch.Tensor:
-    """Quark's own quantize-dequantize of `tensor` (a fresh quantizer: it observes, then rounds)."""
+    """Quark's own quantize-dequantize of `tensor` (a fresh quantizer: it observes, then rounds); a static
+    (weight) quantizer rounds on its scale rounded to fp16, as the quantized layer will."""
     from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
 
-    return FakeQuantizeBase.get_fake_quantize(spec, device=tensor.device)(tensor)
+    quantizer = FakeQuantizeBase.get_fake_quantize(spec, device=tensor.device)
+    out = quantizer(tensor)
+    if spec.is_dynamic:
+        return out
+    quantizer.scale.data = fourbit.fp16_grid(quantizer.scale.data, positive=True)
+    quantizer.disable_observer()
+    return quantizer(tensor)
 
 
 def _collect(module: torch.nn.Module, calibration, names: set[str], gptq: bool):
@@ -107,8 +114,11 @@ def _collect(module: torch.nn.Module, calibration, names: set[str], gptq: bool):
 
 def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None, group_size: int):
     """Quark's GPTQ of the residual on the Hessian of the input it really reads (x / s), and the per-group
-    scales it rounded to, (out, groups). Quark's int4 quantizer takes those scales (its own would be
-    max|w| / 7.5, not GPTQ's max|w| / 7, and would round the GPTQ weights a second time)."""
+    scales it rounded to, (out, groups), rounded to fp16 (the codes GPTQ chose, times the stored scales).
+    Quark's int4 quantizer takes those scales (its own would be max|w| / 7.5, not GPTQ's max|w| / 7, and
+    would round the GPTQ weights a second time). Quark's GPTQ takes no scales from outside, so the fp16
+    rounding comes after its choice of codes: a 2**-11 relative change of a scale, where its rounding
+    error is up to 1/14 of it."""
     from quark.torch.algorithm.svdquant import gptq_quantize_residual
 
     if s is not None:  # H of x / s = diag(1/s) H diag(1/s)
@@ -117,18 +127,23 @@ def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None,
     start = residual.clone()
     start[:, torch.diag(hessian) == 0] = 0  # as GPTQ zeroes dead columns before taking its scales
     scales = start.reshape(start.shape[0], -1, group_size).abs().amax(dim=-1).clamp(min=1e-10) / 7
-    return rounded, scales
+    codes = torch.round(rounded / scales.repeat_interleave(group_size, dim=1)).clamp(-8, 7)
+    scales = fourbit.fp16_grid(scales, positive=True)
+    return codes * scales.repeat_interleave(group_size, dim=1), scales
 
 
 def _decompose(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L1, L2, R) with W = L2 L1 + R: Quark's SVD split. At rank 0 (int4-w-gptq) the split keeps nothing
-    and R is W, which Quark computes through a full SVD of W all the same (minutes per alpha for a
-    3072 x 15360 Flux Linear); the empty factors and W are returned directly, the same tensors."""
+    """(L1, L2, R) with W = L2 L1 + R: Quark's SVD split, the factors rounded to fp16 (as stored) and R
+    the rest of W after them. At rank 0 (int4-w-gptq) the split keeps nothing and R is W, which Quark
+    computes through a full SVD of W all the same (minutes per alpha for a 3072 x 15360 Flux Linear);
+    the empty factors and W are returned directly, the same tensors."""
     from quark.torch.algorithm.svdquant.svdquant import _svd_decompose
 
     if rank == 0:
         return weight.new_zeros(0, weight.shape[1]), weight.new_zeros(weight.shape[0], 0), weight
-    return _svd_decompose(weight, rank)
+    l1, l2, _ = _svd_decompose(weight, rank)
+    l1, l2 = fourbit.fp16_grid(l1), fourbit.fp16_grid(l2)
+    return l1, l2, weight - l2 @ l1
 
 
 def _candidate(weight: torch.Tensor, act_max: torch.Tensor | None, alpha: float | None, rank: int):
@@ -136,7 +151,7 @@ def _candidate(weight: torch.Tensor, act_max: torch.Tensor | None, alpha: float 
     if alpha is None:
         return (None, *_decompose(weight, rank))
     s = act_max.clamp(min=1e-8).pow(alpha) / weight.abs().amax(dim=0).clamp(min=1e-5).pow(1 - alpha)
-    s = s.clamp(min=1e-5, max=1e5)
+    s = fourbit.fp16_grid(s.clamp(min=1e-5, max=1e4), positive=True)  # stored in fp16
     return (s, *_decompose(weight * s, rank))
 
 
@@ -220,7 +235,7 @@ def stored_bits(layer: torch.nn.Module) -> tuple[int, str]:
     low-rank branch and the smoothing factor in their dtype."""
     extra = [t for t in (layer.smooth_factor, *(() if layer.correction is None else layer.correction.parameters()))
              if t is not None]
-    bits = fourbit.weight_bits(layer.layer) + sum(8 * t.element_size() * t.numel() for t in extra)
+    bits = fourbit.weight_bits(layer.layer) + sum(fourbit.stored_bits(t.detach()) for t in extra)
     description = internals.describe(internals.weight_quantizer(layer.layer))
     if internals.input_quantizer(layer.layer) is not None:
         description += f", act {internals.describe(internals.input_quantizer(layer.layer))}"
@@ -323,6 +338,7 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         module = ModelQuantizer(qconfig).quantize_model(module, None)
         for name, scale in scales.items():
             internals.set_weight_scale(module.get_submodule(f"{name}.layer"), scale)
+        fourbit.round_scales_fp16(module)  # the residuals rounded to nearest (GPTQ's scales are fp16 already)
     module.diffquant_svdquant = {"mode": mode, "rank": rank, "group_size": group_size, "gptq": gptq, "layers": report}
     smoothed = sum(v["alpha"] is not None for v in report.values())
     logger.info("SVDQuant %s rank %d: %d layers (%d smoothed) in %.1f s", mode, rank, len(report), smoothed,
