@@ -133,6 +133,18 @@ def test_svdquant_recipes_reload_to_identical_outputs_without_rerunning(tiny_sd,
     assert len(reloaded.unet.diffquant_svdquant["layers"]) == len(wrapped)
 
 
+def test_gptq_without_smoothing_stores_no_divisor(tiny_sd, tiny_calibration):
+    """smooth=False: no layer divides its input, and each stores exactly 4 bits plus an fp16 scale per group."""
+    from diffquant.backends.quark.backend import stored_layers
+
+    recipe = replace(tiny("int4-w-gptq"), name="int4-w-gptq-tiny-unsmoothed", algorithm=SVDQuant(rank=0, smooth=False))
+    unet = quantize(tiny_sd, recipe, calibration=tiny_calibration).unet
+    wrapped = [s for s in stored_layers(unet) if s.svdquant is not None]
+    assert wrapped and all(s.layer.smooth_factor is None and "smoothed" not in s.svdquant for s in wrapped)
+    assert all(s.bits == s.elements * (4 + 16 / GROUP) for s in wrapped)
+    assert all(v["alpha"] is None for v in unet.diffquant_svdquant["layers"].values())
+
+
 def test_bad_svdquant_recipes_are_one_clear_line(tiny_sd):
     with pytest.raises(DiffquantError, match="rank must be a whole number >= 0"):
         SVDQuant(rank=-1)
@@ -142,6 +154,8 @@ def test_bad_svdquant_recipes_are_one_clear_line(tiny_sd):
         SVDQuant(mode="w4a8")
     with pytest.raises(DiffquantError, match="gptq must be true or false"):
         SVDQuant(gptq="yes")
+    with pytest.raises(DiffquantError, match="smooth must be true or false"):
+        SVDQuant(smooth="no")
     with pytest.raises(DiffquantError, match="SVDQuant takes an int4 PerGroup weight"):
         Recipe("x", TensorQuant("int8"), algorithm=SVDQuant())
     with pytest.raises(DiffquantError, match="SVDQuant takes an int4 PerGroup weight and no fallback"):
@@ -155,7 +169,9 @@ def test_bad_svdquant_recipes_are_one_clear_line(tiny_sd):
         recipe_from_dict(data | {"algorithm": {"type": "AWQ"}})
     with pytest.raises(DiffquantError, match="rank must be"):
         recipe_from_dict(data | {"algorithm": data["algorithm"] | {"rank": "16"}})
-    # a version-4 recipe (before `algorithm`) still reads
+    # a version-5 recipe (before `smooth`) reads as smoothing, a version-4 one (before `algorithm`) too
+    v5 = data | {"version": 5, "algorithm": {k: v for k, v in data["algorithm"].items() if k != "smooth"}}
+    assert recipe_from_dict(v5) == RECIPES["svdquant-w4a16"] and RECIPES["svdquant-w4a16"].algorithm.smooth
     old = {k: v for k, v in RECIPES["int4-w"].to_dict().items() if k != "algorithm"} | {"version": 4}
     assert recipe_from_dict(old) == RECIPES["int4-w"]
     with pytest.raises(DiffquantError, match="needs calibration data \\(SVDQuant's statistics\\)"):

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field, replace
 
 from .errors import DiffquantError
 
-RECIPE_VERSION = 5
-# version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback, 4 no algorithm
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+RECIPE_VERSION = 6
+# version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback, 4 no algorithm,
+# 5 no SVDQuant "smooth" (it always smoothed)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 INT8, FP8, INT4, MXFP4 = "int8", "fp8_e4m3", "int4", "mxfp4"
 DTYPES = (INT8, FP8, INT4, MXFP4)
 FOUR_BIT = (INT4, MXFP4)  # per-group weights of Linear layers only
@@ -69,11 +70,14 @@ class SVDQuant:
     layer on calibration inputs), a float rank-`rank` branch carries the top singular directions of the
     smoothed weight and the int4 per-group residual is rounded by GPTQ (`gptq`) or to nearest. Rank 0
     keeps the smoothing and the GPTQ residual without a branch. `mode` "w4a4" also quantizes the
-    residual's inputs to int4 per group, dynamically (one scale per group of each row, per call)."""
+    residual's inputs to int4 per group, dynamically (one scale per group of each row, per call).
+    `smooth` False leaves the inputs undivided: no smoothing divisor is stored (16 bits per input
+    channel of each layer, 16 / out_features bits per weight)."""
 
     rank: int = 16
     mode: str = "w4a16"
     gptq: bool = True
+    smooth: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
@@ -82,6 +86,8 @@ class SVDQuant:
             raise DiffquantError(f"SVDQuant mode {self.mode!r} is not one of {', '.join(SVDQUANT_MODES)}")
         if not isinstance(self.gptq, bool):
             raise DiffquantError(f"SVDQuant gptq must be true or false, got {self.gptq!r}")
+        if not isinstance(self.smooth, bool):
+            raise DiffquantError(f"SVDQuant smooth must be true or false, got {self.smooth!r}")
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ class Recipe:
                 "fallback": quant(self.fallback),
                 "algorithm": None if self.algorithm is None else {
                     "type": "SVDQuant", "rank": self.algorithm.rank, "mode": self.algorithm.mode,
-                    "gptq": self.algorithm.gptq}}
+                    "gptq": self.algorithm.gptq, "smooth": self.algorithm.smooth}}
 
     def with_exclude(self, patterns: tuple[str, ...] | list[str]) -> Recipe:
         """A copy that also keeps the modules matching `patterns` in float."""
@@ -266,7 +272,7 @@ DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
 RECIPE_FIELDS = ("type", "version", "name", "weight", "activation", "conv_output", "exclude", "description",
                  "smoothing", "fallback", "algorithm")
-SVDQUANT_FIELDS = ("type", "rank", "mode", "gptq")
+SVDQUANT_FIELDS = ("type", "rank", "mode", "gptq", "smooth")
 QUANT_FIELDS = ("dtype", "granularity", "observer", "axis", "group_size")
 
 
@@ -319,7 +325,7 @@ def recipe_from_dict(data: dict) -> Recipe:
     if algorithm is not None:
         if not isinstance(algorithm, dict) or algorithm.get("type") != "SVDQuant":
             raise DiffquantError('recipe field \'algorithm\' must be null or {"type": "SVDQuant", "rank": ..., '
-                                 '"mode": ..., "gptq": ...}')
+                                 '"mode": ..., "gptq": ..., "smooth": ...}')
         _check_fields(algorithm, SVDQUANT_FIELDS, "the recipe's 'algorithm'")
         algorithm = SVDQuant(**{k: v for k, v in algorithm.items() if k != "type"})
     return Recipe(name, quant("weight"), quant("activation"), tuple(exclude), data.get("description", ""),

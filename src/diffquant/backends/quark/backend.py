@@ -83,7 +83,8 @@ class QuarkBackend(QuantBackend):
                                  f"excluded ones has an input width that the group size "
                                  f"{recipe.weight.granularity.size} divides: use a recipe with a smaller group")
         return svdquant.apply_svdquant(module, calibration, layers, mode=algorithm.mode, rank=algorithm.rank,
-                                       group_size=recipe.weight.granularity.size, gptq=algorithm.gptq)
+                                       group_size=recipe.weight.granularity.size, gptq=algorithm.gptq,
+                                       alphas=svdquant.ALPHAS if algorithm.smooth else (None,))
 
     def layer_report(self, module: torch.nn.Module) -> LayerReport:
         report = LayerReport()
