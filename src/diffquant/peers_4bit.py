@@ -278,8 +278,9 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     from .runtimes import get_runtime
 
     family = denoiser_of(pipe)
-    # traced at the prompt length the pipeline's tokenizer pads to (77 for CLIP; shorter in tiny test models)
-    onnx_file = export_fp32_onnx(family.module, out_dir / "fp32", sequence_length=pipe.tokenizer.model_max_length)
+    # traced at the text length the pipeline feeds its denoiser (CLIP's 77 for a UNet; CLIP and T5 tokens
+    # together for SD3, whose graph otherwise takes no other length: OpenVINO answered it with empty outputs)
+    onnx_file = export_fp32_onnx(family.module, out_dir / "fp32", sequence_length=family.sequence_length(pipe))
     model = ov.Core().read_model(str(onnx_file))
     from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
 
@@ -365,7 +366,7 @@ def quantize_4bit(method: str, pipe, check, work_dir: Path) -> Quantized:
 
         try:
             fidelity = check(get_runtime("openvino").pipeline(pipe, onnx_file, torch.get_num_threads()), exact=False)
-        except RuntimeError as error:  # seen on shapes-sd3: the compressed transformer's output came back empty
+        except RuntimeError as error:  # a graph OpenVINO cannot run at the pipeline's shapes
             raise PeerUnavailable(f"OpenVINO's fp32 pipeline for NNCF failed on this {family.module_class} "
                                   f"({' '.join(str(error).split())[:300]})") from None
         return Quantized(peer, layers, storage, [f"OpenVINO fp32 vs torch fp32: {fidelity}", *notes])
