@@ -62,6 +62,19 @@ def test_4bit_peers_store_about_4_bits_per_weight(tiny_sd_dir, tmp_path):
     assert "bits/weight" in (tmp_path / "peers" / "peers.md").read_text()
 
 
+def test_nncf_runs_a_transformer_pipeline_at_the_text_length_it_feeds(tiny_sd3_dir, tmp_path):
+    """SD3 feeds its transformer CLIP and T5 tokens together: NNCF's OpenVINO model is traced at that length
+    (traced at CLIP's alone, OpenVINO returned empty outputs and the row was a note)."""
+    pytest.importorskip("nncf", reason="nncf is not installed")
+    from diffquant.peers import main
+
+    assert main(["--model", str(tiny_sd3_dir), "--bits", "4", "--n", "2", "--steps", "2",
+                 "--methods", "nncf:int4-g16", "--out", str(tmp_path / "peers")]) == 0
+    row = json.loads((tmp_path / "peers" / "peers.json").read_text())["rows"][0]
+    assert row["layers_quantized"] > 0 and row["psnr_mean_db"] is not None, row["notes"]
+    assert "OpenVINO fp32 vs torch fp32" in row["notes"][0]
+
+
 def test_4bit_peer_whose_float_copy_differs_stops_the_run(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     import torch

@@ -273,14 +273,18 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     import nncf
     import openvino as ov
 
+    from .calibration import CalibrationConfig, capture_denoiser_inputs
     from .denoisers import denoiser_of
     from .export import export_fp32_onnx
     from .runtimes import get_runtime
 
     family = denoiser_of(pipe)
-    # traced at the text length the pipeline feeds its denoiser (CLIP's 77 for a UNet; CLIP and T5 tokens
-    # together for SD3, whose graph otherwise takes no other length: OpenVINO answered it with empty outputs)
-    onnx_file = export_fp32_onnx(family.module, out_dir / "fp32", sequence_length=family.sequence_length(pipe))
+    # Traced at the text length the pipeline really feeds its denoiser, read from one captured call (CLIP's
+    # for a UNet; CLIP and T5 tokens together for SD3, at the length its call pads T5 to): a graph traced at
+    # another length took no other, and OpenVINO answered it with empty outputs.
+    fed = capture_denoiser_inputs(pipe, ["a"], CalibrationConfig(size=1, batch_size=1, steps=2, timesteps=1))
+    onnx_file = export_fp32_onnx(family.module, out_dir / "fp32",
+                                 sequence_length=fed[0]["encoder_hidden_states"].shape[1])
     model = ov.Core().read_model(str(onnx_file))
     from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
 
