@@ -53,7 +53,10 @@ def _outputs(unet, records) -> torch.Tensor:
 
 
 def test_the_recipes_are_listed_with_their_algorithm():
-    assert RECIPES["int4-w-gptq"].algorithm == SVDQuant(rank=0, mode="w4a16", gptq=True)
+    assert RECIPES["int4-w-gptq"].algorithm == SVDQuant(rank=0, mode="w4a16", gptq=True, smooth=False)
+    assert RECIPES["int4-w-gptq-g128"] == replace(RECIPES["int4-w-gptq"], name="int4-w-gptq-g128",
+                                                  weight=TensorQuant(INT4, PerGroup(128)),
+                                                  description=RECIPES["int4-w-gptq-g128"].description)
     assert RECIPES["svdquant-w4a16"].algorithm == SVDQuant(16, "w4a16", True)
     assert RECIPES["svdquant-w4a4"].algorithm == SVDQuant(16, "w4a4", True)
     assert all(RECIPES[n].weight == TensorQuant(INT4, PerGroup(64)) and RECIPES[n].needs_calibration for n in NAMES)
@@ -85,7 +88,7 @@ def test_svdquant_recipes_quantize_the_linears_they_claim(tiny_sd, tiny_svdquant
         # int4 codes and an fp16 scale per group, the branch and smoothing factor in fp16
         expected_bits += 4 * out * k + 16 * out * k // GROUP + 16 * rank * (out + k)
         expected_bits += 16 * k if layer.smooth_factor is not None else 0
-    assert any(modules[n].smooth_factor is not None for n in fit)
+    assert any(modules[n].smooth_factor is not None for n in fit) == algorithm.smooth
     elements = sum(m.weight.numel() for m in {**linears, **convs}.values())
     assert report.bits_per_weight == pytest.approx(expected_bits / elements)
 
@@ -122,7 +125,7 @@ def test_svdquant_recipes_reload_to_identical_outputs_without_rerunning(tiny_sd,
         assert all(saved[f"{n}.correction.{f}.weight"].dtype == torch.float16
                    for f in ("l1", "l2") if f"{n}.correction.{f}.weight" in saved)
     smoothing = [v for k, v in saved.items() if k.endswith(".smooth_factor")]
-    assert smoothing and all(v.dtype == torch.float16 for v in smoothing)
+    assert bool(smoothing) == tiny(name).algorithm.smooth and all(v.dtype == torch.float16 for v in smoothing)
     monkeypatch.setattr(svdquant, "apply_svdquant", None)  # reaching either would fail
     monkeypatch.setattr(internals.import_quark().ModelQuantizer, "quantize_model", None)
     reloaded = load_quantized(tmp_path / "q", device="cpu")
@@ -133,12 +136,12 @@ def test_svdquant_recipes_reload_to_identical_outputs_without_rerunning(tiny_sd,
     assert len(reloaded.unet.diffquant_svdquant["layers"]) == len(wrapped)
 
 
-def test_gptq_without_smoothing_stores_no_divisor(tiny_sd, tiny_calibration):
-    """smooth=False: no layer divides its input, and each stores exactly 4 bits plus an fp16 scale per group."""
+def test_gptq_without_smoothing_stores_no_divisor(tiny_svdquant):
+    """int4-w-gptq (smooth=False): no layer divides its input, each stores exactly 4 bits plus an fp16 scale
+    per group."""
     from diffquant.backends.quark.backend import stored_layers
 
-    recipe = replace(tiny("int4-w-gptq"), name="int4-w-gptq-tiny-unsmoothed", algorithm=SVDQuant(rank=0, smooth=False))
-    unet = quantize(tiny_sd, recipe, calibration=tiny_calibration).unet
+    unet = tiny_svdquant("int4-w-gptq").unet
     wrapped = [s for s in stored_layers(unet) if s.svdquant is not None]
     assert wrapped and all(s.layer.smooth_factor is None and "smoothed" not in s.svdquant for s in wrapped)
     assert all(s.bits == s.elements * (4 + 16 / GROUP) for s in wrapped)

@@ -205,7 +205,8 @@ INT4_GROUP = 32
 # SVDQuant on shapes-sd. Probe (16 captions, image PSNR vs fp32 mean / worst, 49 of the Linears 64 divides;
 # RTN int4 g64 on them 43.39 / 27.43): GPTQ w4a16 rank 8 47.10 / 38.42, 16 47.59 / 38.46, 32 52.64 / 42.66;
 # w4a4 rank 32 51.74 / 42.50. As recipes (`python -m diffquant.shapes.evaluate --steps 25 --guidance 3 --n 64
-# --no-export`, all 61 Linears 64 divides, the rest float): int4-w 37.71 / 22.75 dB, int4-w-gptq 43.91 / 24.87,
+# --no-export`, all 61 Linears 64 divides, the rest float; before fp16 scales, with int4-w-gptq smoothed):
+# int4-w 37.71 / 22.75 dB, int4-w-gptq 43.91 / 24.87,
 # svdquant-w4a16 46.79 / 28.29, svdquant-w4a4 43.37 / 27.52; w4a16 rank 8 45.42 / 28.44, rank 32 50.41 / 34.25.
 # Bits per weight of those 61 Linears: int4-w-gptq 4.74; w4a16 rank 8 9.4, 16 14.1, 32 23.5 with the branch in
 # fp32 as stored (7.1, 9.5, 14.1 were it fp16). Rank 16: rank 32 is more accurate, but at shapes-sd's widths
@@ -253,11 +254,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("mxfp4-w", TensorQuant(MXFP4, PerGroup(MX_GROUP)),
            description="OCP MX FP4 (e2m1) Linear weights, one power-of-two scale per 32 inputs (Quark's "
                        "OCP_MXFP4Spec); Conv2d stay float"),
-    # SVDQUANT_GROUP, SVDQUANT_RANK: see their comment.
-    Recipe("int4-w-gptq", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)), algorithm=SVDQuant(rank=0),
-           description=f"int4 Linear weights, one scale per {SVDQUANT_GROUP} inputs, rounded by GPTQ after a "
-                       "per-layer searched smoothing of the inputs (SVDQuant without its low-rank branch; "
-                       "calibrated); Conv2d and Linears the group does not divide stay float"),
+    # SVDQUANT_GROUP, SVDQUANT_RANK: see their comment. int4-w-gptq is GPTQ alone: smoothing before it (the
+    # alpha search at rank 0) measured no better on either shipped model and stores a divisor per input
+    # channel (`python -m diffquant.peers --bits 4 --n 200`, PSNR mean / p10 / worst, bits per weight of the
+    # 4-bit Linears, fp16 scales): shapes-sd 46.99 / 38.81 / 30.58 dB at 4.37 smoothed, 46.86 / 40.04 / 29.66
+    # at 4.25 without; shapes-sd3 36.81 / 28.24 / 20.39 at 4.30, 36.89 / 29.21 / 19.22 at 4.25. Group 128
+    # (4.125 bits, NNCF's and torchao's group): shapes-sd 49.75 / 44.11 / 20.01 on the 40 Linears 128
+    # divides, shapes-sd3 36.61 / 28.38 / 19.00 on all 88.
+    Recipe("int4-w-gptq", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)), algorithm=SVDQuant(rank=0, smooth=False),
+           description=f"int4 Linear weights, one fp16 scale per {SVDQUANT_GROUP} inputs (4.25 bits per weight), "
+                       "rounded by GPTQ on the calibration inputs' Hessians (calibrated); Conv2d and Linears the "
+                       "group does not divide stay float"),
+    Recipe("int4-w-gptq-g128", TensorQuant(INT4, PerGroup(128)), algorithm=SVDQuant(rank=0, smooth=False),
+           description="int4-w-gptq with one fp16 scale per 128 inputs (4.125 bits per weight); Conv2d and "
+                       "Linears 128 does not divide stay float"),
     Recipe("svdquant-w4a16", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)), algorithm=SVDQuant(SVDQUANT_RANK),
            description=f"SVDQuant: smoothed int4 Linear weights (GPTQ, one scale per {SVDQUANT_GROUP} inputs) "
                        f"plus a float rank-{SVDQUANT_RANK} branch (calibrated); Conv2d and Linears the group "
