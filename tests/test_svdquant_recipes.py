@@ -218,3 +218,17 @@ def test_a_transformer_takes_svdquant_on_every_linear_and_reloads_identically(ti
     monkeypatch.setattr(svdquant, "apply_svdquant", None)
     reloaded = load_quantized(tmp_path / "q", device="cpu")
     assert torch.equal(_outputs(quantized.transformer, calibration), _outputs(reloaded.transformer, calibration))
+
+
+
+def test_sensitivity_of_a_gptq_recipe_measures_each_layer_alone(tiny_sd, tiny_calibration, tiny_svdquant):
+    """GPTQ rewrites a layer's weight (switching its fake quantization off does not give the float layer
+    back): each layer's score is the whole model with that layer alone quantized, so the scores differ
+    and each beats all layers quantized, and keeping the worst float brings the output closer."""
+    from diffquant.sensitivity import analyze_sensitivity
+
+    result = analyze_sensitivity(tiny_sd, tiny("int4-w-gptq"), tiny_calibration, max_keep=2)
+    scores = [score for _, score in result.ranking]
+    assert {name for name, _ in result.ranking} == set(layer_report(tiny_svdquant("int4-w-gptq").unet).quantized)
+    assert len(set(scores)) == len(scores) and min(scores) > result.full_sqnr_db
+    assert result.keep_float_curve[1] > result.keep_float_curve[0]

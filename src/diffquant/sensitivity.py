@@ -91,6 +91,24 @@ def _unit_of(name: str, unit: str) -> str:
     return ".".join(parts[:4]) if parts[0] in ("down_blocks", "up_blocks") else ".".join(parts[:2])
 
 
+def _switch(denoiser: torch.nn.Module, original: torch.nn.Module, names: list[str], rewrites_weights: bool):
+    """A function (names, quantized) that puts the named layers of the quantized `denoiser` in their
+    quantized or float form. Fake quantization switched off gives a layer back its float weights, except
+    where an algorithm rewrote them (SVDQuant/GPTQ: a rounded residual, a smoothing divisor and a branch
+    in a wrapper); there the float layer of the `original` denoiser is put in the wrapper's place."""
+    quantized_layers = {name: denoiser.get_submodule(name) for name in names}
+    float_layers = {name: original.get_submodule(name) for name in names} if rewrites_weights else {}
+
+    def use(members: list[str], quantized: bool) -> None:
+        if not rewrites_weights:
+            internals.set_fake_quant([quantized_layers[n] for n in members], quantized)
+            return
+        for name in members:
+            denoiser.set_submodule(name, quantized_layers[name] if quantized else float_layers[name])
+
+    return use
+
+
 def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: list[dict] | None = None,
                         unit: str = "layer", max_keep: int = 16) -> SensitivityResult:
     """Rank the denoiser's layers (unit='layer') or blocks (unit='block') by how much quantizing them alone
@@ -117,30 +135,28 @@ def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: li
             return torch.cat([module(**item, return_dict=False)[0].flatten().float() for item in eval_inputs])
 
     reference = outputs(denoiser_of(pipe).module)
-    modules = dict(denoiser.named_modules())
     names = list(layer_report(denoiser).quantized)
     units: dict[str, list[str]] = {}
     for name in names:
         units.setdefault(_unit_of(name, unit), []).append(name)
-    all_modules = [modules[n] for n in names]
+    use = _switch(denoiser, denoiser_of(pipe).module, names, rewrites_weights=recipe.algorithm is not None)
     full = sqnr_db(reference, outputs(denoiser))
 
     scores = []
-    internals.set_fake_quant(all_modules, False)
+    use(names, quantized=False)
     try:
         for key in progress(units, desc=f"sensitivity ({unit})", total=len(units)):
-            members = [modules[n] for n in units[key]]
-            internals.set_fake_quant(members, True)
+            use(units[key], quantized=True)
             scores.append((key, sqnr_db(reference, outputs(denoiser))))
-            internals.set_fake_quant(members, False)
+            use(units[key], quantized=False)
         ranking = sorted(scores, key=lambda pair: pair[1])
-        internals.set_fake_quant(all_modules, True)
+        use(names, quantized=True)
         curve = [full]
         for key, _ in progress(ranking[:max_keep], desc="keep-float curve"):
-            internals.set_fake_quant([modules[n] for n in units[key]], False)
+            use(units[key], quantized=False)
             curve.append(sqnr_db(reference, outputs(denoiser)))
     finally:
-        internals.set_fake_quant(all_modules, True)
+        use(names, quantized=True)
     logger.info("sensitivity of %s: all quantized %.1f dB; most sensitive %s (%.1f dB alone)",
                 recipe.name, full, ranking[0][0], ranking[0][1])
     return SensitivityResult(recipe, unit, full, ranking, units, curve)
