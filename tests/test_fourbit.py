@@ -191,6 +191,28 @@ def test_a_large_int4_export_matches_the_in_memory_one(tiny_int4_export, tmp_pat
     assert np.array_equal(ort.run(result.path, inputs), ort.run(in_memory.path, inputs))
 
 
+def test_int8_compute_asks_onnx_runtime_for_integer_dot_products(tiny_int4_export, tmp_path):
+    """int4_compute="int8": every MatMulNBits carries accuracy_level 4 (ONNX Runtime rounds its input to int8
+    per block), the weights are the same nibbles and scales, ORT still runs them all and stays within the
+    export's bound of torch; an unknown choice is one line."""
+    quantized, exact = tiny_int4_export
+    result = export_onnx(quantized, tmp_path / "int8-compute", int4_compute="int8")
+    nodes = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == exact.nbits["layers"] and result.nbits["accuracy_level"] == 4
+    assert all(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "accuracy_level")) == 4
+               for n in nodes)
+    exact_nodes = {n.name: n for n in onnx.load(str(exact.path)).graph.node if n.op_type == "MatMulNBits"}
+    assert not any(a.name == "accuracy_level" for n in exact_nodes.values() for a in n.attribute)
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(result.path)).graph.initializer}
+    exact_weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(exact.path)).graph.initializer}
+    assert all(np.array_equal(weights[n.input[i]], exact_weights[exact_nodes[n.name].input[i]])
+               for n in nodes for i in (1, 2))
+    assert result.fused_ops.get("MatMulNBits") == len(nodes)
+    assert result.relative_error <= result.relative_error_bound
+    with pytest.raises(DiffquantError, match="unknown int4 compute 'int2': use float or int8"):
+        export_onnx(quantized, tmp_path / "bad", int4_compute="int2")
+
+
 def test_conv8_export_keeps_int8_convolutions_beside_matmul_nbits(tiny_conv8, tmp_path):
     result = export_onnx(tiny_conv8, tmp_path / "conv8")
     n_int4 = sum(fourbit.weight_kind(m) == "int4" for m in tiny_conv8.unet.modules())

@@ -215,7 +215,7 @@ def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
 def benchmark(model: str | None = None, arch: str | None = None, recipe: str | tuple[str, ...] = DEFAULT_RECIPE,
               iterations: int = 10, warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
               fake_quant_compiled: bool = True, profile: bool = True,
-              runtimes: str | tuple[str, ...] | None = None) -> BenchResult:
+              runtimes: str | tuple[str, ...] | None = None, int4_compute: str = "float") -> BenchResult:
     """Measure every configuration side by side, each real row in its own process on the same inputs.
 
     Args:
@@ -233,6 +233,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         profile: after timing, run each ONNX Runtime row and the OpenVINO int8 row once more under
             their profilers and record the time per operator type and the kernels that ran.
         runtimes: the rows to run by runtime, a subset of `RUNTIME_CHOICES` (default: all).
+        int4_compute: how ONNX Runtime multiplies a 4-bit recipe's Linears, "float" or "int8" (see
+            `export_onnx`); OpenVINO reads the same graph and chooses its own kernels.
     """
     import tempfile
 
@@ -322,7 +324,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
                     fake_quant(f"torch fake-quant {recipe.name} +compile", q_family)
         # Random weights put many activations on rounding ties, so ORT and torch fake-quant differ by
         # more than on a trained UNet: the error is reported, not enforced, for an architecture.
-        exported = export_onnx(q_module, out / f"onnx-{recipe.name}", inputs=inputs, check=arch is None)
+        exported = export_onnx(q_module, out / f"onnx-{recipe.name}", inputs=inputs, check=arch is None,
+                               int4_compute=int4_compute)
         result.notes.append(f"ORT {recipe.name} vs torch fake-quant on one denoiser call: relative L2 error "
                             f"{exported.relative_error:.2e}; attentions fused into MultiHeadAttention: "
                             f"{exported.fusion.get('fused_attention', 0)}")
@@ -359,7 +362,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     fp32_mb_onnx = _dir_mb(out / "onnx-fp32")
     # 4-bit Linears are com.microsoft.MatMulNBits nodes (OpenVINO reads them as int4 weight decompression),
     # 8-bit weights QDQ pairs: (recipe, graph form, weight precision, file, MB) of each quantized graph
-    graphs = [(r.name, *(("MatMulNBits", "int4") if r.four_bit else ("QDQ", "int8")), exports[r.name].path,
+    nbits = "MatMulNBits" + (", int8 compute" if int4_compute == "int8" else "")
+    graphs = [(r.name, *((nbits, "int4") if r.four_bit else ("QDQ", "int8")), exports[r.name].path,
                _dir_mb(exports[r.name].path.parent)) for r in recipes]
     profiled = []  # (label, runtime, file) of the measured rows profiled once more after timing
     if "onnxruntime" in chosen:

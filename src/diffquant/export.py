@@ -30,6 +30,8 @@ MAX_RELATIVE_ERROR = 0.05
 # Runtime's fused QLinearConv requantizes its int32 accumulator directly: measured 7.4% on shapes-sd
 # (2.8% with ORT's graph optimizations off), while its images stay within the PSNR bound of the tests.
 MAX_RELATIVE_ERROR_WITH_OUTPUTS = 0.10
+# How ONNX Runtime multiplies int4 Linears -> MatMulNBits' accuracy_level (0: float, 4: int8 inputs).
+INT4_COMPUTE = {"float": 0, "int8": 4}
 
 
 def relative_error_bound(module: torch.nn.Module) -> float:
@@ -273,7 +275,8 @@ def _fuse_attention_in_file(path: Path) -> int:
 
 def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = None,
                 sequence_length: int | None = None, check: bool = True,
-                inputs: dict[str, torch.Tensor] | None = None, fuse_attention: bool = True) -> OnnxExport:
+                inputs: dict[str, torch.Tensor] | None = None, fuse_attention: bool = True,
+                int4_compute: str = "float") -> OnnxExport:
     """Export a quantized denoiser to `out_dir/unet.onnx` or `out_dir/transformer.onnx` with Quark, then check it.
 
     The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
@@ -299,6 +302,10 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
             image size and text length.
         fuse_attention: write each attention as one com.microsoft.MultiHeadAttention (ONNX Runtime's
             flash-attention kernel, exact in float; OpenVINO reads it too); False keeps torch's MatMul/Softmax.
+        int4_compute: how ONNX Runtime multiplies the int4 Linears (`INT4_COMPUTE`): "float" dequantizes
+            the weights and multiplies in float (exact to torch's fake quantization), "int8" lets it round
+            each Linear's input to int8 per block and use integer dot products (MatMulNBits'
+            accuracy_level 4: faster at group 128 and above on a CPU with VNNI, see `matmul_nbits`).
 
     Returns:
         An `OnnxExport` with the operators ONNX Runtime runs and the measured ORT-vs-torch error.
@@ -310,6 +317,8 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
     from .backends.quark.matmul_nbits import check_exportable, plain_int4_linears, to_matmul_nbits
     from .runtimes.onnxruntime import OnnxRuntime, prepare_for_ort_fusion
 
+    if int4_compute not in INT4_COMPUTE:
+        raise DiffquantError(f"unknown int4 compute {int4_compute!r}: use {' or '.join(INT4_COMPUTE)}")
     family, sequence_length = _family_and_length(pipe_or_module, sequence_length)
     module = family.module
     check_exportable(module)
@@ -336,7 +345,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
         # The graph first: MatMulNBits replaces the int4 Linears' float weights before anything is read
         # (it reads their shapes only), so they are never in memory; then what stays is loaded.
         model = onnx.load(str(tmp / "quark_model.onnx"), load_external_data=False)
-        nbits = to_matmul_nbits(model, int4).to_dict() if int4 else {}
+        nbits = to_matmul_nbits(model, int4, INT4_COMPUTE[int4_compute]).to_dict() if int4 else {}
         load_external_data_for_model(model, str(tmp))
         fusion = prepare_for_ort_fusion(model, fuse_attention)
         for leftover in tmp.iterdir():

@@ -142,7 +142,8 @@ def _write_unet(source: Path, unet_dir: Path, move: bool) -> None:
     onnx.checker.check_model(str(unet_dir / MODEL_NAME))
 
 
-def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = None) -> PipelineExport:
+def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = None,
+                    int4_compute: str = "float") -> PipelineExport:
     """Write a quantized pipeline as a folder that Optimum's ONNX Runtime pipelines load and run without
     diffquant: `ORTDiffusionPipeline.from_pretrained(out_dir)`.
 
@@ -151,6 +152,7 @@ def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = No
         out_dir: the folder to write (replaced atomically: an interrupted export leaves nothing behind).
         unet_onnx: the UNet already exported from this pipeline by `export_onnx` (its `unet.onnx`), reused
             instead of exporting and checking it again; None exports it here.
+        int4_compute: how ONNX Runtime multiplies 4-bit Linears when the UNet is exported here (`export_onnx`).
 
     Returns:
         A `PipelineExport` (component sizes; the UNet's ONNX Runtime check when it was exported here).
@@ -175,7 +177,7 @@ def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = No
         _export_float_components(pipe, tmp)
         unet_dir = tmp / "unet"
         if unet_onnx is None:
-            unet_exported = export_onnx(pipe, unet_dir)
+            unet_exported = export_onnx(pipe, unet_dir, int4_compute=int4_compute)
             unet_check = unet_exported.to_dict()
             unet_check["path"] = str(out_dir / "unet" / MODEL_NAME)
             _write_unet(unet_exported.path, unet_dir, move=True)
