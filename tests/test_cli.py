@@ -336,3 +336,12 @@ def test_run_on_the_embedded_transformer_model_end_to_end(tmp_path):
     assert w8a8.layers["float_reason"].startswith("the 24 layers")
     # 2 kept timesteps of one batch that holds both captions and both guidance halves
     assert results.calibration["denoiser_calls"] == 2 and len(results.calibration["timesteps"]) == 2
+
+
+def test_the_cli_offers_the_int4_compute_choices_export_knows():
+    from diffquant.cli import INT4_COMPUTE_CHOICES, build_parser
+    from diffquant.export import INT4_COMPUTE
+
+    assert INT4_COMPUTE_CHOICES == tuple(INT4_COMPUTE)
+    for command in (["export", "q", "--out", "o"], ["bench"]):
+        assert build_parser().parse_args([*command, "--int4-compute", "int8"]).int4_compute == "int8"

@@ -71,6 +71,8 @@ def _add_evaluation(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out (same options): images already there are not generated again")
 
 
+# export.INT4_COMPUTE's choices, written out: the CLI imports torch (through export) only when a command runs.
+INT4_COMPUTE_CHOICES = ("float", "int8")
 INT4_COMPUTE_HELP = ("how ONNX Runtime multiplies 4-bit Linears: float (default; dequantized weights, exact to "
                      "torch) or int8 (inputs rounded to int8 per block, integer dot products: faster at group 128 "
                      "and above on CPUs with VNNI)")
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", action="store_true",
                    help="write the whole pipeline (text encoder, VAE, scheduler, tokenizer, quantized UNet) in the "
                         "folder layout that Optimum's ORTDiffusionPipeline loads")
-    p.add_argument("--int4-compute", choices=("float", "int8"), default="float", help=INT4_COMPUTE_HELP)
+    p.add_argument("--int4-compute", choices=INT4_COMPUTE_CHOICES, default="float", help=INT4_COMPUTE_HELP)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("view", help="open an ONNX file in Netron on 127.0.0.1")
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2, help="images for the time per image (default 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the fake-quant row through torch.compile")
     p.add_argument("--runtime", help="rows to run, comma-separated: torch,onnxruntime,openvino (default: all)")
-    p.add_argument("--int4-compute", choices=("float", "int8"), default="float", help=INT4_COMPUTE_HELP)
+    p.add_argument("--int4-compute", choices=INT4_COMPUTE_CHOICES, default="float", help=INT4_COMPUTE_HELP)
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
 
     sub.add_parser("env", help="versions, devices and settings that matter for a run")

@@ -35,8 +35,9 @@ MS_DOMAIN = "com.microsoft"
 # level 4 59.2 ms, 3.6e-3 (ORT fp32: 53.3 ms). Level 4 is slower here and 6000x less exact: 0 it is.
 # On a 2-core Xeon with AVX512-VNNI and AMX (ORT 1.32, one MatMulNBits at SD3.5-medium's widths, 1,357
 # tokens, 2 threads, medians of 20), level 4 against an fp32 MatMul of the same shape depends on the
-# block: 0.73-0.87x at block 32, 0.86-0.96x at 64, 1.14-1.26x at 128, 1.32-1.42x at 256; level 0 is 0.91-0.94x at every
-# block. So the default stays exact, and `export_onnx(int4_compute="int8")` asks for level 4.
+# block: 0.73-0.87x at block 32, 0.86-0.96x at 64, 1.14-1.26x at 128, 1.32-1.42x at 256; level 0 is
+# 0.91-0.94x at every block. So the default stays exact, and `export_onnx(int4_compute="int8")` asks
+# for level 4.
 ACCURACY_LEVEL = 0
 # ORT vs torch at accuracy_level 0: the dequantized weights are torch's bit for bit, only the float
 # summation order differs. Measured: 5.6e-7 relative L2 error on shapes-sd (above); 1e-4 still fails
