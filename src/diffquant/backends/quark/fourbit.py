@@ -52,10 +52,7 @@ def round_scales_fp16(module: torch.nn.Module) -> None:
     where it has not yet), so that its codes are taken on the scale that is stored."""
     for layer in module.modules():
         if weight_kind(layer) == "int4":
-            quantizer = internals.weight_quantizer(layer)
-            with torch.no_grad():
-                quantizer(layer.weight.detach())  # observes while its observer is on; a no-op for the scale after
-            internals.set_weight_scale(layer, fp16_grid(quantizer.scale.detach(), positive=True))
+            internals.set_weight_scale(layer, fp16_grid(internals.observe_weight(layer), positive=True))
 
 
 def unfit_reason(layer: torch.nn.Module, recipe: Recipe) -> str | None:

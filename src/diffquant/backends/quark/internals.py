@@ -114,6 +114,16 @@ def fake_quantized_weight(layer: torch.nn.Module) -> torch.Tensor:
         return weight_quantizer(layer)(layer.weight.detach()).float()
 
 
+def observe_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight scale, after its quantizer has observed the weight where it still observes
+    (a weight-only quantizer takes its scale on its first call); a fixed scale is returned as it is."""
+    quantizer = weight_quantizer(layer)
+    if quantizer.is_observer_enabled:
+        with torch.no_grad():
+            quantizer(layer.weight.detach())
+    return quantizer.scale.detach()
+
+
 def set_weight_scale(layer: torch.nn.Module, scale: torch.Tensor) -> None:
     """Give the layer's weight quantizer this scale (its shape) and stop it observing: an algorithm
     (GPTQ) chose the scale and rounded the weight on it already."""
