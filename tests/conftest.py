@@ -271,3 +271,76 @@ def shapes_ort_export(shapes_pipe, shapes_calibration, tmp_path_factory):
 
     quantized = quantize(shapes_pipe, "w8a8-int8-ort", calibration=shapes_calibration, profile_exclusions=False)
     return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ort") / "w8a8-int8-ort")
+
+
+# Tiny pipelines of each denoiser family with the calls they generate with, and their quantized exports
+# (each recipe once per session): the transformer export tests and the CPU-branch tests share them.
+FAMILY_PROMPTS = ["a red circle", "a blue square on a white background"]
+# Flux's graph keeps the image size and text length it was traced with, so it is traced on a captured input.
+FAMILY_CALLS = {"unet": {}, "sd3": {"max_sequence_length": 16},
+                "flux": {"height": 16, "width": 16, "max_sequence_length": 16}}
+FAMILY_BUILDERS = {"unet": build_tiny_sd, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+
+
+def tiny_images(pipe, name: str):
+    generators = [torch.Generator().manual_seed(7 + k) for k in range(len(FAMILY_PROMPTS))]
+    return pipe(prompt=FAMILY_PROMPTS, num_inference_steps=2, generator=generators, output_type="np",
+                **FAMILY_CALLS[name]).images
+
+
+class TinyFamily:
+    """One tiny pipeline of a family, the denoiser calls it generates with (the calibration records), and
+    its quantized exports."""
+
+    def __init__(self, name: str, root: Path):
+        from diffquant.denoisers import denoiser_of
+
+        self.name, self.root = name, root
+        self.pipe = FAMILY_BUILDERS[name]()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.family = denoiser_of(self.pipe)
+        self.records = []
+        hook = self.family.module.register_forward_pre_hook(
+            lambda module, args, kwargs: self.records.append(self.family.record(args, kwargs)), with_kwargs=True)
+        try:
+            tiny_images(self.pipe, name)
+        finally:
+            hook.remove()
+        self._exports = {}
+
+    def quantized(self, recipe: str):
+        """The pipeline with its denoiser quantized by `recipe` on the recorded calls."""
+        import copy
+
+        from diffquant.quantization import quantize_module
+
+        module = quantize_module(self.family.module, recipe, calibration=self.records)
+        quantized = copy.copy(self.pipe)
+        object.__setattr__(quantized, self.family.pipeline_attribute, module)
+        return quantized
+
+    def export(self, recipe: str):
+        """(quantized pipeline, its OnnxExport), once per recipe. Random weights put activations on rounding
+        ties, so the ORT-vs-torch error is measured, and asserted by the tests that need it."""
+        from diffquant.export import export_onnx
+
+        if recipe not in self._exports:
+            quantized = self.quantized(recipe)
+            # UNet/SD3 from the pipeline (its tokenizers give the text length); Flux from a captured input.
+            inputs = self.family.flat_inputs(self.records[0]) if self.name == "flux" else None
+            self._exports[recipe] = quantized, export_onnx(quantized, self.root / f"{self.name}-{recipe}",
+                                                           inputs=inputs, check=False)
+        return self._exports[recipe]
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory):
+    """A function: family name ("unet", "sd3", "flux") -> its `TinyFamily`, built once per session."""
+    built = {}
+
+    def family(name: str) -> TinyFamily:
+        if name not in built:
+            built[name] = TinyFamily(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return family

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import diffquant as dq
@@ -157,6 +158,8 @@ def test_runs_started_at_once_on_one_out_get_their_own_folders(tmp_path):
 
 
 def test_artifacts_honour_the_umask(tmp_path):
+    from safetensors.torch import save_file
+
     from diffquant.artifacts import atomic_dir, save_image, write_json
 
     for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o077, 0o600, 0o700)):
@@ -166,8 +169,21 @@ def test_artifacts_honour_the_umask(tmp_path):
             save_image(Image.new("RGB", (2, 2)), folder / "image.png")
             with atomic_dir(folder / "onnx") as tmp:
                 (tmp / "unet.onnx").write_bytes(b"x")
+            with atomic_dir(folder / "quantized") as tmp:  # safetensors writes 0600 through a temporary file
+                save_file({"w": torch.zeros(2)}, str(tmp / "unet_quantized.safetensors"))
         assert mode(folder / "results.json") == file_mode and mode(folder / "image.png") == file_mode
-        assert mode(folder / "onnx") == dir_mode
+        assert mode(folder / "onnx") == dir_mode and mode(folder / "onnx" / "unet.onnx") == file_mode
+        assert mode(folder / "quantized" / "unet_quantized.safetensors") == file_mode
+
+
+def test_a_saved_quantized_denoiser_is_0644_under_umask_022(tiny_int8_w, tmp_path):
+    from diffquant import save_quantized
+
+    with umask(0o022):
+        folder = save_quantized(tiny_int8_w, tmp_path / "q")
+    assert {p.name: oct(mode(p)) for p in folder.iterdir()} == {
+        "unet_quantized.safetensors": oct(0o644), "diffquant_quantized.json": oct(0o644)}
+    assert mode(folder) == 0o755
 
 
 def test_a_run_writes_every_artifact_0644_under_umask_022(tiny_run):

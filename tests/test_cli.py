@@ -342,6 +342,7 @@ def test_the_cli_offers_the_int4_compute_choices_export_knows():
     from diffquant.cli import INT4_COMPUTE_CHOICES, build_parser
     from diffquant.export import INT4_COMPUTE
 
-    assert INT4_COMPUTE_CHOICES == tuple(INT4_COMPUTE)
+    assert INT4_COMPUTE_CHOICES == (*INT4_COMPUTE, "auto")  # auto: decided from the CPU (diffquant.cpu)
     for command in (["export", "q", "--out", "o"], ["bench"]):
         assert build_parser().parse_args([*command, "--int4-compute", "int8"]).int4_compute == "int8"
+        assert build_parser().parse_args(command).int4_compute is None  # $DIFFQUANT_INT4_COMPUTE, else float

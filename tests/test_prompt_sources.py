@@ -138,3 +138,17 @@ def test_missing_file_is_an_error(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DiffquantError, match="does not exist"):
         load_prompts(name, 3)
+
+
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.json", "prompts.csv", "prompts.jsonl"])
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_the_byte(name, tmp_path, capsys):
+    from diffquant.cli import main
+
+    path = tmp_path / name
+    path.write_bytes("a red circle\n".encode() + "une forme bleue sur fond vert\n".encode("latin-1") + b"caf\xe9\n")
+    with pytest.raises(DiffquantError, match=rf"calibration prompt file {path} is not UTF-8 text: byte 46 \(0xe9\)"):
+        load_prompts(path, 8)
+    assert main(["--quiet", "quantize", "--recipe", "w8a8-int8", "--calib-prompts", str(path),
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path} is not UTF-8 text: byte 46" in err[0] and "Traceback" not in err[0]

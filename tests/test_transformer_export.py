@@ -2,72 +2,27 @@
 every quantized Linear on an integer kernel after ORT's fusions, and the transformer running in ORT
 inside its pipeline (Flux's fixed-batch graph once per sample) with the images of torch fake-quant."""
 
-import copy
-
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import build_tiny_flux, build_tiny_sd3
+from conftest import tiny_images
 
 from diffquant.denoisers import denoiser_of
 from diffquant.errors import DiffquantError
 from diffquant.export import MAX_RELATIVE_ERROR, export_onnx
-from diffquant.quantization import quantize_module
 from diffquant.runtimes.onnxruntime import ort_pipeline
 
-PROMPTS = ["a red circle", "a blue square on a white background"]
-# The generation settings the ONNX graphs are exported for: Flux's graph keeps the image size and text
-# length it was traced with, so it is traced on an input captured with these.
-CALLS = {"sd3": {"max_sequence_length": 16}, "flux": {"height": 16, "width": 16, "max_sequence_length": 16}}
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "QLinearConv")
 
 
 def _images(pipe, name: str) -> np.ndarray:
-    generators = [torch.Generator().manual_seed(7 + k) for k in range(len(PROMPTS))]
-    return pipe(prompt=PROMPTS, num_inference_steps=2, generator=generators, output_type="np", **CALLS[name]).images
-
-
-def _with_denoiser(pipe, module):
-    """`pipe` with its denoiser replaced, as quantizing the whole pipeline will give."""
-    copied = copy.copy(pipe)
-    object.__setattr__(copied, denoiser_of(pipe).pipeline_attribute, module)
-    return copied
-
-
-class _Family:
-    """One tiny pipeline of a family, the denoiser inputs it calls with, and its quantized exports."""
-
-    def __init__(self, name: str, root):
-        self.name, self.root = name, root
-        self.pipe = BUILDERS[name]()
-        self.pipe.set_progress_bar_config(disable=True)
-        self.family = denoiser_of(self.pipe)
-        self.records = []
-        hook = self.family.module.register_forward_pre_hook(
-            lambda module, args, kwargs: self.records.append(self.family.record(args, kwargs)), with_kwargs=True)
-        try:
-            _images(self.pipe, name)
-        finally:
-            hook.remove()
-        self._exports = {}
-
-    def export(self, recipe: str):
-        """(quantized pipeline, its OnnxExport), once per recipe."""
-        if recipe not in self._exports:
-            module = quantize_module(self.family.module, recipe, calibration=self.records)
-            quantized = _with_denoiser(self.pipe, module)
-            # SD3 from the pipeline (its tokenizers give the text length); Flux from a captured input.
-            inputs = self.family.flat_inputs(self.records[0]) if self.name == "flux" else None
-            self._exports[recipe] = quantized, export_onnx(quantized, self.root / f"{self.name}-{recipe}",
-                                                           inputs=inputs)
-        return self._exports[recipe]
+    return tiny_images(pipe, name)
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
-def tiny(request, tmp_path_factory):
-    return _Family(request.param, tmp_path_factory.mktemp(request.param))
+def tiny(request, tiny_families):
+    return tiny_families(request.param)
 
 
 def _quantized(module, kind: str) -> list[torch.nn.Module]:

@@ -47,6 +47,16 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes the umask gives new files and folders: mkdtemp creates
+    0700, and writers that go through a temporary file of their own (safetensors' save_file) leave 0600."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target`."""
@@ -55,7 +65,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700
+        _umask_modes(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -20,10 +20,11 @@ import torch
 from . import bench_row
 from .artifacts import atomic_path, write_json
 from .backends.quark.internals import quark_compile
+from .cpu import decisions, kernel_class, resolve_int4_compute
 from .errors import DiffquantError
 
 logger = logging.getLogger(__name__)
-BENCH_VERSION = 3
+BENCH_VERSION = 4  # 4: the CPU, its decisions and each row's kernel class
 DEFAULT_RECIPE = "w8a8-int8-ort"
 RUNTIME_CHOICES = ("torch", "onnxruntime", "openvino")
 
@@ -48,6 +49,8 @@ class BenchRow:
     # measured: "own process" (a row process of its own) or "shared" (in the bench process, with earlier rows).
     runtime_precision: str = "f32"
     memory: str = "own process"
+    # The kind of kernel that ran on this CPU (`cpu.kernel_class`): "int8 u8s8 VNNI", "int8 u8u8 exact", "bf16 (AMX)", ...
+    kernels: str = "float32"
 
 
 @dataclass
@@ -64,22 +67,56 @@ class BenchResult:
     optimized_ops: dict[str, dict[str, int]] = field(default_factory=dict)
     # Peak resident memory of the bench process itself: the exports, calibration and fake-quant rows.
     bench_peak_rss_mb: float = 0.0
+    # The CPU every row ran on ('AMD EPYC (AVX2, AVX-512, VNNI, bf16)') and what diffquant chose from it.
+    cpu: str = ""
+    cpu_decisions: dict = field(default_factory=dict)
+    threads: int = 0
+    # When and with what it was measured: the date (UTC) and the versions of the libraries that ran the rows.
+    measured: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"type": "BenchResult", "version": BENCH_VERSION, **asdict(self)}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchResult:
+        """A result read back from bench.json (version 4 on: the CPU and kernels are in it)."""
+        if data.get("type") != "BenchResult" or data.get("version", 0) < 4:
+            raise DiffquantError(f"not a bench.json of version 4 or later (type {data.get('type')!r}, version "
+                                 f"{data.get('version')!r}): run `diffquant bench` again")
+        fields = {k: v for k, v in data.items() if k not in ("type", "version")}
+        fields["rows"] = [BenchRow(**row) for row in fields.get("rows", [])]
+        return cls(**fields)
+
+    def markdown(self) -> str:
+        """The table as Markdown for docs/, headed by the model, CPU, threads, date and versions."""
+        versions = ", ".join(f"{k} {v}" for k, v in self.measured.get("versions", {}).items())
+        lines = [f"{self.model}, batch {self.batch}, latent {self.latent}, {self.iterations} timed calls per row; "
+                 f"**{self.cpu}**, {self.threads_note()}; measured {self.measured.get('date', '?')} with {versions}",
+                 "", "| configuration | ran | kernels | call, median | p90 | vs first row | peak RSS | size |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            name = r.name + (" (simulated)" if r.simulated else "")
+            lines.append(f"| {name} | {r.runtime} {r.runtime_precision} | {r.kernels} | {r.call_ms_median:,.1f} ms | "
+                         f"{r.call_ms_p90:,.1f} ms | {r.speedup:.2f}x | {r.peak_rss_mb:,.0f} MB | "
+                         f"{r.artifact_mb:,.1f} MB ({r.size_ratio:.0%}) |")
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
+
     def table(self) -> str:
         labels = [r.name + (" (simulated)" if r.simulated else "") for r in self.rows]
         width = max([len("configuration")] + [len(label) for label in labels])
-        head = (f"{'configuration':<{width}} {'ran':>16} {'call ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
+        kinds = max([len("kernels")] + [len(r.kernels) for r in self.rows])
+        head = (f"{'configuration':<{width}} {'ran':>16} {'kernels':<{kinds}} {'call ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
                 f"{'first s':>8} {'peak MB':>8} {'size MB':>8} {'x size':>7}")
-        lines = [head]
+        lines = [f"CPU: {self.cpu}, {self.threads_note()}", head]
         for label, r in zip(labels, self.rows):
             image = f"{r.image_s:8.2f}" if r.image_s is not None else f"{'n/a':>8}"
             ran = f"{r.runtime} {r.runtime_precision}"
-            lines.append(f"{label:<{width}} {ran:>16} {r.call_ms_median:>13.1f} {r.call_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
+            lines.append(f"{label:<{width}} {ran:>16} {r.kernels:<{kinds}} {r.call_ms_median:>13.1f} {r.call_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
                          f"{r.first_call_s:>8.2f} {r.peak_rss_mb:>8.0f} {r.artifact_mb:>8.1f} {r.size_ratio:>7.2f}")
         return "\n".join(lines + self.profile_lines() + [f"note: {n}" for n in self.notes])
+
+    def threads_note(self) -> str:
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "threads unknown"
 
     def profile_lines(self, top: int = 6) -> list[str]:
         """One line per profiled ONNX Runtime row: its most expensive operator types."""
@@ -102,7 +139,8 @@ class BenchResult:
         right.barh(names, [r.artifact_mb for r in self.rows], color="#47a")
         right.set_xlabel("artifact size, MB")
         right.set_yticks([])
-        fig.suptitle(f"{self.model}: batch {self.batch}, latent {self.latent} (* simulated fake-quant)")
+        fig.suptitle(f"{self.model}: batch {self.batch}, latent {self.latent} (* simulated fake-quant)\n"
+                     f"{self.cpu}, {self.threads_note()}")
         fig.tight_layout()
         with atomic_path(Path(path)) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
@@ -135,6 +173,20 @@ class _PeakRss:
 
 
 _time_calls, _p90 = bench_row._time_calls, bench_row.p90
+
+
+def _measured() -> dict:
+    """Today's date (UTC) and the versions of what runs the rows."""
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    versions = {}
+    for name in ("diffquant", "torch", "onnxruntime", "openvino", "amd-quark"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions}
 
 
 def _dir_mb(path: Path) -> float:
@@ -254,6 +306,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
             raise DiffquantError(f"--{label} must be a whole number of at least {least}, got {value!r}")
     chosen = _parse_runtimes(runtimes)
     recipes = _parse_recipes(recipe)
+    int4_compute = resolve_int4_compute(int4_compute)
+    decided = decisions()  # every row process inherits the environment, so decides the same
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     if arch:
@@ -273,8 +327,10 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0)
     inputs_path = out / "inputs.safetensors"
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(inputs_path))
-    result = BenchResult(name, batch, list(next(iter(inputs.values())).shape[1:]), iterations)
     threads = torch.get_num_threads()  # every row uses the threads of this process
+    result = BenchResult(name, batch, list(next(iter(inputs.values())).shape[1:]), iterations,
+                         cpu=decided.cpu.describe(), cpu_decisions=decided.to_dict(), threads=threads,
+                         measured=_measured())
     fp32_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
     attribute, family = family.pipeline_attribute, None  # the family holds the module, quantized in place below
 
@@ -295,7 +351,9 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         result.rows.append(BenchRow(label, False, measured["call_ms_median"], measured["call_ms_p90"],
                                     measured["first_call_s"], measured["image_s"], measured["peak_rss_mb"],
                                     artifact_mb, runtime=runtime, precision=weights or precision,
-                                    runtime_precision=measured["runtime_precision"]))
+                                    runtime_precision=measured["runtime_precision"],
+                                    kernels=kernel_class(runtime, weights or precision, measured["runtime_precision"],
+                                                         decided, int4_compute)))
         logger.info("%s: %.1f ms median, peak %.0f MB", label, measured["call_ms_median"], measured["peak_rss_mb"])
         return True
 
@@ -333,7 +391,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
 
     if "torch" in chosen:
         own_process("torch fp32", "torch", "f32", None, fp32_mb)
-        own_process("torch bf16", "torch", "bf16", None, fp32_mb / 2)
+        if decided.measure_bf16:
+            own_process("torch bf16", "torch", "bf16", None, fp32_mb / 2)
         prompts = default_prompts(pipe, images) if pipe is not None else []
 
         def fake_quant(label: str, q_family, p=None) -> None:
@@ -374,14 +433,16 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
                 profiled.append((label, "onnxruntime", path))
     if "openvino" in chosen:
         own_process("OpenVINO f32", "openvino", "f32", fp32_onnx, fp32_mb_onnx)
-        own_process("OpenVINO bf16", "openvino", "bf16", fp32_onnx, fp32_mb_onnx)
+        if decided.measure_bf16:
+            own_process("OpenVINO bf16", "openvino", "bf16", fp32_onnx, fp32_mb_onnx)
         for name, form, weights, path, q_mb in graphs:
             if own_process(label := f"OpenVINO {name} ({form})", "openvino", "f32", path, q_mb, weights=weights):
                 profiled.append((label, "openvino", path))
             # What an AMX user would run: integer kernels for the quantized layers, bf16 for what stays
             # float (attention, norms); OpenVINO falls back to f32 where the CPU has no bf16 (runtime_precision).
-            own_process(f"OpenVINO {name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
-                        weights=weights)
+            if decided.measure_bf16:
+                own_process(f"OpenVINO {name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
+                            weights=weights)
     if profile:
         for label, runtime, path in profiled:
             result.profiles[label], result.optimized_ops[label] = get_runtime(runtime).profile(path, inputs,
@@ -396,6 +457,9 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     for row in result.rows:
         row.speedup = base.call_ms_median / row.call_ms_median
         row.size_ratio = row.artifact_mb / base.artifact_mb
+    if not decided.measure_bf16:
+        result.notes.append(f"bf16 rows not measured: {decided.bench_bf16.reason} (DIFFQUANT_BENCH_BF16=1 "
+                            "measures them anyway)")
     bf16 = [r for r in result.rows if r.precision == "bf16" and r.runtime_precision != "bf16"]
     for row in bf16:
         result.notes.append(f"{row.name}: bf16 was asked, this CPU has no bf16 instructions and it ran "

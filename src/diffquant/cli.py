@@ -72,10 +72,11 @@ def _add_evaluation(p: argparse.ArgumentParser) -> None:
 
 
 # export.INT4_COMPUTE's choices, written out: the CLI imports torch (through export) only when a command runs.
-INT4_COMPUTE_CHOICES = ("float", "int8")
-INT4_COMPUTE_HELP = ("how ONNX Runtime multiplies 4-bit Linears: float (default; dequantized weights, exact to "
-                     "torch) or int8 (inputs rounded to int8 per block, integer dot products: faster at group 128 "
-                     "and above on CPUs with VNNI)")
+INT4_COMPUTE_CHOICES = ("float", "int8", "auto")
+INT4_COMPUTE_HELP = ("how ONNX Runtime multiplies 4-bit Linears: float (dequantized weights, exact to torch), "
+                     "int8 (inputs rounded to int8 per block, integer dot products: faster at group 128 and above "
+                     "on CPUs with VNNI) or auto (int8 with VNNI/AMX, else float); default $DIFFQUANT_INT4_COMPUTE, "
+                     "else float")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", action="store_true",
                    help="write the whole pipeline (text encoder, VAE, scheduler, tokenizer, quantized UNet) in the "
                         "folder layout that Optimum's ORTDiffusionPipeline loads")
-    p.add_argument("--int4-compute", choices=INT4_COMPUTE_CHOICES, default="float", help=INT4_COMPUTE_HELP)
+    p.add_argument("--int4-compute", choices=INT4_COMPUTE_CHOICES, help=INT4_COMPUTE_HELP)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("view", help="open an ONNX file in Netron on 127.0.0.1")
@@ -171,10 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2, help="images for the time per image (default 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the fake-quant row through torch.compile")
     p.add_argument("--runtime", help="rows to run, comma-separated: torch,onnxruntime,openvino (default: all)")
-    p.add_argument("--int4-compute", choices=INT4_COMPUTE_CHOICES, default="float", help=INT4_COMPUTE_HELP)
+    p.add_argument("--int4-compute", choices=INT4_COMPUTE_CHOICES, help=INT4_COMPUTE_HELP)
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
 
-    sub.add_parser("env", help="versions, devices and settings that matter for a run")
+    p = sub.add_parser("bench-table", help="the Markdown table of bench.json files (for docs/)")
+    p.add_argument("bench_json", nargs="+", help="bench.json written by `diffquant bench`")
+
+    sub.add_parser("env", help="versions, devices, the CPU and what diffquant chose from it")
     return parser
 
 
@@ -482,14 +486,29 @@ def _bench(args, out: Path) -> int:
     print(result.table())
     from .report import write_table_report
 
-    write_table_report(out, f"diffquant bench: {result.model}",
-                       ["configuration", "ran", "call ms median", "p90", "x fp32 speed", "s/image", "peak MB", "MB",
-                        "x size"],
+    write_table_report(out, f"diffquant bench: {result.model} on {result.cpu}, {result.threads_note()}",
+                       ["configuration", "ran", "kernels", "call ms median", "p90", "x fp32 speed", "s/image", "peak MB",
+                        "MB", "x size"],
                        [[r.name + (" (simulated)" if r.simulated else ""), f"{r.runtime} {r.runtime_precision}",
-                         r.call_ms_median, r.call_ms_p90, r.speedup, r.image_s, r.peak_rss_mb, r.artifact_mb,
+                         r.kernels, r.call_ms_median, r.call_ms_p90, r.speedup, r.image_s, r.peak_rss_mb, r.artifact_mb,
                          r.size_ratio] for r in result.rows],
                        "bench.png", result.profile_lines() + result.notes)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.png'} and {out / 'report.html'}")
+    return 0
+
+
+def _cmd_bench_table(args) -> int:
+    from .bench import BenchResult
+
+    for name in args.bench_json:
+        path = Path(name)
+        if not path.is_file():
+            raise DiffquantError(f"no bench.json at {path}: pass the file `diffquant bench --out DIR` wrote")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DiffquantError(f"{path} is not a bench.json ({error}): pass the file `diffquant bench` wrote") from None
+        print(BenchResult.from_dict(data).markdown() + "\n")
     return 0
 
 
@@ -516,11 +535,19 @@ def _cmd_env(args) -> int:
     from .pipeline import shapes_sd_path
 
     print(f"{'shapes-sd':<14} {shapes_sd_path()}")
+    from .cpu import OVERRIDES, decisions
+
+    decided = decisions()
+    print(f"{'CPU':<14} {decided.cpu.describe()}")
+    print("decided from the CPU (override with the variable named):")
+    for name, decision in decided.items():
+        print(f"  {name:<19} {decision.value:<6} {OVERRIDES[name][0]:<29} {decision.reason}")
     return 0
 
 
 COMMANDS = {"run": _cmd_run, "sensitivity": _cmd_sensitivity, "generate": _cmd_generate, "quantize": _cmd_quantize, "compare": _cmd_compare,
-            "export": _cmd_export, "view": _cmd_view, "env": _cmd_env, "bench": _cmd_bench}
+            "export": _cmd_export, "view": _cmd_view, "env": _cmd_env, "bench": _cmd_bench,
+            "bench-table": _cmd_bench_table}
 
 
 # Commands that compute (torch or ONNX Runtime threads matter); `view` only serves a file.

@@ -87,13 +87,15 @@ class OnnxExport:
     fusion: dict = field(default_factory=dict)
     fused_ops: dict[str, int] = field(default_factory=dict)
     nbits: dict = field(default_factory=dict)  # int4 Linears written as MatMulNBits (matmul_nbits.NBitsReport)
+    checked_calls: int = 1  # denoiser calls the errors were measured on (the worst is reported)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "inputs": self.inputs,
                 "op_counts": self.op_counts, "weight_dtypes": self.weight_dtypes, "compression": self.compression,
                 "fusion": self.fusion, "fused_ops": self.fused_ops, "nbits": self.nbits,
                 "max_abs_error": self.max_abs_error, "relative_error": self.relative_error,
-                "relative_error_bound": self.relative_error_bound, "export_seconds": self.export_seconds}
+                "relative_error_bound": self.relative_error_bound, "checked_calls": self.checked_calls,
+                "export_seconds": self.export_seconds}
 
 
 # Protobuf cannot serialize a model of 2 GB or more (an SD 1.5 UNet is 3.4 GB in fp32), and Quark's
@@ -276,7 +278,7 @@ def _fuse_attention_in_file(path: Path) -> int:
 def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = None,
                 sequence_length: int | None = None, check: bool = True,
                 inputs: dict[str, torch.Tensor] | None = None, fuse_attention: bool = True,
-                int4_compute: str = "float") -> OnnxExport:
+                int4_compute: str | None = None, check_inputs=None) -> OnnxExport:
     """Export a quantized denoiser to `out_dir/unet.onnx` or `out_dir/transformer.onnx` with Quark, then check it.
 
     The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
@@ -305,7 +307,17 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
         int4_compute: how ONNX Runtime multiplies the int4 Linears (`INT4_COMPUTE`): "float" dequantizes
             the weights and multiplies in float (exact to torch's fake quantization), "int8" lets it round
             each Linear's input to int8 per block and use integer dot products (MatMulNBits'
-            accuracy_level 4: faster at group 128 and above on a CPU with VNNI, see `matmul_nbits`).
+            accuracy_level 4: faster at group 128 and above on a CPU with VNNI, see `matmul_nbits`); "auto"
+            picks int8 on a CPU with VNNI/AMX, float elsewhere; None (default) follows `cpu.decisions()`
+            (DIFFQUANT_INT4_COMPUTE, else float).
+
+        check_inputs: recorded denoiser calls (calibration records, forward-kwargs dicts) that the check runs
+            too, besides the example inputs: real activations, at several timesteps, reach every quantizer
+            the way generation does (random example inputs can sit outside the calibrated ranges). Up to
+            `CHECK_CALLS` of them, spread over the timesteps; the error reported is the worst call's.
+
+    The check also refuses a graph that bypasses a quantizer: every static activation quantizer of the
+    torch module must have a QuantizeLinear with its scale in the graph (`missing_activation_quantizers`).
 
     Returns:
         An `OnnxExport` with the operators ONNX Runtime runs and the measured ORT-vs-torch error.
@@ -315,10 +327,14 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
 
     from .backends.quark import import_quark
     from .backends.quark.matmul_nbits import check_exportable, plain_int4_linears, to_matmul_nbits
+    from .onnx_graph import own_quantization_constants
     from .runtimes.onnxruntime import OnnxRuntime, prepare_for_ort_fusion
 
-    if int4_compute not in INT4_COMPUTE:
-        raise DiffquantError(f"unknown int4 compute {int4_compute!r}: use {' or '.join(INT4_COMPUTE)}")
+    from .cpu import resolve_int4_compute
+
+    if int4_compute is not None and int4_compute not in (*INT4_COMPUTE, "auto"):
+        raise DiffquantError(f"unknown int4 compute {int4_compute!r}: use {', '.join(INT4_COMPUTE)} or auto")
+    int4_compute = resolve_int4_compute(int4_compute)
     family, sequence_length = _family_and_length(pipe_or_module, sequence_length)
     module = family.module
     check_exportable(module)
@@ -326,8 +342,9 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
     inputs = _trace_inputs(family, batch_size, sequence_length, inputs)
     names = list(inputs)
     wrapper = family.export_module(names).eval()
+    feeds = [inputs, *_check_feeds(family, names, inputs, check_inputs)]
     with torch.no_grad():
-        reference = wrapper(*inputs.values()).float().cpu().numpy()
+        references = [wrapper(*feed.values()).float().cpu().numpy() for feed in feeds]
     out_dir = Path(out_dir)
     name = onnx_name(family)
     started = time.perf_counter()
@@ -347,33 +364,93 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
         model = onnx.load(str(tmp / "quark_model.onnx"), load_external_data=False)
         nbits = to_matmul_nbits(model, int4, INT4_COMPUTE[int4_compute]).to_dict() if int4 else {}
         load_external_data_for_model(model, str(tmp))
-        fusion = prepare_for_ort_fusion(model, fuse_attention)
+        fusion = prepare_for_ort_fusion(model, fuse_attention).to_dict()
+        # Last, after every pass that may share constants: no quantization constant is shared between nodes.
+        fusion["owned_constants"] = own_quantization_constants(model.graph)
         for leftover in tmp.iterdir():
             leftover.unlink()
         _save(model, tmp / name, external=model_bytes >= EXTERNAL_DATA_ABOVE_BYTES)
         onnx.checker.check_model(str(tmp / name))
-    seconds = time.perf_counter() - started
-    path = out_dir / name
-    model = onnx.load(str(path), load_external_data=False)
-    ops = Counter(node.op_type for node in model.graph.node)
-    weight_dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
-    output = run_onnx(path, inputs)
-    max_abs = float(np.abs(output - reference).max())
-    relative = float(np.linalg.norm(output - reference) / max(np.linalg.norm(reference), 1e-12))
-    result = OnnxExport(
-        path=path, size_bytes=sum(f.stat().st_size for f in out_dir.iterdir()),
-        inputs={k: list(v.shape) for k, v in inputs.items()}, op_counts=dict(ops.most_common()),
-        max_abs_error=max_abs, relative_error=relative, export_seconds=seconds, weight_dtypes=dict(weight_dtypes),
-        compression=compression.to_dict(), fusion=fusion.to_dict(), relative_error_bound=relative_error_bound(module),
-        fused_ops=OnnxRuntime().optimized_ops(path), nbits=nbits,
-    )
-    if check and not (math.isfinite(relative) and relative <= result.relative_error_bound):
-        raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized {family.name} by "
-                             f"{relative:.1%} (bound {result.relative_error_bound:.0%}, max-abs {max_abs:.3g}): "
-                             "the export is wrong")
+        seconds = time.perf_counter() - started
+        path = out_dir / name
+        ops = Counter(node.op_type for node in model.graph.node)
+        weight_dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
+        missing = missing_activation_quantizers(model, module)
+        del model
+        # Checked before the folder is in place: a graph that fails its check leaves nothing behind.
+        max_abs, relative = _worst_error(tmp / name, feeds, references)
+        result = OnnxExport(
+            path=path, size_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
+            inputs={k: list(v.shape) for k, v in inputs.items()}, op_counts=dict(ops.most_common()),
+            max_abs_error=max_abs, relative_error=relative, export_seconds=seconds, weight_dtypes=dict(weight_dtypes),
+            compression=compression.to_dict(), fusion=fusion, relative_error_bound=relative_error_bound(module),
+            fused_ops=OnnxRuntime().optimized_ops(tmp / name), nbits=nbits, checked_calls=len(feeds),
+        )
+        if check and missing:
+            raise DiffquantError(f"the ONNX graph {path} has no QuantizeLinear for {len(missing)} activation "
+                                 f"quantizer(s) of the torch {family.name} (first: {missing[0]}): the export "
+                                 "bypassed them")
+        if check and not (math.isfinite(relative) and relative <= result.relative_error_bound):
+            raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized {family.name} by "
+                                 f"{relative:.1%} on {len(feeds)} call(s) (bound {result.relative_error_bound:.0%}, "
+                                 f"max-abs {max_abs:.3g}): the export is wrong")
     logger.info("exported %s (%.1f MB), ORT vs torch: max-abs %.2e, relative %.2e",
                 path, result.size_bytes / 1e6, max_abs, relative)
     return result
+
+
+# Recorded calls the export check runs besides its example inputs (first, middle and last timestep).
+CHECK_CALLS = 3
+
+
+def _check_feeds(family: Denoiser, names: list[str], inputs: dict[str, torch.Tensor], records) -> list[dict]:
+    """Flat graph inputs of up to `CHECK_CALLS` recorded calls spread over `records`, shaped as the graph
+    was traced (a fixed-batch family's first sample); calls whose shapes the graph cannot take are left out."""
+    if not records:
+        return []
+    n = len(records)
+    picks = sorted({round(k * (n - 1) / max(CHECK_CALLS - 1, 1)) for k in range(min(CHECK_CALLS, n))})
+    unbatched = set(family.unbatched_inputs)
+    feeds = []
+    for k in picks:
+        flat = family.graph_inputs(records[k])
+        if not family.dynamic_batch:
+            flat = {key: v if key in unbatched else v[:1] for key, v in flat.items()}
+        feed = {name: flat[name] for name in names if name in flat}
+        fixed = not family.dynamic_batch
+        if len(feed) == len(names) and all(
+                feed[name].shape[1:] == inputs[name].shape[1:] and (not fixed or feed[name].shape == inputs[name].shape)
+                for name in names):
+            feeds.append(feed)
+    return feeds
+
+
+def _worst_error(path: Path, feeds: list[dict], references: list[np.ndarray]) -> tuple[float, float]:
+    """Max-abs and relative L2 error of ONNX Runtime against torch, the worst over `feeds`."""
+    worst_abs, worst_relative = 0.0, 0.0
+    for feed, reference in zip(feeds, references):
+        output = run_onnx(path, feed)
+        worst_abs = max(worst_abs, float(np.abs(output - reference).max()))
+        relative = float(np.linalg.norm(output - reference) / max(np.linalg.norm(reference), 1e-12))
+        worst_relative = relative if not math.isfinite(relative) else max(worst_relative, relative)
+    return worst_abs, worst_relative
+
+
+def missing_activation_quantizers(model, module: torch.nn.Module) -> list[str]:
+    """The static activation quantizers of `module` ('<layer>.input' / '<layer>.output') that have no
+    QuantizeLinear of their scale in the ONNX `model`: a layer whose activations the graph leaves float
+    while torch quantizes them. Matched by scale value (each calibrated scale is its own float)."""
+    from onnx import numpy_helper
+
+    from .backends.quark.internals import activation_scales
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    in_graph = {float(v) for node in graph.node
+                if node.op_type == "QuantizeLinear" and node.input[0] not in initializers and node.input[1] in initializers
+                for v in numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32).ravel()}
+    return [name for name, scale in activation_scales(module).items()
+            if any(float(v) not in in_graph for v in scale.float().flatten().numpy().astype(np.float32))]
 
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> np.ndarray:

@@ -143,7 +143,7 @@ def _write_unet(source: Path, unet_dir: Path, move: bool) -> None:
 
 
 def export_pipeline(pipe, out_dir: str | Path, unet_onnx: str | Path | None = None,
-                    int4_compute: str = "float") -> PipelineExport:
+                    int4_compute: str | None = None) -> PipelineExport:
     """Write a quantized pipeline as a folder that Optimum's ONNX Runtime pipelines load and run without
     diffquant: `ORTDiffusionPipeline.from_pretrained(out_dir)`.
 

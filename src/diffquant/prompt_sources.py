@@ -131,13 +131,22 @@ def _pick_split(loaded, split: str, source):
     return loaded[split]
 
 
+def _utf8_text(path: Path) -> str:
+    """The text of `path`, or one line naming the file and the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DiffquantError(f"{_role.get()[0]} prompt file {path} is not UTF-8 text: byte {exc.start} (0x{data[exc.start]:02x}) "
+                             "cannot be decoded; save it as UTF-8 (e.g. iconv -t UTF-8)") from None
+
+
 def _from_file(path: Path, size: int, column: str | None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        with path.open(encoding="utf-8") as lines:
-            return _unique(lines, size)
+        return _unique(_utf8_text(path).splitlines(), size)
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_utf8_text(path))
         if isinstance(data, list) and all(isinstance(item, str) for item in data):
             return _unique(data, size)
         if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
@@ -149,6 +158,8 @@ def _from_file(path: Path, size: int, column: str | None) -> list[str]:
                              ".json or .parquet")
     import datasets
 
+    if suffix != ".parquet":  # text formats: the decoder's error, not pandas', names the byte
+        _utf8_text(path)
     try:
         dataset = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", streaming=True)
         return _unique(_column_values(dataset, column, path), size)

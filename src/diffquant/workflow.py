@@ -336,7 +336,8 @@ def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, pr
     path = None
     if main:
         with _timed(timings, f"export {recipe.name}"):
-            exported = export_onnx(quantized, out_dir / "onnx" / recipe.name, inputs=_trace_inputs(family, records))
+            exported = export_onnx(quantized, out_dir / "onnx" / recipe.name, inputs=_trace_inputs(family, records),
+                                   check_inputs=records)
         entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
         path = exported.path
     path = Path(broadcast(state, str(path)))

@@ -68,6 +68,15 @@ class Denoiser(ABC):
         names = self.input_names(record)
         return {k: record[k] for k in names if isinstance(record.get(k), torch.Tensor)}
 
+    def graph_inputs(self, record: dict) -> dict[str, torch.Tensor]:
+        """A recorded call (forward kwargs) as the flat tensors the ONNX graph takes, its timestep one per
+        sample (UNet pipelines pass one scalar step for the whole batch; the graph has a batch axis)."""
+        record = dict(record)
+        timestep = torch.as_tensor(record[self.timestep_key])
+        if timestep.numel() == 1:
+            record[self.timestep_key] = timestep.reshape(1).expand(self.batch_size(record))
+        return self.flat_inputs(record)
+
     def input_names(self, inputs: dict) -> list[str]:
         """ONNX input names present in `inputs`, in forward order."""
         return [k for k in self.capture_keys if k in inputs and isinstance(inputs[k], torch.Tensor)]

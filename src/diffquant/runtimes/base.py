@@ -136,11 +136,7 @@ class GraphDenoiser(torch.nn.Module):
     def forward(self, *args, return_dict: bool = True, **kwargs):
         record = self.family.record(args, kwargs)
         batch = self.family.batch_size(record)
-        key = self.family.timestep_key
-        timestep = torch.as_tensor(record[key])
-        if timestep.numel() == 1:  # UNet pipelines pass one scalar step for the whole batch
-            record[key] = timestep.reshape(1).expand(batch)
-        flat = self.family.flat_inputs(record)
+        flat = self.family.graph_inputs(record)
         out = torch.from_numpy(self._call(flat, batch))
         if not return_dict:
             return (out,)

@@ -113,21 +113,29 @@ def plain_int4_linears(module: torch.nn.Module) -> Iterator[dict[str, torch.nn.M
             setattr(modules[parent] if parent else module, attribute, layer)
 
 
+# Node names of a Linear's product: torch's, and onnxslim's Gemm that replaces a fixed-shape MatMul (+ Add)
+# between two Reshapes (named after the MatMul's output; Quark runs onnxslim before this rewrite).
+_PRODUCT_NAMES = {"MatMul": ("MatMul",), "Gemm": ("Gemm", "MatMul_output_0")}
+
+
 def _layer_of(node) -> str | None:
     """'/unet/down_blocks.1/attentions.0/proj_in/MatMul' -> 'down_blocks.1.attentions.0.proj_in' (the
     first path part is the export wrapper's attribute holding the denoiser)."""
     parts = node.name.split("/")
-    if node.op_type not in ("MatMul", "Gemm") or len(parts) < 4 or parts[-1] != node.op_type:
+    if node.op_type not in _PRODUCT_NAMES or len(parts) < 4 or parts[-1] not in _PRODUCT_NAMES[node.op_type]:
         return None
     return ".".join(parts[2:-1])
 
 
-def _gemm_is_linear(node) -> bool:
+def _gemm_transposes_b(node) -> bool:
+    """Whether a Gemm is x @ W.T + b (torch's Linear, True) or x @ W + b (onnxslim's, False); raises for
+    any other Gemm."""
     import onnx
 
     values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return (values.get("transA", 0) == 0 and values.get("transB", 0) == 1
-            and values.get("alpha", 1.0) == 1.0 and values.get("beta", 1.0) == 1.0)
+    if values.get("transA", 0) != 0 or values.get("alpha", 1.0) != 1.0 or values.get("beta", 1.0) != 1.0:
+        raise AssertionError(f"{node.name}: a Gemm that is not x @ W.T + b")
+    return values.get("transB", 0) == 1
 
 
 def to_matmul_nbits(model, layers: dict[str, torch.nn.Module], accuracy_level: int = ACCURACY_LEVEL) -> NBitsReport:
@@ -151,8 +159,7 @@ def to_matmul_nbits(model, layers: dict[str, torch.nn.Module], accuracy_level: i
         if name not in layers:
             nodes.append(node)
             continue
-        if node.op_type == "Gemm" and not _gemm_is_linear(node):
-            raise AssertionError(f"{node.name}: a Gemm that is not x @ W.T + b")
+        transposed = node.op_type == "Gemm" and _gemm_transposes_b(node)
         layer = layers[name]
         nibbles, scale, _ = fourbit.group_codes(layer)  # (N, K), (N, K / group)
         n, k = nibbles.shape
@@ -161,7 +168,7 @@ def to_matmul_nbits(model, layers: dict[str, torch.nn.Module], accuracy_level: i
                              internals.fake_quantized_weight(layer))
         block_sizes.add(group)
         stored = initializers.get(node.input[1])
-        if stored is None or tuple(stored.dims) != ((n, k) if node.op_type == "Gemm" else (k, n)):
+        if stored is None or tuple(stored.dims) != ((n, k) if transposed else (k, n)):
             raise AssertionError(f"{node.name}: its weight is not the constant ({k}, {n}) of layer {name}")
         packed = fourbit.pack_nibbles(nibbles).reshape(n, k // group, group // 2)
         b = numpy_helper.from_array(packed.numpy(), f"{name}.weight_uint4")

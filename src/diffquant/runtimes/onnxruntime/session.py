@@ -3,7 +3,6 @@ kernels), int8 products computed exactly on every CPU, providers checked with on
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +17,16 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # weights beyond [-64, 63] that silently changes results (7% of a fused Linear's outputs in the
 # tests; 7.3% instead of 0.6% relative error on shapes-sd W8A8). This key makes ORT store such
 # weights as u8 (+128, zero point moved with them: the same products) for its exact u8u8 kernels.
-# ORT would act on it on VNNI/AMX CPUs too, where the u8s8 kernels are exact and faster: it is set
-# only where the CPU lacks VNNI.
+# ORT would act on it on VNNI/AMX CPUs too, where the u8s8 kernels are exact and faster: `diffquant.cpu`
+# decides (DIFFQUANT_ORT_EXACT_INT8 overrides it).
 EXACT_INT8_PRODUCTS = "session.x64quantprecision"
-_EXACT_U8S8_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
-@lru_cache(maxsize=1)
 def int8_products_saturate() -> bool:
-    """True unless the CPU is known to multiply u8 x s8 without int16 saturation (VNNI or AMX).
+    """True when ONNX Runtime sessions compute int8 products exactly (u8 x u8): `cpu.decisions()`."""
+    from ...cpu import decisions
 
-    Read from /proc/cpuinfo: neither torch nor ONNX Runtime exposes the VNNI flag publicly. Where the
-    flags cannot be read (not Linux), the exact kernels are chosen."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-    return not (flags & _EXACT_U8S8_FLAGS)
+    return decisions().exact_int8
 
 
 def _quantizes_activations_to_fp8(path: Path) -> bool:
@@ -49,7 +40,7 @@ def _quantizes_activations_to_fp8(path: Path) -> bool:
 def session_options(options=None, optimize: bool = True):
     """diffquant's ONNX Runtime session options: all graph optimizations (QDQ fusion into integer
     kernels; `optimize=False` runs the graph as written), warnings only, and int8 products computed
-    exactly (`EXACT_INT8_PRODUCTS` where the CPU lacks VNNI). Sets them on `options` when given, else on new options."""
+    exactly (`EXACT_INT8_PRODUCTS` where `cpu.decisions()` says: the CPU lacks VNNI, or forced). Sets them on `options` when given, else on new options."""
     import onnxruntime as ort
 
     options = options or ort.SessionOptions()

@@ -99,7 +99,12 @@ class OpenVino(Runtime):
     name = "openvino"
     tag, short_name, title = "openvino", "OpenVINO", "OpenVINO"
 
-    def __init__(self, precision: str = "f32"):
+    def __init__(self, precision: str | None = None):
+        """`precision`: None follows `cpu.decisions()` (DIFFQUANT_OPENVINO_PRECISION, else f32)."""
+        if precision is None:
+            from ...cpu import decisions
+
+            precision = decisions().openvino_precision.value
         _check_precision(precision)
         self.precision = precision
 
