@@ -86,8 +86,11 @@ def test_large_models_are_saved_with_external_data(tiny_int8_w, tmp_path, monkey
     assert np.array_equal(run_onnx(result.path, inputs), run_onnx(in_memory.path, inputs))
 
 
-def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, capsys):
+def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, capsys, monkeypatch):
     pytest.importorskip("openvino", reason="openvino is not installed (pip install 'diffquant[openvino]')")
+    from diffquant.cpu import decisions, kernel_class
+
+    monkeypatch.setenv("DIFFQUANT_BENCH_BF16", "1")  # every row, on a CPU without bf16 too
     out = tmp_path / "bench"
     assert main(["--quiet", "bench", "--model", str(tiny_sd_dir), "--recipe", "int8-w", "--iterations", "2",
                  "--warmup", "1", "--images", "1", "--no-compile", "--out", str(out)]) == 0
@@ -118,7 +121,8 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     # The int8 codes on disk (0.58x here: in a UNet this tiny the graph itself is a large share of the bytes).
     assert ort_int8["artifact_mb"] < 0.7 * ort_fp32["artifact_mb"]
     assert (out / "bench.png").stat().st_size > 1000
-    assert "(simulated)" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "(simulated)" in table
     # The ONNX Runtime rows and OpenVINO's int8 row were profiled: time per operator, and the kernels that ran.
     assert set(data["profiles"]) == set(data["optimized_ops"]) == {"ORT fp32", "ORT int8-w (QDQ)",
                                                                   "OpenVINO int8-w (QDQ)"}
@@ -128,6 +132,28 @@ def test_bench_command_writes_its_table_json_and_chart(tiny_sd_dir, tmp_path, ca
     assert any(k.endswith(" i8") for k in data["optimized_ops"]["OpenVINO int8-w (QDQ)"])
     assert all(ms >= 0 for profile in data["profiles"].values() for ms in profile.values())
     assert "profile ORT int8-w (QDQ): " in (out / "report.html").read_text()
+    # The CPU it ran on, what diffquant chose from it, and the kernel class of each row.
+    decided = decisions()
+    assert data["cpu"] == decided.cpu.describe() and data["cpu_decisions"] == decided.to_dict()
+    assert [r["kernels"] for r in data["rows"]] == [
+        kernel_class(r["runtime"], r["precision"], r["runtime_precision"], decided) for r in data["rows"]]
+    assert data["rows"][4]["kernels"].startswith("int8 u8")  # ORT's int8 row: u8u8 exact or u8s8
+    assert data["measured"]["versions"]["onnxruntime"] and data["measured"]["date"]
+    assert f"CPU: {decided.cpu.describe()}" in table and "kernels" in table
+    assert main(["bench-table", str(out / "bench.json")]) == 0
+    markdown = capsys.readouterr().out
+    assert f"**{decided.cpu.describe()}**" in markdown and "| ORT int8-w (QDQ) | onnxruntime int8 | int8 u8" in markdown
+
+
+def test_bench_leaves_out_bf16_rows_where_told_and_says_why(tiny_sd_dir, tmp_path, monkeypatch):
+    """What happens by default on a CPU without bf16 instructions (DIFFQUANT_BENCH_BF16=auto), forced here."""
+    monkeypatch.setenv("DIFFQUANT_BENCH_BF16", "0")
+    out = tmp_path / "bench"
+    assert main(["--quiet", "bench", "--model", str(tiny_sd_dir), "--recipe", "int8-w", "--iterations", "1",
+                 "--warmup", "0", "--images", "1", "--no-compile", "--runtime", "torch", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["name"] for r in data["rows"]] == ["torch fp32", "torch fake-quant int8-w"]
+    assert any(n.startswith("bf16 rows not measured: forced by DIFFQUANT_BENCH_BF16=0") for n in data["notes"])
 
 
 def test_bench_runtime_filter_runs_only_those_rows(tiny_sd, tmp_path, monkeypatch):
