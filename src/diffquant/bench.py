@@ -99,7 +99,7 @@ class BenchResult:
             lines.append(f"| {name} | {r.runtime} {r.runtime_precision} | {r.kernels} | {r.call_ms_median:,.1f} ms | "
                          f"{r.call_ms_p90:,.1f} ms | {r.speedup:.2f}x | {r.peak_rss_mb:,.0f} MB | "
                          f"{r.artifact_mb:,.1f} MB ({r.size_ratio:.0%}) |")
-        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.profile_lines() + self.notes])
 
     def table(self) -> str:
         labels = [r.name + (" (simulated)" if r.simulated else "") for r in self.rows]
