@@ -344,3 +344,13 @@ def tiny_families(tmp_path_factory):
         return built[name]
 
     return family
+
+
+@pytest.fixture(params=["exact", "u8s8"])
+def int8_products(request):
+    """Runs a test twice, with ONNX Runtime's exact int8 products (u8 x u8: what a CPU without VNNI gets) and
+    without (u8 x s8: VNNI/AMX), forced through diffquant.cpu whatever this CPU would choose."""
+    from diffquant.cpu import forced
+
+    with forced(ort_exact_int8="1" if request.param == "exact" else "0"):
+        yield request.param

@@ -119,7 +119,7 @@ def test_transformer_linears_with_a_bias_reach_an_integer_kernel(tmp_path, gemm,
     np.testing.assert_allclose(_run(model, feed, optimize=True), before, rtol=1e-4, atol=1e-4)
 
 
-def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(shapes_ort_export, tmp_path):
+def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(shapes_ort_export, tmp_path, int8_products):
     from diffquant.export import example_inputs
     from diffquant.runtimes.onnxruntime import profile_operators
 
@@ -143,10 +143,15 @@ def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(shapes_ort_exp
     assert exported.relative_error <= exported.relative_error_bound
 
 
-def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, shapes_ort_export):
+def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, shapes_ort_export, int8_products):
     from diffquant import compare, generate
+    from diffquant.cpu import cpu_features
     from diffquant.runtimes.onnxruntime import ort_pipeline
     from diffquant.shapes.dataset import sample_captions
+
+    if int8_products == "u8s8" and not cpu_features().exact_u8s8:
+        pytest.skip(f"u8 x s8 products saturate on this CPU ({cpu_features().describe()}): diffquant runs the exact "
+                    "ones here, and the images of the saturating kernels are not expected to match")
 
     quantized, exported = shapes_ort_export
     prompts = sample_captions(4, seed=77)
