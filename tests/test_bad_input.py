@@ -176,6 +176,16 @@ def test_artifacts_honour_the_umask(tmp_path):
         assert mode(folder / "quantized" / "unet_quantized.safetensors") == file_mode
 
 
+def test_a_run_names_the_cpu_its_times_were_measured_on(tiny_run):
+    from diffquant.cpu import decisions
+
+    out, _ = tiny_run
+    versions = json.loads((out / "results.json").read_text())["versions"]
+    assert versions["cpu"] == decisions().cpu.describe()
+    assert versions["ort exact int8"].startswith(decisions().ort_exact_int8.value + " (")
+    assert decisions().cpu.describe() in (out / "report.html").read_text()
+
+
 def test_a_saved_quantized_denoiser_is_0644_under_umask_022(tiny_int8_w, tmp_path):
     from diffquant import save_quantized
 

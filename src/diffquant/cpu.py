@@ -135,6 +135,10 @@ OVERRIDES = {
 _UNSET = {"ort_exact_int8": "auto", "int4_compute": "float", "openvino_precision": "f32", "bench_bf16": "auto"}
 
 
+def _is_set(name: str, env) -> bool:
+    return bool(env.get(OVERRIDES[name][0], "").strip())
+
+
 def _setting(name: str, env) -> str:
     variable, allowed = OVERRIDES[name]
     value = env.get(variable, "").strip().lower() or _UNSET[name]
@@ -192,7 +196,7 @@ def decide(cpu: CpuFeatures | None = None, env=None) -> CpuDecisions:
 
     int4 = _setting("int4_compute", env)
     if int4 != "auto":
-        int4_decision = (forced("int4_compute", int4) if OVERRIDES["int4_compute"][0] in env else
+        int4_decision = (forced("int4_compute", int4) if _is_set("int4_compute", env) else
                          Decision(int4, "default: dequantize and multiply in float, exact to torch"))
     elif cpu.exact_u8s8:
         int4_decision = Decision("int8", f"auto, {'AMX' if cpu.amx else 'VNNI'}: integer dot products "
@@ -202,7 +206,7 @@ def decide(cpu: CpuFeatures | None = None, env=None) -> CpuDecisions:
 
     precision = _setting("openvino_precision", env)
     native = "AMX-BF16" if _AMX_BF16 in cpu.flags else "AVX512-BF16"
-    if OVERRIDES["openvino_precision"][0] in env:
+    if _is_set("openvino_precision", env):
         ov = forced("openvino_precision", precision)
     elif cpu.bf16:
         ov = Decision("f32", f"default, forced with INFERENCE_PRECISION_HINT (OpenVINO would run 'f32' models "

@@ -17,8 +17,13 @@ _PACKAGES = ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "on
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and the packages a result depends on."""
-    found = {"python": platform.python_version()}
+    """Versions of Python and the packages a result depends on, the CPU its times were measured on, and
+    whether ONNX Runtime computed int8 products exactly there (`diffquant.cpu`)."""
+    from .cpu import decisions
+
+    decided = decisions()
+    found = {"python": platform.python_version(), "cpu": decided.cpu.describe(),
+             "ort exact int8": f"{decided.ort_exact_int8.value} ({decided.ort_exact_int8.reason})"}
     for name in _PACKAGES:
         try:
             found[name] = metadata.version(name)
