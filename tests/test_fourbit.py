@@ -209,7 +209,7 @@ def test_int8_compute_asks_onnx_runtime_for_integer_dot_products(tiny_int4_expor
                for n in nodes for i in (1, 2))
     assert result.fused_ops.get("MatMulNBits") == len(nodes)
     assert result.relative_error <= result.relative_error_bound
-    with pytest.raises(DiffquantError, match="unknown int4 compute 'int2': use float or int8"):
+    with pytest.raises(DiffquantError, match="unknown int4 compute 'int2': use float, int8 or auto"):
         export_onnx(quantized, tmp_path / "bad", int4_compute="int2")
 
 
