@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffquant.shapes.dataset import (COLORS, POSITIONS, SHAPES, SIZES, ShapeSpec, parse_caption, random_spec,
+from diffquant.shapes.dataset import (COLORS, PALETTE, POSITIONS, SHAPES, SIZES, ShapeSpec, parse_caption, random_spec,
                                       render, sample, sample_captions)
 from diffquant.shapes.model_sd3 import SD3_WEIGHTS_DIR
 from diffquant.shapes.shapeeval import ATTRIBUTES, detect, evaluate, score
@@ -61,6 +61,21 @@ def test_scorer_marks_a_wrong_image_wrong():
     hits = score(image, "a small yellow square on the right on a green background").hits
     assert not any(hits.values())
     assert score(image, "a large red circle on the left on a blue background").correct
+
+
+def test_colours_are_read_by_role_a_swap_and_an_empty_image_are_wrong():
+    """The background is read from the border and the shape's colour from what differs from it: an image with
+    the two colours swapped gets both wrong, and a plain image in the background's colour has no shape colour."""
+    from PIL import Image
+
+    caption = "a large green square on a red background"
+    assert score(render(ShapeSpec("green", "square", "red", "large"), seed=3), caption).correct
+    swapped = score(render(ShapeSpec("red", "square", "green", "large"), seed=3), caption)
+    assert swapped.detection.background == "green" and swapped.detection.color == "red"
+    assert swapped.hits["background"] is False and swapped.hits["color"] is False
+    empty = score(Image.new("RGB", (32, 32), PALETTE["red"]), caption)
+    assert empty.hits["background"] is True  # the field is the asked background ...
+    assert empty.hits["color"] is False and empty.hits["shape"] is False and not empty.correct  # ... and nothing on it
 
 
 def test_detector_reports_no_shape_on_a_blank_image():
