@@ -38,7 +38,7 @@ class Denoiser(ABC):
     capture_keys: ClassVar[tuple[str, ...]]  # the forward kwargs a calibration record keeps
     timestep_key: ClassVar[str] = "timestep"
     output_name: ClassVar[str] = "out_sample"
-    # Module-name patterns kept in float by default, where a measurement showed they hurt (see README).
+    # Module-name patterns kept in float by default, where a measurement showed they hurt (see docs/quantization.md).
     default_exclusions: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, module: torch.nn.Module):

@@ -32,7 +32,7 @@ class FluxDenoiser(Denoiser):
     # other batch even in fp32, so the graph keeps its batch and runtimes call it once per sample.
     dynamic_batch = False
     unbatched_inputs = ("img_ids", "txt_ids")
-    # ModelOpt keeps these in high precision for Flux; ours is a measured default (see README).
+    # ModelOpt keeps these in high precision for Flux; ours is a measured default (see docs/quantization.md).
     default_exclusions = ()
 
     @property
