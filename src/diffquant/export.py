@@ -442,8 +442,9 @@ def missing_activation_quantizers(model, module: torch.nn.Module) -> list[str]:
     while torch quantizes them. Matched by scale value (each calibrated scale is its own float)."""
     from onnx import numpy_helper
 
-    from .backends.quark.internals import activation_scales
+    from .backends import DEFAULT_BACKEND, get_backend
 
+    activation_scales = get_backend(getattr(module, "diffquant_backend", DEFAULT_BACKEND)).activation_scales
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     in_graph = {float(v) for node in graph.node

@@ -77,6 +77,11 @@ class QuantBackend(ABC):
     def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Everything `restore` needs besides the recipe: weights, scales, zero points."""
 
+    def activation_scales(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """'<layer>.input' / '<layer>.output' -> the static scale of each activation quantizer of `module`
+        (what an export must keep: `export.missing_activation_quantizers`); none for a weight-only backend."""
+        return {}
+
     def record(self, module: torch.nn.Module) -> dict:
         """What the backend's algorithm measured while quantizing `module` (JSON-able, e.g. SVDQuant's
         alpha and error per layer): saved beside the weights and handed back to `restore`."""

@@ -86,6 +86,9 @@ class QuarkBackend(QuantBackend):
                                        group_size=recipe.weight.granularity.size, gptq=algorithm.gptq,
                                        alphas=svdquant.ALPHAS if algorithm.smooth else (None,))
 
+    def activation_scales(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return internals.activation_scales(module)
+
     def layer_report(self, module: torch.nn.Module) -> LayerReport:
         report = LayerReport()
         recipe = getattr(module, "diffquant_recipe", None)
