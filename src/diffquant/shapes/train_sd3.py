@@ -28,6 +28,7 @@ from .model_sd3 import (SD3_DEFAULT_GUIDANCE, SD3_DEFAULT_STEPS, SD3_MAX_SEQUENC
 from .train import AUX_WEIGHT, CAPTION_DROPOUT, TRAIN_P_POSITION, _cosine_lr, attribute_heads, attribute_loss
 
 logger = logging.getLogger(__name__)
+DATA_SEED_STRIDE = 1_000_000  # batch seeds of run seed s: s * stride + step
 def sd3_pipeline(vae, transformer, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_3):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -39,7 +40,7 @@ def sd3_pipeline(vae, transformer, text_encoder, text_encoder_2, text_encoder_3,
 
 
 def train_transformer(pipe, steps: int, batch_size: int, lr: float, log: csv.writer, quiet: bool,
-                      checkpoint=None, checkpoint_every: int = 0) -> None:
+                      checkpoint=None, checkpoint_every: int = 0, seed: int = 0) -> None:
     """Flow matching (x_t = (1-s) x0 + s e, target e - x0, logit-normal s) with caption dropout;
     leaves the EMA weights in the pipeline's transformer and text encoders."""
     from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
@@ -54,9 +55,10 @@ def train_transformer(pipe, steps: int, batch_size: int, lr: float, log: csv.wri
     vae = pipe.vae
     for m in models:
         m.train()
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1 + seed)
     for step in progress(range(steps), desc="MMDiT", disable=quiet):
-        images, captions = dataset.batch(seed=step, n=batch_size, p_position=TRAIN_P_POSITION)
+        # another seed draws other batches (a continued run does not replay the first run's data)
+        images, captions = dataset.batch(seed=step + DATA_SEED_STRIDE * seed, n=batch_size, p_position=TRAIN_P_POSITION)
         keep = (torch.rand(batch_size, generator=gen) >= CAPTION_DROPOUT)
         prompts = [c if k else "" for c, k in zip(captions, keep.tolist())]
         with torch.no_grad():  # posterior means, scaled and shifted as the pipeline un-does them
@@ -94,12 +96,31 @@ def train_transformer(pipe, steps: int, batch_size: int, lr: float, log: csv.wri
         m.eval()
 
 
+def _continue_from(folder: Path, components: tuple) -> tuple:
+    """The fresh components with the weights of a trained shapes-sd3 folder (same tokenizers: they are
+    written from the grammar)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    if not (folder / "transformer").is_dir():
+        raise SystemExit(f"--init-from {folder}: not a shapes-sd3 folder (no transformer/); give the folder "
+                         "that train_sd3 wrote")
+    _, _, _, _, tokenizer, tokenizer_3 = components
+    return (SD3Transformer2DModel.from_pretrained(folder / "transformer"),
+            CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", use_safetensors=True),
+            CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", use_safetensors=True),
+            T5EncoderModel.from_pretrained(folder / "text_encoder_3", use_safetensors=True),
+            tokenizer, tokenizer_3)
+
+
 def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, quiet: bool = False,
           vae_from: Path = WEIGHTS_DIR / "vae", num_layers: int = 6, checkpoint_every: int = 500,
-          lr: float = 3e-4) -> Path:
+          lr: float = 3e-4, init_from: Path | None = None) -> Path:
     """Train shapes-sd3 and save the pipeline to `out` (replaced atomically). Returns `out`.
 
-    Every `checkpoint_every` steps a complete pipeline (EMA weights) is saved under `<out>-checkpoints/`."""
+    Every `checkpoint_every` steps a complete pipeline (EMA weights) is saved under `<out>-checkpoints/`.
+    `init_from`: a shapes-sd3 folder whose transformer and text encoders training continues from (fresh
+    attribute heads, optimizer and learning-rate schedule)."""
     from diffusers import AutoencoderKL
 
     from ..artifacts import atomic_dir
@@ -111,6 +132,8 @@ def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, qui
         write_tokenizer(work / "tokenizer")
         write_t5_tokenizer(work / "tokenizer_3")
         components = build_sd3_components(work / "tokenizer", work / "tokenizer_3", num_layers=num_layers)
+        if init_from is not None:
+            components = _continue_from(Path(init_from), components)
         vae = AutoencoderKL.from_pretrained(vae_from)
         vae.register_to_config(shift_factor=0.0)  # SD3's pipeline shifts latents; shapes-sd's VAE has none
         vae.requires_grad_(False)
@@ -128,12 +151,13 @@ def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, qui
                             checkpoints / f"step-{step}")
 
             train_transformer(pipe, steps, batch_size, lr=lr, log=log, quiet=quiet, checkpoint=checkpoint,
-                              checkpoint_every=checkpoint_every)
+                              checkpoint_every=checkpoint_every, seed=seed)
         minutes = (time.perf_counter() - started) / 60
         pipe.save_pretrained(work, safe_serialization=True)
+        continued = f" --init-from {init_from}" if init_from is not None else ""
         (work / "README.md").write_text(
             f"# shapes-sd3\n\nTrained by `python -m diffquant.shapes.train_sd3 --steps {steps} --batch-size "
-            f"{batch_size} --layers {num_layers} --lr {lr} --seed {seed}` in {minutes:.1f} min on CPU, with "
+            f"{batch_size} --layers {num_layers} --lr {lr} --seed {seed}{continued}` in {minutes:.1f} min on CPU, with "
             f"shapes-sd's VAE (frozen) and CLIP tokenizer; the T5 encoder is trained with the rest.\n"
             f"Defaults: {SD3_DEFAULT_STEPS} flow-matching Euler steps, guidance {SD3_DEFAULT_GUIDANCE}, "
             f"max_sequence_length {SD3_MAX_SEQUENCE_LENGTH}.\n"
@@ -154,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--vae-from", type=Path, default=WEIGHTS_DIR / "vae", help="the VAE to reuse (frozen)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from the weights of a shapes-sd3 folder (fresh optimizer and schedule)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -161,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     train(args.out, args.steps, args.batch_size, args.seed, args.quiet, args.vae_from, args.layers,
-          args.checkpoint_every, args.lr)
+          args.checkpoint_every, args.lr, args.init_from)
 
 
 if __name__ == "__main__":
