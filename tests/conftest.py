@@ -69,7 +69,7 @@ def build_tiny_sdxl():
         tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler())
 
 
-T5_TOKENIZER = FIXTURES / "t5_tokenizer"  # written by diffquant.shapes.model_sd3.write_t5_tokenizer
+T5_TOKENIZER = FIXTURES / "t5_tokenizer"  # written by diffquant.models.shapes.model_sd3.write_t5_tokenizer
 
 
 def _t5_encoder(tokenizer, width: int):
@@ -182,7 +182,7 @@ CALIBRATION_PROMPTS = ["a red circle on a blue background", "a small green squar
 @pytest.fixture(scope="session")
 def tiny_calibration(tiny_sd):
     """Captured UNet inputs of the tiny SD pipeline: 3 prompts in batches of 2, 3 of 6 steps -> 6 calls."""
-    from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
+    from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
 
     return capture_denoiser_inputs(tiny_sd, CALIBRATION_PROMPTS,
                                CalibrationConfig(size=3, steps=6, timesteps=3, batch_size=2))
@@ -232,8 +232,8 @@ def tiny_sdxl_int8_w_export(tiny_sdxl, tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_calibration(shapes_pipe):
     """shapes-sd's captured UNet inputs for the W8A8 tests: 4 captions, 3 of 6 steps."""
-    from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
-    from diffquant.shapes.dataset import sample_captions
+    from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
+    from diffquant.models.shapes.dataset import sample_captions
 
     return capture_denoiser_inputs(shapes_pipe, sample_captions(4, seed=9),
                                CalibrationConfig(size=4, steps=6, timesteps=3, batch_size=4))
@@ -293,7 +293,7 @@ class TinyFamily:
     its quantized exports."""
 
     def __init__(self, name: str, root: Path):
-        from diffquant.denoisers import denoiser_of
+        from diffquant.models.denoisers import denoiser_of
 
         self.name, self.root = name, root
         self.pipe = FAMILY_BUILDERS[name]()
@@ -312,7 +312,7 @@ class TinyFamily:
         """The pipeline with its denoiser quantized by `recipe` on the recorded calls."""
         import copy
 
-        from diffquant.quantization import quantize_module
+        from diffquant.quantization.api import quantize_module
 
         module = quantize_module(self.family.module, recipe, calibration=self.records)
         quantized = copy.copy(self.pipe)
@@ -322,7 +322,7 @@ class TinyFamily:
     def export(self, recipe: str):
         """(quantized pipeline, its OnnxExport), once per recipe. Random weights put activations on rounding
         ties, so the ORT-vs-torch error is measured, and asserted by the tests that need it."""
-        from diffquant.export import export_onnx
+        from diffquant.export.onnx import export_onnx
 
         if recipe not in self._exports:
             quantized = self.quantized(recipe)
@@ -349,8 +349,8 @@ def tiny_families(tmp_path_factory):
 @pytest.fixture(params=["exact", "u8s8"])
 def int8_products(request):
     """Runs a test twice, with ONNX Runtime's exact int8 products (u8 x u8: what a CPU without VNNI gets) and
-    without (u8 x s8: VNNI/AMX), forced through diffquant.cpu whatever this CPU would choose."""
-    from diffquant.cpu import forced
+    without (u8 x s8: VNNI/AMX), forced through diffquant.core.cpu whatever this CPU would choose."""
+    from diffquant.core.cpu import forced
 
     with forced(ort_exact_int8="1" if request.param == "exact" else "0"):
         yield request.param

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from diffquant import layer_report, load_quantized, quantize, save_quantized
-from diffquant.backends import get_backend
-from diffquant.backends.quark import internals
-from diffquant.denoisers import denoiser_of
-from diffquant.errors import DiffquantError
-from diffquant.metrics import sqnr_db
-from diffquant.recipes import RECIPES, PerChannel, PerTensor, Recipe, TensorQuant, get_recipe
+from diffquant.quantization.backends import get_backend
+from diffquant.quantization.backends.quark import internals
+from diffquant.models.denoisers import denoiser_of
+from diffquant.core.errors import DiffquantError
+from diffquant.evaluate.metrics import sqnr_db
+from diffquant.core.recipes import RECIPES, PerChannel, PerTensor, Recipe, TensorQuant, get_recipe
 
 from conftest import CALIBRATION_PROMPTS, build_tiny_flux, build_tiny_sd3
 
@@ -192,7 +192,7 @@ def test_reloading_into_another_denoiser_is_one_clear_error(tiny, tiny_sd, tmp_p
 
 
 def test_sensitivity_ranks_a_damaged_transformer_layer_first(tiny):
-    from diffquant.sensitivity import analyze_sensitivity
+    from diffquant.evaluate.sensitivity import analyze_sensitivity
 
     pipe, calibration = tiny
     damaged = copy.copy(pipe)
@@ -215,7 +215,7 @@ def test_unknown_backend_lists_the_known_ones():
 def test_quark_config_matches_the_recipe():
     from quark.torch.quantization.config.type import Dtype, QSchemeType
 
-    from diffquant.backends.quark import to_quark_config
+    from diffquant.quantization.backends.quark import to_quark_config
 
     layer = to_quark_config(get_recipe("int8-w")).global_quant_config
     assert layer.weight.dtype == Dtype.int8 and layer.weight.qscheme == QSchemeType.per_tensor

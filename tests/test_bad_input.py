@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 import diffquant as dq
-from diffquant.cli import main
-from diffquant.errors import DiffquantError
+from diffquant.cli.main import main
+from diffquant.core.errors import DiffquantError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY_RUN = ["--steps", "2", "--num-images", "1", "--recipes", "int8-w"]
@@ -40,7 +40,7 @@ def one_line_error(capsys, argv: list[str], expected: str) -> str:
 
 def cli_subprocess(args: list[str], env: dict, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in unset} | {"PYTHONPATH": str(SRC), **env}
-    return subprocess.run([sys.executable, "-m", "diffquant.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "diffquant.cli.main", *args], capture_output=True, text=True,
                           env=environment, timeout=600)
 
 
@@ -94,7 +94,7 @@ def non_empty(folder: Path) -> Path:
 # ---- data lost: no command writes into a non-empty --out ----
 
 def _fake_benchmark(out, **kwargs):
-    from diffquant.bench import BenchResult, BenchRow
+    from diffquant.bench.runner import BenchResult, BenchRow
 
     result = BenchResult("fake", 2, [4, 8, 8], 1, rows=[BenchRow("torch fp32", False, 1.0, 1.0, 0.1, None, 1.0, 1.0)])
     (Path(out) / "bench.json").write_text(json.dumps(result.to_dict()))
@@ -117,9 +117,9 @@ def test_no_command_writes_into_a_non_empty_out(command, tmp_path, tiny_sd_dir, 
         "bench": ["bench"],
     }[command]
     if command == "bench":  # the folder rule is the CLI's; the benchmark itself is measured elsewhere
-        import diffquant.bench
+        import diffquant.bench.runner
 
-        monkeypatch.setattr(diffquant.bench, "benchmark", _fake_benchmark)
+        monkeypatch.setattr(diffquant.bench.runner, "benchmark", _fake_benchmark)
     assert main(["--quiet", *argv, "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     siblings = [p for p in tmp_path.iterdir() if p.name.startswith("out-")]
@@ -133,7 +133,7 @@ def _calib_file(folder: Path) -> Path:
 
 
 def test_runs_started_at_once_on_one_out_get_their_own_folders(tmp_path):
-    from diffquant.artifacts import resolve_out_dir
+    from diffquant.core.artifacts import resolve_out_dir
 
     out = non_empty(tmp_path / "out")
     start, chosen, errors = threading.Barrier(8), [], []
@@ -160,7 +160,7 @@ def test_runs_started_at_once_on_one_out_get_their_own_folders(tmp_path):
 def test_artifacts_honour_the_umask(tmp_path):
     from safetensors.torch import save_file
 
-    from diffquant.artifacts import atomic_dir, save_image, write_json
+    from diffquant.core.artifacts import atomic_dir, save_image, write_json
 
     for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o077, 0o600, 0o700)):
         folder = tmp_path / f"m{mask:o}"
@@ -177,7 +177,7 @@ def test_artifacts_honour_the_umask(tmp_path):
 
 
 def test_a_run_names_the_cpu_its_times_were_measured_on(tiny_run):
-    from diffquant.cpu import decisions
+    from diffquant.core.cpu import decisions
 
     out, _ = tiny_run
     versions = json.loads((out / "results.json").read_text())["versions"]
@@ -463,7 +463,7 @@ def _in_own_mount(tmp_path: Path, options: str, args: list[str]) -> subprocess.C
     script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; dir="$2"; shift 2; "$@"; rc=$?; '
               'find "$dir" -name ".*" -printf "LEFTOVER %p\\n"; exit $rc')
     return subprocess.run([unshare, "-rm", "sh", "-c", script, "sh", options, str(mnt), sys.executable, "-m",
-                           "diffquant.cli", "--quiet", *args], capture_output=True, text=True, timeout=600,
+                           "diffquant.cli.main", "--quiet", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(SRC)})
 
 
@@ -489,7 +489,7 @@ def test_a_full_disk_says_so_without_quark_advice(tmp_path, quantized_dir):
 def test_sigterm_cleans_up_and_keeps_what_finished(tmp_path):
     """The original finding: SIGTERM during the ONNX export left a 13 MB hidden folder and no message."""
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "diffquant.cli", "--quiet", "run", *TINY_RUN,
+    process = subprocess.Popen([sys.executable, "-m", "diffquant.cli.main", "--quiet", "run", *TINY_RUN,
                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(SRC)})
     deadline = time.monotonic() + 300

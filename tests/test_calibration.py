@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from diffquant import layer_report, quantize
-from diffquant.calibration import (CalibrationConfig, CalibrationSet, calibrate, capture_denoiser_inputs,
+from diffquant.quantization.calibration import (CalibrationConfig, CalibrationSet, calibrate, capture_denoiser_inputs,
                                    kept_step_indices, random_calibration)
-from diffquant.denoisers.flux import FluxDenoiser
-from diffquant.errors import DiffquantError
-from diffquant.metrics import sqnr_db
+from diffquant.models.denoisers.flux import FluxDenoiser
+from diffquant.core.errors import DiffquantError
+from diffquant.evaluate.metrics import sqnr_db
 
 
 def test_kept_timesteps_are_spread_over_the_trajectory():
@@ -115,7 +115,7 @@ def test_random_calibration_feeds_every_family(fixture, attribute, request):
 
 
 def test_spilled_calibration_round_trips(monkeypatch, tiny_calibration):
-    from diffquant import calibration as module
+    from diffquant.quantization import calibration as module
 
     monkeypatch.setattr(module, "MEMORY_LIMIT_BYTES", 0)
     spilled = CalibrationSet()
@@ -161,7 +161,7 @@ def test_w8a8_export_has_activation_qdq_and_matches_ort(shapes_pipe, shapes_cali
     """On the trained shapes-sd: a random tiny UNet has activation outliers (its skip concatenations
     reach +-77) that make one flipped rounding tie move the output by a whole coarse step."""
     from diffquant import export_onnx
-    from diffquant.export import MAX_RELATIVE_ERROR
+    from diffquant.export.onnx import MAX_RELATIVE_ERROR
 
     result = export_onnx(quantize(shapes_pipe, "w8a8-int8", calibration=shapes_calibration),
                          tmp_path / "w8a8")
@@ -176,7 +176,7 @@ def test_w8a8_export_has_activation_qdq_and_matches_ort(shapes_pipe, shapes_cali
 def test_sensitivity_ranks_a_damaged_layer_first(tiny_sd, tiny_calibration):
     import copy
 
-    from diffquant.sensitivity import analyze_sensitivity
+    from diffquant.evaluate.sensitivity import analyze_sensitivity
 
     damaged = copy.copy(tiny_sd)
     damaged.unet = copy.deepcopy(tiny_sd.unet)
@@ -196,10 +196,10 @@ def test_sensitivity_ranks_a_damaged_layer_first(tiny_sd, tiny_calibration):
 def test_a_mixed_recipe_keeps_the_float_layers_its_ranking_was_measured_with(shapes_pipe, shapes_calibration):
     """shapes-sd's profile keeps measured layers float for w8a8-int8; the ranking is measured with them float,
     so the mixed recipe (a name the profile does not know) must carry them to reproduce its own curve."""
-    from diffquant.metrics import sqnr_db
-    from diffquant.profiles import profile_of
-    from diffquant.quantization import quantize
-    from diffquant.sensitivity import analyze_sensitivity
+    from diffquant.evaluate.metrics import sqnr_db
+    from diffquant.models.profiles import profile_of
+    from diffquant.quantization.api import quantize
+    from diffquant.evaluate.sensitivity import analyze_sensitivity
 
     result = analyze_sensitivity(shapes_pipe, "w8a8-int8", shapes_calibration, max_keep=1)
     mixed = result.mixed_recipe(keep_float=1)

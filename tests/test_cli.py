@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffquant.cli import main
+from diffquant.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,10 @@ def shapes_run(tmp_path_factory):
 
 def test_run_writes_results_that_reload(shapes_run):
     from diffquant import RunConfig, RunResult
-    from diffquant.config import CONFIG_VERSION
+    from diffquant.core.config import CONFIG_VERSION
 
     results = RunResult.load(shapes_run)
-    assert json.loads((shapes_run / "results.json").read_text())["version"] == 3
+    assert json.loads((shapes_run / "results.json").read_text())["version"] == 4
     assert results.status == "complete" and results.denoiser == "UNet2DConditionModel"
     assert results.config["type"] == "RunConfig" and results.config["version"] == CONFIG_VERSION == 4
     assert list(results.recipes) == ["int8-w", "fp8-w"]
@@ -89,7 +89,7 @@ def test_report_escapes_prompt_html(shapes_run):
     from dataclasses import replace
 
     from diffquant import RunResult
-    from diffquant.report import render_html
+    from diffquant.report.html import render_html
 
     results = RunResult.load(shapes_run)
     results = replace(results, prompts=("a red circle on a <b>blue</b> background", *results.prompts[1:]))
@@ -98,9 +98,48 @@ def test_report_escapes_prompt_html(shapes_run):
     assert "simulated" in (shapes_run / "report.html").read_text()
 
 
+def test_results_keep_each_images_fidelity_and_the_report_shows_the_worst(shapes_run):
+    import numpy as np
+    from PIL import Image
+
+    from diffquant import RunResult, compare
+
+    results = RunResult.load(shapes_run)
+    baseline = [Image.open(shapes_run / p) for p in results.baseline_images]
+    prompts = [results.prompts[k % len(results.prompts)] for k in range(len(baseline))]
+    page = (shapes_run / "report.html").read_text()
+    for name, entry in results.recipes.items():
+        q = entry.quality
+        measured = compare(baseline, [Image.open(shapes_run / p) for p in entry.images], prompts)
+        assert np.allclose(q.per_image.psnr_db, measured.psnr_db) and np.allclose(q.per_image.ssim, measured.ssim)
+        assert q.psnr_db == pytest.approx(np.mean(measured.psnr_db))
+        assert q.psnr_p10_db == pytest.approx(np.percentile(measured.psnr_db, 10))
+        assert q.psnr_worst_db == pytest.approx(min(measured.psnr_db)) and q.ssim_worst == pytest.approx(min(measured.ssim))
+        worst = q.per_image.worst()
+        assert worst[0] == int(np.argmin(measured.psnr_db)) and len(worst) == 3
+        for k in worst:  # each worst image beside the fp32 image of its seed
+            assert f'alt="{name} image {k}"' in page and f'alt="fp32 image {k}"' in page
+        for ort_quality in (entry.ort.vs_torch, entry.ort.vs_baseline):
+            assert len(ort_quality.per_image.psnr_db) == len(baseline)
+            assert ort_quality.psnr_worst_db == min(ort_quality.per_image.psnr_db)
+    assert "Worst images" in page
+
+
+def test_results_of_version_3_still_load(shapes_run):
+    from diffquant import RunResult
+
+    data = json.loads((shapes_run / "results.json").read_text())
+    data["version"] = 3
+    for entry in data["recipes"].values():
+        for key in ("per_image", "psnr_p10_db", "psnr_worst_db", "ssim_p10", "ssim_worst"):
+            entry["quality"].pop(key)
+    results = RunResult.from_dict(data)
+    assert all(r.quality.per_image is None and r.quality.psnr_db > 15 for r in results.recipes.values())
+
+
 def test_terminal_and_report_show_adherence_per_attribute(shapes_run):
     from diffquant import RunResult
-    from diffquant.cli import summary_table
+    from diffquant.cli.main import summary_table
 
     table = summary_table(RunResult.load(shapes_run))
     for label in ("background (n=3)", "colour (n=3)", "shape (n=3)", "size (n=1)", "position (n=1)",
@@ -112,7 +151,7 @@ def test_terminal_and_report_show_adherence_per_attribute(shapes_run):
 
 def test_terminal_and_report_show_bits_per_weight(shapes_run):
     from diffquant import RunResult
-    from diffquant.cli import summary_table
+    from diffquant.cli.main import summary_table
 
     results = RunResult.load(shapes_run)
     table = summary_table(results).splitlines()
@@ -201,7 +240,7 @@ def _imports_quark(importtime_log: str) -> bool:
 
 
 def test_help_does_not_import_quark():
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffquant.cli", "--help"],
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffquant.cli.main", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "view" in done.stdout
     assert "diffquant" in done.stderr and not _imports_quark(done.stderr)
@@ -211,7 +250,7 @@ def test_env_prints_versions_and_settings_without_importing_quark():
     import torch
     from importlib import metadata
 
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffquant.cli", "env"],
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffquant.cli.main", "env"],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "QUARK_DISABLE_COMPILE": "0"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -242,7 +281,7 @@ def test_view_serves_the_onnx_file_on_localhost_until_interrupted(tmp_path):
         port = probe.getsockname()[1]
     log = tmp_path / "stderr.log"
     with open(log, "w") as stderr:
-        server = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "diffquant.cli", "view", str(model_path),
+        server = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "diffquant.cli.main", "view", str(model_path),
                                    "--port", str(port), "--no-browser"],
                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
@@ -339,10 +378,10 @@ def test_run_on_the_embedded_transformer_model_end_to_end(tmp_path):
 
 
 def test_the_cli_offers_the_int4_compute_choices_export_knows():
-    from diffquant.cli import INT4_COMPUTE_CHOICES, build_parser
-    from diffquant.export import INT4_COMPUTE
+    from diffquant.cli.main import INT4_COMPUTE_CHOICES, build_parser
+    from diffquant.export.onnx import INT4_COMPUTE
 
-    assert INT4_COMPUTE_CHOICES == (*INT4_COMPUTE, "auto")  # auto: decided from the CPU (diffquant.cpu)
+    assert INT4_COMPUTE_CHOICES == (*INT4_COMPUTE, "auto")  # auto: decided from the CPU (diffquant.core.cpu)
     for command in (["export", "q", "--out", "o"], ["bench"]):
         assert build_parser().parse_args([*command, "--int4-compute", "int8"]).int4_compute == "int8"
         assert build_parser().parse_args(command).int4_compute is None  # $DIFFQUANT_INT4_COMPUTE, else float

@@ -1,13 +1,13 @@
-"""diffquant.cpu: every decision taken from the CPU, for every kind of CPU (AVX2-only, VNNI, AMX, unknown),
+"""diffquant.core.cpu: every decision taken from the CPU, for every kind of CPU (AVX2-only, VNNI, AMX, unknown),
 whatever CPU runs the tests; each override; `diffquant env` printing what was detected and chosen."""
 
 import os
 
 import pytest
 
-from diffquant.cpu import (CpuFeatures, decide, decisions, forced, kernel_class, read_cpu_features,
+from diffquant.core.cpu import (CpuFeatures, decide, decisions, forced, kernel_class, read_cpu_features,
                            resolve_int4_compute)
-from diffquant.errors import DiffquantError
+from diffquant.core.errors import DiffquantError
 
 # The CPUs the project's machines and its users have: flags as /proc/cpuinfo spells them.
 AVX2_EPYC = CpuFeatures("AMD EPYC 7B12", frozenset({"avx", "avx2", "fma", "f16c"}))
@@ -113,7 +113,7 @@ def test_the_bench_labels_float_bf16_and_int4_kernels():
 
 
 def test_env_command_prints_the_cpu_and_every_decision(capsys, monkeypatch):
-    from diffquant.cli import main
+    from diffquant.cli.main import main
 
     monkeypatch.setenv("DIFFQUANT_ORT_EXACT_INT8", "1")
     assert main(["env"]) == 0

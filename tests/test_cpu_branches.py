@@ -1,6 +1,6 @@
 """Every ONNX file diffquant writes opens and runs in ONNX Runtime with and without exact int8 products
 (the branch an AVX2-only CPU takes, and the one a VNNI/AMX CPU takes), whatever CPU runs the tests: every
-exportable recipe on the tiny UNet, SD3 and Flux, each branch forced through `diffquant.cpu`.
+exportable recipe on the tiny UNet, SD3 and Flux, each branch forced through `diffquant.core.cpu`.
 
 The exact branch failed to load every int8 graph before the export stopped sharing quantization constants
 ("Attempt to replace the existing tensor": ONNX Runtime rewrites each int8 weight's zero point per node)."""
@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from diffquant.backends.quark.matmul_nbits import check_recipes_exportable
-from diffquant.cpu import cpu_features, forced
-from diffquant.denoisers import denoiser_of
-from diffquant.errors import DiffquantError
-from diffquant.export import missing_activation_quantizers
-from diffquant.recipes import RECIPES
+from diffquant.quantization.backends.quark.matmul_nbits import check_recipes_exportable
+from diffquant.core.cpu import cpu_features, forced
+from diffquant.models.denoisers import denoiser_of
+from diffquant.core.errors import DiffquantError
+from diffquant.export.onnx import missing_activation_quantizers
+from diffquant.core.recipes import RECIPES
 from diffquant.runtimes.onnxruntime import OnnxRuntime
 
 
@@ -85,8 +85,8 @@ def test_the_export_check_fails_when_the_graph_bypasses_an_activation_quantizer(
     written (its layer then reads float activations: a change within the relative-error bound when the
     quantizer's rounding is small): the export check names the torch quantizer that has no counterpart in
     the graph, and the folder is not left behind."""
-    import diffquant.onnx_graph as onnx_graph
-    from diffquant.export import export_onnx
+    import diffquant.passes.graph as onnx_graph
+    from diffquant.export.onnx import export_onnx
 
     unet = tiny_families("unet")
     quantized, exported = unet.export("w8a8-fp8")

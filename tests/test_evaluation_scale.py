@@ -144,7 +144,7 @@ def test_resume_generates_only_the_missing_images(single_run, tmp_path):
 
 def test_resume_refuses_a_folder_of_other_settings(single_run, tmp_path):
     import diffquant as dq
-    from diffquant.errors import DiffquantError
+    from diffquant.core.errors import DiffquantError
 
     out = tmp_path / "run"
     shutil.copytree(single_run.out_dir, out)
@@ -180,8 +180,8 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 def test_fid_between_two_image_folders(single_run, tiny_clip_dir, tmp_path):
     """FID through torchmetrics on the CLIP image features (no Inception weights offline), against the
     baseline (reference FID) and against a folder of 'real' images; checked against scipy's formula."""
-    from diffquant.eval_metrics import ClipImageFeatures, Scorer, load_clip
-    from diffquant.metrics import to_tensor
+    from diffquant.evaluate.scoring import ClipImageFeatures, Scorer, load_clip
+    from diffquant.evaluate.metrics import to_tensor
 
     evaluation = single_run.evaluation
     assert evaluation.fid_features.startswith(f"CLIP image embeddings of {tiny_clip_dir}")
@@ -207,7 +207,7 @@ def test_fid_between_two_image_folders(single_run, tiny_clip_dir, tmp_path):
 
 
 def test_missing_weights_are_one_line_each_and_the_rest_runs(single_run, tmp_path):
-    from diffquant.eval_metrics import Scorer
+    from diffquant.evaluate.scoring import Scorer
 
     scorer = Scorer(Path(single_run.out_dir), list(PROMPTS), str(tmp_path / "no-clip"), None, torch.device("cpu"),
                     shapes=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffquant import export_onnx, quantize
-from diffquant.export import MAX_RELATIVE_ERROR, example_inputs, run_onnx
+from diffquant.export.onnx import MAX_RELATIVE_ERROR, example_inputs, run_onnx
 
 
 def test_int8_export_stores_int8_weights_and_runs_any_batch_in_ort(tiny_sd, tiny_int8_w_export):
@@ -36,8 +36,8 @@ def test_sdxl_export_takes_the_added_conditioning(tiny_sdxl_int8_w_export):
 
 
 def test_a_wrong_export_fails_loudly(tiny_int8_w, tmp_path, monkeypatch):
-    from diffquant import export as export_module
-    from diffquant.errors import DiffquantError
+    from diffquant.export import onnx as export_module
+    from diffquant.core.errors import DiffquantError
 
     real = export_module.run_onnx
     monkeypatch.setattr(export_module, "run_onnx", lambda path, inputs: real(path, inputs) * 1.5)

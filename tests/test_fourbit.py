@@ -12,12 +12,13 @@ import torch
 from onnx import numpy_helper
 
 from diffquant import export_onnx, layer_report, quantize
-from diffquant.backends.quark import fourbit, internals
-from diffquant.backends.quark.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
-from diffquant.errors import DiffquantError
-from diffquant.export import example_inputs
-from diffquant.metrics import sqnr_db
-from diffquant.recipes import PerChannel, PerGroup, Recipe, TensorQuant
+from diffquant.quantization.backends.quark import fourbit, internals
+from diffquant.quantization.backends.quark.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
+from diffquant.core.errors import DiffquantError
+from diffquant.export.onnx import example_inputs
+from diffquant.evaluate.metrics import sqnr_db
+from diffquant.core.recipes import PerChannel, PerGroup, Recipe, TensorQuant
+from diffquant.core.record import record_of
 
 # The tiny UNet's Linears are 8, 16 or 32 wide: group 16 takes all but the 8-wide time_embedding.linear_1.
 INT4_G16 = Recipe("int4-w-g16", TensorQuant("int4", PerGroup(16)))
@@ -178,7 +179,7 @@ def test_openvino_runs_the_matmul_nbits_export_on_int4_weights_and_matches_onnx_
 
 def test_a_large_int4_export_matches_the_in_memory_one(tiny_int4_export, tmp_path, monkeypatch):
     """Above the external-data size the int4 Linears' float weights are never loaded: the same graph results."""
-    from diffquant import export as export_module
+    from diffquant.export import onnx as export_module
     from diffquant.runtimes import get_runtime
 
     quantized, in_memory = tiny_int4_export
@@ -229,7 +230,7 @@ def test_mxfp4_export_is_refused_in_one_line(tiny_sd, tmp_path):
 def test_a_transformer_denoiser_runs_its_int4_linears_on_matmul_nbits(tiny_sd3, tmp_path):
     """A DiT is almost all Linear: every Linear that the group divides runs as MatMulNBits in ORT."""
     quantized = quantize(tiny_sd3, "int4-w")
-    group = quantized.transformer.diffquant_recipe.weight.granularity.size
+    group = record_of(quantized.transformer).recipe.weight.granularity.size
     linears = _layers(tiny_sd3.transformer, torch.nn.Linear)
     int4 = {n for n, m in quantized.transformer.named_modules() if fourbit.weight_kind(m) == "int4"}
     assert int4 == {n for n, m in linears.items() if m.in_features % group == 0} and len(int4) > 20
@@ -239,7 +240,8 @@ def test_a_transformer_denoiser_runs_its_int4_linears_on_matmul_nbits(tiny_sd3, 
 
 
 def test_a_run_refuses_to_export_mxfp4_before_any_slow_work(tmp_path, monkeypatch):
-    from diffquant import RunConfig, pipeline, run
+    from diffquant import RunConfig, run
+    from diffquant.models import pipeline
 
     monkeypatch.setattr(pipeline, "load_pipeline", None)  # reaching it would fail differently
     with pytest.raises(DiffquantError, match="--no-export"):

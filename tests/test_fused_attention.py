@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from diffquant.export import example_inputs, export_fp32_onnx
+from diffquant.export.onnx import example_inputs, export_fp32_onnx
 from diffquant.runtimes.onnxruntime import OnnxRuntime, fuse_attention, ort_pipeline
 
 
@@ -88,7 +88,7 @@ def test_int8_attention_rewrite_keeps_the_integer_projections(shapes_pipe, shape
 @pytest.mark.parametrize("recipe, min_psnr_db", [("int8-w", 45), ("w8a8-int8-ort", 40)])
 def test_fused_attention_gives_the_same_images(shapes_pipe, shapes_unfused, tmp_path, recipe, min_psnr_db):
     from diffquant import compare, generate
-    from diffquant.shapes.dataset import sample_captions
+    from diffquant.models.shapes.dataset import sample_captions
 
     unfused = shapes_unfused(recipe).path
     _, fused = _fused_copy(unfused, tmp_path / "fused")

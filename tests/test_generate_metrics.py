@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from diffquant import compare, generate, image_grid
-from diffquant.metrics import PSNR_IDENTICAL
+from diffquant.evaluate.metrics import PSNR_IDENTICAL
 
 
 def test_image_k_is_the_same_whatever_the_batch_size(tiny_sd):
@@ -28,7 +28,7 @@ def _noisy(image, sigma, seed=0):
 
 
 def test_compare_ranks_damage_and_scores_shapes_captions():
-    from diffquant.shapes.dataset import sample
+    from diffquant.models.shapes.dataset import sample
 
     pairs = [sample(s) for s in range(4)]
     images, prompts = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -64,14 +64,14 @@ def test_shapes_sd3_profile_sets_defaults_and_the_t5_length(tiny_sd3_dir, tiny_s
     """shapes-sd3 ships later: a copy of the tiny SD3 folder stands in for its weights."""
     import shutil
 
-    import diffquant.profiles
+    import diffquant.models.profiles
     from diffquant import default_prompts, load_pipeline
-    from diffquant.generation import default_settings
-    from diffquant.shapes.dataset import parse_caption
-    from diffquant.shapes.model_sd3 import SD3_DEFAULT_GUIDANCE, SD3_DEFAULT_STEPS, SD3_MAX_SEQUENCE_LENGTH
+    from diffquant.models.generation import default_settings
+    from diffquant.models.shapes.dataset import parse_caption
+    from diffquant.models.shapes.model_sd3 import SD3_DEFAULT_GUIDANCE, SD3_DEFAULT_STEPS, SD3_MAX_SEQUENCE_LENGTH
 
-    folders = diffquant.profiles.embedded_models() | {"shapes-sd3": shutil.copytree(tiny_sd3_dir, tmp_path / "w")}
-    monkeypatch.setattr(diffquant.profiles, "embedded_models", lambda: folders)
+    folders = diffquant.models.profiles.embedded_models() | {"shapes-sd3": shutil.copytree(tiny_sd3_dir, tmp_path / "w")}
+    monkeypatch.setattr(diffquant.models.profiles, "embedded_models", lambda: folders)
     shapes_sd3 = load_pipeline("shapes-sd3", device="cpu")
     settings = default_settings(shapes_sd3)
     assert (settings.steps, settings.guidance) == (SD3_DEFAULT_STEPS, SD3_DEFAULT_GUIDANCE)

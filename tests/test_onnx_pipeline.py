@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from diffquant import compare, export_onnx, export_pipeline, generate, quantize
-from diffquant.errors import DiffquantError
-from diffquant.export import MAX_RELATIVE_ERROR, example_inputs
+from diffquant.core.errors import DiffquantError
+from diffquant.export.onnx import MAX_RELATIVE_ERROR, example_inputs
 
 pytest.importorskip("optimum.onnxruntime", reason="the deploy extra: pip install -e '.[deploy]'")
 
@@ -188,7 +188,7 @@ def test_without_optimum_the_error_says_what_to_install(deployed, tmp_path, monk
     with pytest.raises(DiffquantError, match=r"pip install 'optimum-onnx\[onnxruntime\]'"):
         export_pipeline(deployed["quantized"], tmp_path / "no-optimum")
     assert not (tmp_path / "no-optimum").exists()
-    from diffquant.cli import main
+    from diffquant.cli.main import main
 
     assert main(["run", "--export-pipeline", "--out", str(tmp_path / "run")]) == 2  # before any slow work
     assert "optimum-onnx" in capsys.readouterr().err and not (tmp_path / "run").exists()
@@ -197,7 +197,7 @@ def test_without_optimum_the_error_says_what_to_install(deployed, tmp_path, monk
 def test_export_command_and_run_option_write_folders_optimum_runs(tiny_sd_dir, tmp_path, capsys):
     from optimum.onnxruntime import ORTDiffusionPipeline
 
-    from diffquant.cli import main
+    from diffquant.cli.main import main
 
     assert main(["--quiet", "quantize", "--model", str(tiny_sd_dir), "--recipe", "int8-w",
                  "--out", str(tmp_path / "q")]) == 0
@@ -215,7 +215,7 @@ def test_export_command_and_run_option_write_folders_optimum_runs(tiny_sd_dir, t
 
 
 def test_export_pipeline_without_export_is_refused_before_any_work(tmp_path, capsys):
-    from diffquant.cli import main
+    from diffquant.cli.main import main
 
     assert main(["run", "--no-export", "--export-pipeline", "--out", str(tmp_path / "out")]) == 2
     assert "drop --no-export" in capsys.readouterr().err

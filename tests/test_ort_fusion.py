@@ -120,7 +120,7 @@ def test_transformer_linears_with_a_bias_reach_an_integer_kernel(tmp_path, gemm,
 
 
 def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(shapes_ort_export, tmp_path, int8_products):
-    from diffquant.export import example_inputs
+    from diffquant.export.onnx import example_inputs
     from diffquant.runtimes.onnxruntime import profile_operators
 
     quantized, exported = shapes_ort_export
@@ -145,9 +145,9 @@ def test_shapes_sd_runs_convs_and_every_linear_on_integer_kernels(shapes_ort_exp
 
 def test_shapes_sd_images_from_onnx_runtime_match_torch_fake_quant(shapes_pipe, shapes_ort_export, int8_products):
     from diffquant import compare, generate
-    from diffquant.cpu import cpu_features
+    from diffquant.core.cpu import cpu_features
     from diffquant.runtimes.onnxruntime import ort_pipeline
-    from diffquant.shapes.dataset import sample_captions
+    from diffquant.models.shapes.dataset import sample_captions
 
     if int8_products == "u8s8" and not cpu_features().exact_u8s8:
         pytest.skip(f"u8 x s8 products saturate on this CPU ({cpu_features().describe()}): diffquant runs the exact "

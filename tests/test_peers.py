@@ -9,7 +9,7 @@ import pytest
 def test_peers_compare_on_identical_fp32_images(tiny_sd_dir, tmp_path):
     pytest.importorskip("modelopt.torch.quantization", reason="the [peers] extra (nvidia-modelopt) is not installed")
     pytest.importorskip("optimum.quanto", reason="the [peers] extra (optimum-quanto) is not installed")
-    from diffquant.peers import main
+    from diffquant.peers.eight import main
 
     methods = "diffquant:w8a8-int8,modelopt:int8,quanto:w8a8"
     assert main(["--model", str(tiny_sd_dir), "--n", "2", "--calib-size", "2", "--steps", "2",
@@ -39,7 +39,7 @@ def _installed_4bit_peers() -> list[str]:
 
 
 def test_4bit_peers_store_about_4_bits_per_weight(tiny_sd_dir, tmp_path):
-    from diffquant.peers import main
+    from diffquant.peers.eight import main
 
     methods = _installed_4bit_peers() + ["gguf:q4_k"] * ("gguf:q4_0" in _installed_4bit_peers())
     assert main(["--model", str(tiny_sd_dir), "--bits", "4", "--n", "2", "--steps", "2",
@@ -66,7 +66,7 @@ def test_nncf_runs_a_transformer_pipeline_at_the_text_length_it_feeds(tiny_sd3_d
     """SD3 feeds its transformer CLIP and T5 tokens together: NNCF's OpenVINO model is traced at that length
     (traced at CLIP's alone, OpenVINO returned empty outputs and the row was a note)."""
     pytest.importorskip("nncf", reason="nncf is not installed")
-    from diffquant.peers import main
+    from diffquant.peers.eight import main
 
     assert main(["--model", str(tiny_sd3_dir), "--bits", "4", "--n", "2", "--steps", "2",
                  "--methods", "nncf:int4-g16", "--out", str(tmp_path / "peers")]) == 0
@@ -79,17 +79,17 @@ def test_4bit_peer_whose_float_copy_differs_stops_the_run(tiny_sd_dir, tmp_path,
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     import torch
 
-    import diffquant.quantization
-    from diffquant.peers import main
+    import diffquant.quantization.api
+    from diffquant.peers.eight import main
 
-    made = diffquant.quantization.with_denoiser
+    made = diffquant.quantization.api.with_denoiser
 
     def perturbed(pipe, attribute, module):  # a peer copy that changed the float weights
         with torch.no_grad():
             module.conv_in.weight.add_(0.5)
         return made(pipe, attribute, module)
 
-    monkeypatch.setattr(diffquant.quantization, "with_denoiser", perturbed)
+    monkeypatch.setattr(diffquant.quantization.api, "with_denoiser", perturbed)
     assert main(["--model", str(tiny_sd_dir), "--bits", "4", "--n", "2", "--steps", "2",
                  "--methods", "bnb:nf4", "--out", str(tmp_path / "peers")]) == 2
     out = capsys.readouterr().out.strip().splitlines()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from diffquant import generate, load_pipeline
-from diffquant.denoisers import supported_classes
-from diffquant.errors import DiffquantError
-from diffquant.profiles import class_profile, profile_of
+from diffquant.models.denoisers import supported_classes
+from diffquant.core.errors import DiffquantError
+from diffquant.models.profiles import class_profile, profile_of
 
 
 def test_loads_a_local_sd_folder_on_cpu_as_fp32(tiny_sd):
@@ -124,7 +124,7 @@ def test_auto_dtype_on_a_gpu_is_the_model_cards(fixture, expected, request, monk
     """Without a GPU: the device is made to look like one and from_pretrained is stopped once asked."""
     import diffusers
 
-    import diffquant.pipeline
+    import diffquant.models.pipeline
 
     asked = {}
 
@@ -135,7 +135,7 @@ def test_auto_dtype_on_a_gpu_is_the_model_cards(fixture, expected, request, monk
         asked["dtype"] = torch_dtype
         raise Stop
 
-    monkeypatch.setattr(diffquant.pipeline, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(diffquant.models.pipeline, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
     with pytest.raises(Stop):
         load_pipeline(str(request.getfixturevalue(fixture)), device="auto")
@@ -164,10 +164,10 @@ def test_sd35_profiles_come_from_the_transformer_config():
 
 def test_an_embedded_model_by_name_gets_its_profile(tiny_sd3_dir, monkeypatch):
     """shapes-sd3 ships later: the tiny SD3 folder stands in for its weights."""
-    import diffquant.profiles
+    import diffquant.models.profiles
 
-    folders = diffquant.profiles.embedded_models() | {"shapes-sd3": tiny_sd3_dir}
-    monkeypatch.setattr(diffquant.profiles, "embedded_models", lambda: folders)
+    folders = diffquant.models.profiles.embedded_models() | {"shapes-sd3": tiny_sd3_dir}
+    monkeypatch.setattr(diffquant.models.profiles, "embedded_models", lambda: folders)
     pipe = load_pipeline("shapes-sd3", device="cpu")
     profile = profile_of(pipe)
     assert profile.name == "shapes-sd3" and profile.prompt_source == "shapes" and profile.num_images == 6
@@ -176,8 +176,8 @@ def test_an_embedded_model_by_name_gets_its_profile(tiny_sd3_dir, monkeypatch):
 
 
 def test_missing_embedded_weights_are_one_line(tmp_path, monkeypatch):
-    import diffquant.profiles
+    import diffquant.models.profiles
 
-    monkeypatch.setattr(diffquant.profiles, "embedded_models", lambda: {"shapes-sd3": tmp_path / "absent"})
+    monkeypatch.setattr(diffquant.models.profiles, "embedded_models", lambda: {"shapes-sd3": tmp_path / "absent"})
     with pytest.raises(DiffquantError, match="the embedded shapes-sd3 weights are missing from .*reinstall"):
         load_pipeline("shapes-sd3", device="cpu")

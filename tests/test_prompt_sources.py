@@ -7,8 +7,8 @@ import pytest
 from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub.errors import GatedRepoError
 
-from diffquant.errors import DiffquantError
-from diffquant.prompt_sources import load_prompts
+from diffquant.core.errors import DiffquantError
+from diffquant.quantization.prompt_sources import load_prompts
 
 
 def _write_jsonl(path, rows):
@@ -128,7 +128,7 @@ def test_no_prompts_is_an_error_and_too_few_warns(tmp_path, caplog):
         load_prompts(empty, 3)
     few = tmp_path / "few.txt"
     few.write_text("only\n")
-    with caplog.at_level(logging.WARNING, logger="diffquant.prompt_sources"):
+    with caplog.at_level(logging.WARNING, logger="diffquant.quantization.prompt_sources"):
         assert load_prompts(few, 3) == ["only"]
     assert "fewer than the 3" in caplog.text
 
@@ -142,7 +142,7 @@ def test_missing_file_is_an_error(tmp_path, monkeypatch, name):
 
 @pytest.mark.parametrize("name", ["prompts.txt", "prompts.json", "prompts.csv", "prompts.jsonl"])
 def test_a_prompt_file_that_is_not_utf8_names_the_file_and_the_byte(name, tmp_path, capsys):
-    from diffquant.cli import main
+    from diffquant.cli.main import main
 
     path = tmp_path / name
     path.write_bytes("a red circle\n".encode() + "une forme bleue sur fond vert\n".encode("latin-1") + b"caf\xe9\n")

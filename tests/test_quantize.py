@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from diffquant import layer_report, quantize
-from diffquant.errors import DiffquantError
-from diffquant.export import example_inputs
-from diffquant.metrics import sqnr_db
-from diffquant.recipes import PerChannel, Recipe, TensorQuant
+from diffquant.core.errors import DiffquantError
+from diffquant.export.onnx import example_inputs
+from diffquant.evaluate.metrics import sqnr_db
+from diffquant.core.recipes import PerChannel, Recipe, TensorQuant
 
 
 def _output(unet):
@@ -81,7 +81,7 @@ def test_saved_w8a8_unet_reloads_its_activation_scales(tiny_w8a8, tiny_sd_dir, t
     """The reload rebuilds Quark's modules and loads the saved state into them: Quark never quantizes
     (calibrates) again, and the calibrated activation scales are the ones used."""
     from diffquant import load_quantized, save_quantized
-    from diffquant.backends.quark import internals
+    from diffquant.quantization.backends.quark import internals
 
     quantized = tiny_w8a8(recipe)
     save_quantized(quantized, tmp_path / "q", model=str(tiny_sd_dir))

@@ -55,3 +55,15 @@ def test_readme_install_brings_the_test_runner():
     assert editable.startswith(".[") and editable.endswith("]"), f"command 1 installs {editable!r}, no extra"
     requested = editable[2:-1].split(",")
     assert any(req.startswith("pytest") for extra in requested for req in extras.get(extra, []))
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    """At most 250 lines; every relative link names a file of the repository (the docs site build checks
+    the links inside docs/)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    links = [target.split("#")[0] for target in re.findall(r"\]\(([^)#][^)]*)\)", text)
+             if not target.startswith(("http://", "https://"))]
+    assert links and all((ROOT / link).exists() for link in links), [l for l in links if not (ROOT / l).exists()]

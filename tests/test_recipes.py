@@ -1,7 +1,7 @@
 import pytest
 
-from diffquant.errors import DiffquantError
-from diffquant.recipes import (RECIPE_VERSION, RECIPES, PerChannel, PerGroup, PerTensor, Recipe, TensorQuant,
+from diffquant.core.errors import DiffquantError
+from diffquant.core.recipes import (RECIPE_VERSION, RECIPES, PerChannel, PerGroup, PerTensor, Recipe, TensorQuant,
                                get_recipe, parse_recipes, recipe_from_dict)
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import build_tiny_flux, build_tiny_sd3
 
-from diffquant.denoisers import denoiser_of
-from diffquant.errors import DiffquantError
-from diffquant.export import export_fp32_onnx
+from diffquant.models.denoisers import denoiser_of
+from diffquant.core.errors import DiffquantError
+from diffquant.export.onnx import export_fp32_onnx
 from diffquant.runtimes import RUNTIMES, get_runtime
 from diffquant.runtimes.onnxruntime import OnnxRuntime
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffquant.shapes.dataset import (COLORS, PALETTE, POSITIONS, SHAPES, SIZES, ShapeSpec, parse_caption, random_spec,
+from diffquant.models.shapes.dataset import (COLORS, PALETTE, POSITIONS, SHAPES, SIZES, ShapeSpec, parse_caption, random_spec,
                                       render, sample, sample_captions)
-from diffquant.shapes.model_sd3 import SD3_WEIGHTS_DIR
-from diffquant.shapes.shapeeval import ATTRIBUTES, detect, evaluate, score
+from diffquant.models.shapes.model_sd3 import SD3_WEIGHTS_DIR
+from diffquant.models.shapes.shapeeval import ATTRIBUTES, detect, evaluate, score
 
 
 def test_renderer_is_deterministic_per_seed():
@@ -87,7 +87,7 @@ def test_detector_reports_no_shape_on_a_blank_image():
 def test_shipped_model_loads_offline_with_plain_diffusers():
     from diffusers import StableDiffusionPipeline
 
-    from diffquant.pipeline import shapes_sd_path
+    from diffquant.models.pipeline import shapes_sd_path
 
     pipe = StableDiffusionPipeline.from_pretrained(shapes_sd_path())
     assert pipe.safety_checker is None
@@ -104,8 +104,8 @@ def test_trained_model_follows_prompts_where_random_weights_do_not(shapes_pipe):
     from diffusers import StableDiffusionPipeline
 
     from diffquant import generate
-    from diffquant.shapes.model import build_components
-    from diffquant.pipeline import shapes_sd_path
+    from diffquant.models.shapes.model import build_components
+    from diffquant.models.pipeline import shapes_sd_path
 
     captions = sample_captions(24, seed=77)
     trained = evaluate(generate(shapes_pipe, captions, seed=0, steps=10), captions)
@@ -125,7 +125,7 @@ def test_trained_model_follows_prompts_where_random_weights_do_not(shapes_pipe):
 def test_shipped_sd3_loads_offline_with_plain_diffusers():
     from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
-    from diffquant.shapes.model_sd3 import SD3_WEIGHTS_DIR
+    from diffquant.models.shapes.model_sd3 import SD3_WEIGHTS_DIR
 
     pipe = DiffusionPipeline.from_pretrained(SD3_WEIGHTS_DIR)
     assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.text_encoder_3 is not None
@@ -140,7 +140,7 @@ def test_trained_sd3_follows_prompts_where_random_weights_do_not():
     17%, position 10/10 vs 1/10, all named attributes 33% vs 0%), so a broken or untrained transformer
     fails this test. Shape class (38% here, 58% on 200 captions at 25 steps) carries no bar yet."""
     from diffquant import generate, load_pipeline
-    from diffquant.shapes.model_sd3 import build_sd3_components
+    from diffquant.models.shapes.model_sd3 import build_sd3_components
 
     trained_pipe = load_pipeline("shapes-sd3", device="cpu")
     captions = sample_captions(24, seed=77)

@@ -6,10 +6,11 @@ import copy
 
 import torch
 
-from diffquant.metrics import sqnr_db
-from diffquant.quantization import quantize_module
-from diffquant.recipes import get_recipe, recipe_from_dict
-from diffquant.smoothing import fold_groups, smooth
+from diffquant.evaluate.metrics import sqnr_db
+from diffquant.quantization.api import quantize_module
+from diffquant.core.recipes import get_recipe, recipe_from_dict
+from diffquant.quantization.smoothing import fold_groups, smooth
+from diffquant.core.record import record_of
 
 
 def _outputs(unet, items) -> torch.Tensor:
@@ -55,7 +56,7 @@ def test_smoothing_recovers_what_an_outlier_channel_costs_w8a8(tiny_sd, tiny_cal
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "transformer_blocks" not in n]
     plain = sqnr_db(reference, _outputs(quantize_module(unet, "w8a8-int8", items, exclude=others), items))
     smoothed = quantize_module(unet, "w8a8-int8-sq", items, exclude=others)
-    assert smoothed.diffquant_smoothing.smoothed > 0
+    assert record_of(smoothed).smoothing.smoothed > 0
     assert sqnr_db(reference, _outputs(smoothed, items)) > plain + 3
 
 
@@ -73,7 +74,7 @@ def test_smoothed_shapes_sd_export_still_fuses_and_matches_torch(shapes_pipe, sh
     from diffquant import export_onnx, quantize
 
     quantized = quantize(shapes_pipe, "w8a8-int8-ort-sq", calibration=shapes_calibration, profile_exclusions=False)
-    assert quantized.unet.diffquant_smoothing.smoothed > 0
+    assert record_of(quantized.unet).smoothing.smoothed > 0
     exported = export_onnx(quantized, tmp_path / "sq")
     layers = {n: m for n, m in quantized.unet.named_modules() if hasattr(m, "_weight_quantizer")}
     convs = [n for n, m in layers.items() if "Conv2d" in type(m).__name__]

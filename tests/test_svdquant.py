@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from diffquant import denoiser_of
-from diffquant.backends.quark import internals
-from diffquant.backends.quark.svdquant import apply_svdquant
-from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
-from diffquant.errors import DiffquantError
-from diffquant.metrics import sqnr_db
+from diffquant.quantization.backends.quark import internals
+from diffquant.quantization.backends.quark.svdquant import apply_svdquant
+from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
+from diffquant.core.errors import DiffquantError
+from diffquant.evaluate.metrics import sqnr_db
+from diffquant.core.record import record_of
 
 CALIBRATION = ["a red circle on a blue background", "a small green square", "a black triangle on a red background"]
 HELD_OUT = ["a white star on a black background", "a large yellow circle on the right"]
@@ -76,7 +77,7 @@ def test_svdquant_without_rounding_computes_the_same_function(model):
     denoiser's output is the float one's (Quark's own `apply` leaves narrow layers scaled by s)."""
     denoiser, group, rank, calibration, held_out, layers = model
     quantized = apply_svdquant(copy.deepcopy(denoiser), calibration, layers, mode="w4a4", rank=rank, group_size=group)
-    report = quantized.diffquant_svdquant["layers"]
+    report = record_of(quantized).algorithm["layers"]
     assert any(report[name]["alpha"] is not None for name in layers)  # some layers really are smoothed
     internals.set_fake_quant([m for m in quantized.modules() if internals.is_quant_layer(m)], False)
     reference, transformed = _outputs(denoiser, held_out), _outputs(quantized, held_out)
@@ -130,7 +131,7 @@ def test_svdquant_quantizes_a_layer_the_calibration_never_reaches_unsmoothed(tin
     unet.unused = torch.nn.Linear(16, 16)  # a layer no forward calls (as a pipeline's optional branch)
     ran = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     quantized = apply_svdquant(unet, tiny_calibration, [ran, "unused"], rank=2, group_size=8, gptq=True)
-    report = quantized.diffquant_svdquant["layers"]
+    report = record_of(quantized).algorithm["layers"]
     assert report["unused"]["alpha"] is None and quantized.unused.smooth_factor is None
     assert internals.describe(internals.weight_quantizer(quantized.unused.layer)) == "int4 per_group"
     assert report[ran]["error"] is not None
@@ -141,7 +142,7 @@ def test_rank_0_split_is_quarks_without_its_svd(dtype):
     """int4-w-gptq (rank 0) skips the SVD that Quark runs to keep none of it: the same L1, L2 and R."""
     from quark.torch.algorithm.svdquant.svdquant import _svd_decompose
 
-    from diffquant.backends.quark import svdquant
+    from diffquant.quantization.backends.quark import svdquant
 
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
     ours, quarks = svdquant._decompose(weight, 0), _svd_decompose(weight, 0)

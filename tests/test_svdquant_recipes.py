@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from diffquant import export_onnx, layer_report, load_quantized, quantize, save_quantized
-from diffquant.backends.quark import internals, svdquant
-from diffquant.backends.quark.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
-from diffquant.calibration import CalibrationConfig, capture_denoiser_inputs
-from diffquant.errors import DiffquantError
-from diffquant.metrics import sqnr_db
-from diffquant.recipes import INT4, RECIPES, PerGroup, Recipe, SVDQuant, TensorQuant, get_recipe, recipe_from_dict
+from diffquant.quantization.backends.quark import internals, svdquant
+from diffquant.quantization.backends.quark.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
+from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
+from diffquant.core.errors import DiffquantError
+from diffquant.evaluate.metrics import sqnr_db
+from diffquant.core.recipes import INT4, RECIPES, PerGroup, Recipe, SVDQuant, TensorQuant, get_recipe, recipe_from_dict
+from diffquant.core.record import record_of
 
 GROUP, RANK = 16, 4  # the tiny UNet's Linears are 8, 16 or 32 wide: group 16 takes all but the 8-wide one
 NAMES = ("int4-w-gptq", "svdquant-w4a16", "svdquant-w4a4")
@@ -132,20 +133,20 @@ def test_svdquant_recipes_reload_to_identical_outputs_without_rerunning(tiny_sd,
     assert layer_report(reloaded.unet).to_dict() == layer_report(quantized.unet).to_dict()
     assert torch.equal(_outputs(quantized.unet, held_out), _outputs(reloaded.unet, held_out))
     # what the search measured per layer (alpha, error) comes back with the weights
-    assert reloaded.unet.diffquant_svdquant == quantized.unet.diffquant_svdquant
-    assert len(reloaded.unet.diffquant_svdquant["layers"]) == len(wrapped)
+    assert record_of(reloaded.unet).algorithm == record_of(quantized.unet).algorithm
+    assert len(record_of(reloaded.unet).algorithm["layers"]) == len(wrapped)
 
 
 def test_gptq_without_smoothing_stores_no_divisor(tiny_svdquant):
     """int4-w-gptq (smooth=False): no layer divides its input, each stores exactly 4 bits plus an fp16 scale
     per group."""
-    from diffquant.backends.quark.backend import stored_layers
+    from diffquant.quantization.backends.quark.backend import stored_layers
 
     unet = tiny_svdquant("int4-w-gptq").unet
     wrapped = [s for s in stored_layers(unet) if s.svdquant is not None]
     assert wrapped and all(s.layer.smooth_factor is None and "smoothed" not in s.svdquant for s in wrapped)
     assert all(s.bits == s.elements * (4 + 16 / GROUP) for s in wrapped)
-    assert all(v["alpha"] is None for v in unet.diffquant_svdquant["layers"].values())
+    assert all(v["alpha"] is None for v in record_of(unet).algorithm["layers"].values())
 
 
 def test_bad_svdquant_recipes_are_one_clear_line(tiny_sd):
@@ -199,7 +200,8 @@ def test_svdquant_w4a4_export_is_refused_in_one_line(tiny_svdquant, tmp_path, mo
     with pytest.raises(DiffquantError, match="quantize their inputs to int4 .*--no-export"):
         export_onnx(tiny_svdquant("svdquant-w4a4"), tmp_path / "w4a4")
 
-    from diffquant import RunConfig, pipeline, run
+    from diffquant import RunConfig, run
+    from diffquant.models import pipeline
 
     monkeypatch.setattr(pipeline, "load_pipeline", None)  # reaching it would fail differently
     with pytest.raises(DiffquantError, match="svdquant-w4a4: int4 activations .* --no-export"):
@@ -225,7 +227,7 @@ def test_sensitivity_of_a_gptq_recipe_measures_each_layer_alone(tiny_sd, tiny_ca
     """GPTQ rewrites a layer's weight (switching its fake quantization off does not give the float layer
     back): each layer's score is the whole model with that layer alone quantized, so the scores differ
     and each beats all layers quantized, and keeping the worst float brings the output closer."""
-    from diffquant.sensitivity import analyze_sensitivity
+    from diffquant.evaluate.sensitivity import analyze_sensitivity
 
     result = analyze_sensitivity(tiny_sd, tiny("int4-w-gptq"), tiny_calibration, max_keep=2)
     scores = [score for _, score in result.ranking]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffquant.shapes import train as shapes_train
+from diffquant.models.shapes import train as shapes_train
 
 
 @pytest.fixture(autouse=True)

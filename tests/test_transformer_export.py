@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_images
 
-from diffquant.denoisers import denoiser_of
-from diffquant.errors import DiffquantError
-from diffquant.export import MAX_RELATIVE_ERROR, export_onnx
+from diffquant.models.denoisers import denoiser_of
+from diffquant.core.errors import DiffquantError
+from diffquant.export.onnx import MAX_RELATIVE_ERROR
 from diffquant.runtimes.onnxruntime import ort_pipeline
 
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "QLinearConv")
@@ -90,7 +90,7 @@ def test_a_fixed_batch_graph_refuses_a_batch_it_cannot_split(tiny):
 
 
 def test_the_optimum_pipeline_layout_refuses_transformers_with_the_fix(tiny, tmp_path):
-    from diffquant.onnx_pipeline import export_pipeline
+    from diffquant.export.optimum import export_pipeline
 
     with pytest.raises(DiffquantError, match="export the transformer with export_onnx"):
         export_pipeline(tiny.pipe, tmp_path / "folder")

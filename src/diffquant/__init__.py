@@ -21,14 +21,14 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "load_pipeline": "pipeline", "calibrate": "calibration", "quantize": "quantization", "save_quantized": "quantization",
-    "load_quantized": "quantization", "layer_report": "quantization", "generate": "generation",
-    "default_prompts": "generation", "image_grid": "generation", "compare": "metrics", "export_onnx": "export",
-    "export_pipeline": "onnx_pipeline",
-    "view": "viewer", "run": "workflow", "RunConfig": "config", "RunResult": "results",
-    "denoiser_of": "denoisers", "profile_of": "profiles", "Recipe": "recipes", "RECIPES": "recipes",
-    "TensorQuant": "recipes", "PerTensor": "recipes", "PerChannel": "recipes", "Smoothing": "recipes", "get_recipe": "recipes",
-    "DiffquantError": "errors",
+    "load_pipeline": "models.pipeline", "calibrate": "quantization.calibration", "quantize": "quantization.api",
+    "save_quantized": "quantization.api", "load_quantized": "quantization.api", "layer_report": "quantization.api",
+    "generate": "models.generation", "default_prompts": "models.generation", "image_grid": "models.generation",
+    "compare": "evaluate.metrics", "export_onnx": "export.onnx", "export_pipeline": "export.optimum",
+    "view": "export.viewer", "run": "workflow", "RunConfig": "core.config", "RunResult": "core.results",
+    "denoiser_of": "models.denoisers", "profile_of": "models.profiles", "Recipe": "core.recipes",
+    "RECIPES": "core.recipes", "TensorQuant": "core.recipes", "PerTensor": "core.recipes", "PerChannel": "core.recipes",
+    "Smoothing": "core.recipes", "get_recipe": "core.recipes", "DiffquantError": "core.errors",
 }
 __all__ = sorted(_API)
 

@@ -7,28 +7,30 @@ import gc
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .artifacts import output_folder, save_image, write_json
-from .calibration import calibrate_for_run, recording_denoiser_inputs
-from .config import RESUME_IGNORED, RunConfig
-from .denoisers import denoiser_of
-from .errors import DiffquantError
-from .eval_metrics import Scorer, read_images
-from .evaluation import (batches, broadcast, finish, generate_set, image_path, process_device, processes,
+from diffquant.core.artifacts import output_folder, save_image, write_json
+from diffquant.quantization.calibration import calibrate_for_run, recording_denoiser_inputs
+from diffquant.core.config import RESUME_IGNORED, RunConfig
+from diffquant.models.denoisers import denoiser_of
+from diffquant.core.errors import DiffquantError
+from diffquant.evaluate.scoring import Scorer, read_images
+from diffquant.evaluate.sharding import (batches, broadcast, finish, generate_set, image_path, process_device, processes,
                          record_batches)
-from .export import export_onnx
-from .generation import default_prompts, default_settings, generate, image_grid
-from .metrics import are_shapes_captions, sqnr_db
-from .pipeline import load_pipeline
-from .quantization import layer_report, quantize
-from .recipes import parse_recipes
-from .report import versions, write_report, write_results
-from .results import Evaluation, OrtImages, RecipeResult, RunResult, Throughput
-from .runtimes import RUNTIMES, get_runtime
+from diffquant.export.onnx import export_onnx
+from diffquant.models.generation import default_prompts, default_settings, generate, image_grid
+from diffquant.evaluate.metrics import are_shapes_captions, sqnr_db
+from diffquant.models.pipeline import load_pipeline
+from diffquant.models.profiles import profile_of
+from diffquant.quantization.api import layer_report, quantize
+from diffquant.core.recipes import parse_recipes
+from diffquant.report.html import versions, write_report, write_results
+from diffquant.core.results import Evaluation, OrtImages, RecipeResult, RunResult
+from diffquant.runtimes import RUNTIMES, get_runtime
+from diffquant.core.record import record_of
 
 logger = logging.getLogger(__name__)
 GRID_COLUMNS = 8  # the grid shows the first images; every image is saved and measured
@@ -37,18 +39,16 @@ SQNR_TIMESTEPS = 4  # calls recorded per trajectory (spread over its steps)
 ALL_PROMPTS = 10**9  # a prompt source without --num-images: all of its prompts
 
 
-def _prompts(pipe, config: RunConfig) -> list[str]:
+def _prompts(pipe, config: RunConfig, profile) -> list[str]:
     if config.prompt_source:
-        from .prompt_sources import load_prompts
+        from diffquant.quantization.prompt_sources import load_prompts
 
         return load_prompts(config.prompt_source, config.num_images or ALL_PROMPTS, column=config.prompt_column,
                             split=config.prompt_split, role="evaluation")
     if config.prompts:
         n = config.num_images or len(config.prompts)
         return [config.prompts[k % len(config.prompts)] for k in range(n)]
-    from .profiles import profile_of
-
-    return default_prompts(pipe, config.num_images or profile_of(pipe).num_images)
+    return default_prompts(pipe, config.num_images or profile.num_images)
 
 
 def calibration_overlap(prompts: list[str], calibration_prompts: list[str]) -> list[str]:
@@ -93,15 +93,15 @@ def run(config: RunConfig | None = None, **overrides) -> RunResult:
     config = (config or RunConfig()).replace(**overrides)
     recipes = parse_recipes(list(config.recipes))  # fail on a bad name before any slow work
     if config.export:
-        from .backends.quark.matmul_nbits import check_recipes_exportable
+        from diffquant.quantization.backends import get_backend
 
-        check_recipes_exportable(recipes)
+        get_backend().check_recipes(recipes)
     if config.runtime == "openvino" and config.export:
-        from .runtimes.openvino.runtime import import_openvino
+        from diffquant.runtimes.openvino.runtime import import_openvino
 
         import_openvino()  # not installed: say so before any slow work
     if config.export_pipeline:
-        from .onnx_pipeline import require_exporter
+        from diffquant.export.optimum import require_exporter
 
         require_exporter()  # Optimum missing: say so before any slow work
     state = processes(config.device)
@@ -148,10 +148,11 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> Ru
     if state.is_main_process:
         write_json(out_dir / "config.json", config.to_dict())
     family = denoiser_of(pipe)
+    profile = profile_of(pipe)
     settings = default_settings(pipe, config.seed)
     steps = settings.steps if config.steps is None else config.steps
     guidance = settings.guidance if config.guidance is None else config.guidance
-    prompts = _prompts(pipe, config)
+    prompts = _prompts(pipe, config, profile)
     results = RunResult(
         out_dir=str(out_dir), status="running", model=config.model or "shapes-sd (embedded)",
         denoiser=type(family.module).__name__, prompts=tuple(prompts),
@@ -160,8 +161,15 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> Ru
         denoiser_fp32_bytes=sum(p.numel() * 4 for p in family.module.parameters()),
     )
     saved = _SavedResults(out_dir, results, write=state.is_main_process)
+    scorer = None
+    if state.is_main_process:
+        scorer = Scorer(out_dir, prompts, config.clip_model, config.reference_images, pipe.device,
+                        shapes=are_shapes_captions(prompts))
+    ctx = RunContext(config=config, pipe=pipe, family=family, profile=profile, prompts=prompts,
+                     gen=dict(seed=config.seed, steps=steps, guidance=guidance), out_dir=out_dir, state=state,
+                     saved=saved, scorer=scorer)
     try:
-        _stages(pipe, config, recipes, out_dir, prompts, steps, guidance, saved, state)
+        _stages(ctx, recipes)
     except BaseException as error:
         if state.is_main_process and any(p.name != "config.json" for p in out_dir.iterdir()):  # else it is removed
             interrupted = isinstance(error, KeyboardInterrupt)
@@ -233,14 +241,39 @@ class _SqnrInputs:
         return [r for b in sorted(self.by_batch) for r in self.by_batch[b]][:SQNR_RECORDS]
 
 
-def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str], steps: int, guidance: float,
-            saved: _SavedResults, state) -> None:
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of a run reads, resolved once when the model is loaded: the configuration, the pipeline,
+    its denoiser family and profile, the prompts and generation settings, where the run writes, the processes,
+    and the accumulators the stages add to (timings, throughput, the results written so far)."""
+
+    config: RunConfig
+    pipe: object
+    family: object  # the pipeline's Denoiser
+    profile: object  # the model's Profile
+    prompts: list[str]
+    gen: dict  # seed, steps, guidance of every generated image set
+    out_dir: Path
+    state: object  # the processes (evaluation.processes)
+    saved: _SavedResults
+    throughput: list = field(default_factory=list)
+    scorer: object = None  # the main process's Scorer
+
+    @property
+    def main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def timings(self) -> dict:
+        return self.saved.results.timings
+
+
+def _stages(ctx: RunContext, recipes) -> None:
     """Baseline, then each recipe quantized, measured and exported. Every process generates its share of
     each image set; the main process measures them and writes the results."""
-    timings = saved.results.timings
-    main = state.is_main_process
-    gen = dict(seed=config.seed, steps=steps, guidance=guidance)
-    throughput: list[Throughput] = []
+    config, pipe, prompts, out_dir, state, saved = ctx.config, ctx.pipe, ctx.prompts, ctx.out_dir, ctx.state, ctx.saved
+    timings, main, gen, throughput, scorer = ctx.timings, ctx.main, ctx.gen, ctx.throughput, ctx.scorer
+    steps, guidance = gen["steps"], gen["guidance"]
     overlap: list[str] = []
     calibration = None
     if any(r.needs_calibration for r in recipes):
@@ -252,11 +285,6 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
         if main:
             overlap = calibration_overlap(prompts, calibration.prompts)
         saved.update(calibration=described)
-
-    scorer = None
-    if main:
-        scorer = Scorer(out_dir, prompts, config.clip_model, config.reference_images, pipe.device,
-                        shapes=are_shapes_captions(prompts))
 
     def evaluation() -> Evaluation:
         return Evaluation(prompt_source=config.prompt_source or ("given prompts" if config.prompts else
@@ -279,7 +307,7 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
                      baseline_shapeeval=baseline_shapeeval, baseline_scores=baseline_scores,
                      evaluation=evaluation())
     labels = ["baseline"]
-    family = denoiser_of(pipe)
+    family = ctx.family
 
     for recipe in recipes:
         with _timed(timings, f"quantize {recipe.name}"):
@@ -296,10 +324,9 @@ def _stages(pipe, config: RunConfig, recipes, out_dir: Path, prompts: list[str],
             entry = RecipeResult(recipe=recipe.to_dict(), images=_paths(recipe.name, prompts), quality=quality,
                                  notes=tuple(scorer.notes), sqnr_db=denoiser_output_sqnr(family.module, q_module, records),
                                  layers=layer_report(q_module).to_dict()
-                                 | {"float_reason": getattr(q_module, "diffquant_float_reason", "")}, scores=scores)
+                                 | {"float_reason": record_of(q_module).float_reason}, scores=scores)
         if config.export:
-            entry = _export_stages(config, pipe, quantized, recipe, out_dir, prompts, gen, family, records, entry,
-                                   timings, state, scorer, throughput)
+            entry = _export_stages(ctx, quantized, recipe, records, entry)
             labels.append(f"{recipe.name}-{get_runtime(config.runtime).tag}")
         if main:
             saved.set(replace(saved.results.with_recipe(recipe.name, entry), evaluation=evaluation()))
@@ -327,12 +354,13 @@ def _paths(label: str, prompts: list[str]) -> tuple[str, ...]:
     return tuple(str(image_path(label, k)) for k in range(len(prompts)))
 
 
-def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, prompts: list[str], gen: dict, family,
-                   records: list[dict], entry: RecipeResult | None, timings: dict, state, scorer,
-                   throughput: list) -> RecipeResult | None:
+def _export_stages(ctx: RunContext, quantized, recipe, records: list[dict],
+                   entry: RecipeResult | None) -> RecipeResult | None:
     """The main process exports the quantized denoiser to ONNX (and the pipeline, when asked); every process
-    then generates its share of the runtime images (ONNX Runtime or OpenVINO); the main process measures them."""
-    main = state.is_main_process
+    then generates its share of the runtime images (ONNX Runtime or OpenVINO); the main process measures them.
+    `records`: the recorded denoiser calls the export check runs."""
+    config, pipe, prompts, out_dir, state = ctx.config, ctx.pipe, ctx.prompts, ctx.out_dir, ctx.state
+    timings, main, gen, family, scorer = ctx.timings, ctx.main, ctx.gen, ctx.family, ctx.scorer
     path = None
     if main:
         with _timed(timings, f"export {recipe.name}"):
@@ -346,7 +374,8 @@ def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, pr
     with _timed(timings, f"generate {recipe.name} ({runtime.title})"):
         # The runtime gets the thread count torch was given (the CLI's --threads), not all cores.
         runner = runtime.pipeline(pipe, path, threads=torch.get_num_threads())
-        throughput += generate_set(state, runner, prompts, out_dir, f"{recipe.name}-{tag}", gen, config.batch_size)
+        ctx.throughput.extend(generate_set(state, runner, prompts, out_dir, f"{recipe.name}-{tag}", gen,
+                                           config.batch_size))
     if not main:
         return None
     vs_baseline, _ = scorer.image_set(f"{recipe.name}-{tag}", scores=False)
@@ -354,7 +383,7 @@ def _export_stages(config: RunConfig, pipe, quantized, recipe, out_dir: Path, pr
     entry = replace(entry, ort=OrtImages(_paths(f"{recipe.name}-{tag}", prompts), vs_torch=vs_torch,
                                          vs_baseline=vs_baseline))
     if config.export_pipeline:
-        from .onnx_pipeline import export_pipeline
+        from diffquant.export.optimum import export_pipeline
 
         with _timed(timings, f"export pipeline {recipe.name}"):
             deployed = export_pipeline(quantized, out_dir / "pipeline" / recipe.name, unet_onnx=path)

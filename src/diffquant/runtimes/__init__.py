@@ -8,7 +8,7 @@
 Adding a runtime is one new module here that subclasses `Runtime` and registers itself.
 """
 
-from .base import RUNTIMES, GraphDenoiser, GraphRunner, Runtime, get_runtime, register
-from . import onnxruntime, openvino  # noqa: F401, I001  (register the runtimes; openvino is imported lazily)
+from diffquant.runtimes.base import RUNTIMES, GraphDenoiser, GraphRunner, Runtime, get_runtime, register
+from diffquant.runtimes import onnxruntime, openvino  # noqa: F401, I001  (register the runtimes; openvino is imported lazily)
 
 __all__ = ["RUNTIMES", "GraphDenoiser", "GraphRunner", "Runtime", "get_runtime", "register"]

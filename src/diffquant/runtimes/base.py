@@ -13,8 +13,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..denoisers import Denoiser, denoiser_of
-from ..errors import DiffquantError
+from diffquant.models.denoisers import Denoiser, denoiser_of
+from diffquant.core.errors import DiffquantError
 
 RUNTIMES: dict[str, type[Runtime]] = {}
 

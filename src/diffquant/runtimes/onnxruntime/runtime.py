@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base import GraphRunner, Runtime, register
-from .session import session
+from diffquant.runtimes.base import GraphRunner, Runtime, register
+from diffquant.runtimes.onnxruntime.session import session
 
 # ONNX Runtime's input types as numpy dtypes (the types an exported denoiser takes).
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import DiffquantError
+from diffquant.core.errors import DiffquantError
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # On x86 CPUs, ONNX Runtime's int8 MatMul/Conv kernels multiply u8 activations by s8 weights. Without
@@ -17,14 +17,14 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # weights beyond [-64, 63] that silently changes results (7% of a fused Linear's outputs in the
 # tests; 7.3% instead of 0.6% relative error on shapes-sd W8A8). This key makes ORT store such
 # weights as u8 (+128, zero point moved with them: the same products) for its exact u8u8 kernels.
-# ORT would act on it on VNNI/AMX CPUs too, where the u8s8 kernels are exact and faster: `diffquant.cpu`
+# ORT would act on it on VNNI/AMX CPUs too, where the u8s8 kernels are exact and faster: `diffquant.core.cpu`
 # decides (DIFFQUANT_ORT_EXACT_INT8 overrides it).
 EXACT_INT8_PRODUCTS = "session.x64quantprecision"
 
 
 def int8_products_saturate() -> bool:
     """True when ONNX Runtime sessions compute int8 products exactly (u8 x u8): `cpu.decisions()`."""
-    from ...cpu import decisions
+    from diffquant.core.cpu import decisions
 
     return decisions().exact_int8
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import DiffquantError
-from ..base import GraphRunner, Runtime, register
+from diffquant.core.errors import DiffquantError
+from diffquant.runtimes.base import GraphRunner, Runtime, register
 
 PRECISIONS = ("f32", "bf16")
 # Runtime-model layer types that do the arithmetic: their precision says whether int8 kernels run.
@@ -102,7 +102,7 @@ class OpenVino(Runtime):
     def __init__(self, precision: str | None = None):
         """`precision`: None follows `cpu.decisions()` (DIFFQUANT_OPENVINO_PRECISION, else f32)."""
         if precision is None:
-            from ...cpu import decisions
+            from diffquant.core.cpu import decisions
 
             precision = decisions().openvino_precision.value
         _check_precision(precision)

@@ -1,0 +1,524 @@
+"""Side-by-side benchmark: denoiser-call latency (median, p90 after warm-up), time per image, peak memory
+and artifact size for torch fp32 and bf16, torch fake-quant (simulated; with and without Quark's
+torch.compile), ONNX Runtime fp32 and with the quantized QDQ graph (both with fused attention), and
+OpenVINO f32, bf16 and int8 on the same files. Every real row runs in its own process
+(`bench_row`), on the same saved inputs, so its peak memory is its own. Ratios are against the first
+row of the run (torch fp32 unless filtered out)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffquant.bench import row as bench_row
+from diffquant.core.artifacts import atomic_path, write_json
+from diffquant.quantization.backends import backend_of
+from diffquant.core.cpu import decisions, kernel_class, resolve_int4_compute
+from diffquant.core.errors import DiffquantError
+
+logger = logging.getLogger(__name__)
+BENCH_VERSION = 4  # 4: the CPU, its decisions and each row's kernel class
+DEFAULT_RECIPE = "w8a8-int8-ort"
+RUNTIME_CHOICES = ("torch", "onnxruntime", "openvino")
+
+
+@dataclass
+class BenchRow:
+    """One configuration's measurements; times in milliseconds/seconds, sizes in MB."""
+
+    name: str
+    simulated: bool
+    call_ms_median: float
+    call_ms_p90: float
+    first_call_s: float
+    image_s: float | None
+    peak_rss_mb: float
+    artifact_mb: float
+    speedup: float = 1.0
+    size_ratio: float = 1.0
+    runtime: str = "torch"
+    precision: str = "f32"
+    # What really ran (OpenVINO runs bf16 only on CPUs with bf16 instructions) and how peak_rss_mb was
+    # measured: "own process" (a row process of its own) or "shared" (in the bench process, with earlier rows).
+    runtime_precision: str = "f32"
+    memory: str = "own process"
+    # The kind of kernel that ran on this CPU (`cpu.kernel_class`): "int8 u8s8 VNNI", "int8 u8u8 exact", "bf16 (AMX)", ...
+    kernels: str = "float32"
+
+
+@dataclass
+class BenchResult:
+    model: str
+    batch: int
+    latent: list[int]
+    iterations: int
+    rows: list[BenchRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # ONNX Runtime rows: milliseconds per UNet call by operator type (from ORT's profiler), and the
+    # operator counts of the graph ORT actually ran after its fusions.
+    profiles: dict[str, dict[str, float]] = field(default_factory=dict)
+    optimized_ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Peak resident memory of the bench process itself: the exports, calibration and fake-quant rows.
+    bench_peak_rss_mb: float = 0.0
+    # The CPU every row ran on ('AMD EPYC (AVX2, AVX-512, VNNI, bf16)') and what diffquant chose from it.
+    cpu: str = ""
+    cpu_decisions: dict = field(default_factory=dict)
+    threads: int = 0
+    # When and with what it was measured: the date (UTC) and the versions of the libraries that ran the rows.
+    measured: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"type": "BenchResult", "version": BENCH_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchResult:
+        """A result read back from bench.json (version 4 on: the CPU and kernels are in it)."""
+        if data.get("type") != "BenchResult" or data.get("version", 0) < 4:
+            raise DiffquantError(f"not a bench.json of version 4 or later (type {data.get('type')!r}, version "
+                                 f"{data.get('version')!r}): run `diffquant bench` again")
+        fields = {k: v for k, v in data.items() if k not in ("type", "version")}
+        fields["rows"] = [BenchRow(**row) for row in fields.get("rows", [])]
+        return cls(**fields)
+
+    def markdown(self) -> str:
+        """The table as Markdown for docs/, headed by the model, CPU, threads, date and versions."""
+        versions = ", ".join(f"{k} {v}" for k, v in self.measured.get("versions", {}).items())
+        lines = [f"{self.model}, batch {self.batch}, latent {self.latent}, {self.iterations} timed calls per row; "
+                 f"**{self.cpu}**, {self.threads_note()}; measured {self.measured.get('date', '?')} with {versions}",
+                 "", "| configuration | ran | kernels | call, median | p90 | vs first row | peak RSS | size |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            name = r.name + (" (simulated)" if r.simulated else "")
+            lines.append(f"| {name} | {r.runtime} {r.runtime_precision} | {r.kernels} | {r.call_ms_median:,.1f} ms | "
+                         f"{r.call_ms_p90:,.1f} ms | {r.speedup:.2f}x | {r.peak_rss_mb:,.0f} MB | "
+                         f"{r.artifact_mb:,.1f} MB ({r.size_ratio:.0%}) |")
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.profile_lines() + self.notes])
+
+    def table(self) -> str:
+        labels = [r.name + (" (simulated)" if r.simulated else "") for r in self.rows]
+        width = max([len("configuration")] + [len(label) for label in labels])
+        kinds = max([len("kernels")] + [len(r.kernels) for r in self.rows])
+        head = (f"{'configuration':<{width}} {'ran':>16} {'kernels':<{kinds}} {'call ms (med)':>13} {'p90':>8} {'x fp32':>7} {'s/image':>8} "
+                f"{'first s':>8} {'peak MB':>8} {'size MB':>8} {'x size':>7}")
+        lines = [f"CPU: {self.cpu}, {self.threads_note()}", head]
+        for label, r in zip(labels, self.rows):
+            image = f"{r.image_s:8.2f}" if r.image_s is not None else f"{'n/a':>8}"
+            ran = f"{r.runtime} {r.runtime_precision}"
+            lines.append(f"{label:<{width}} {ran:>16} {r.kernels:<{kinds}} {r.call_ms_median:>13.1f} {r.call_ms_p90:>8.1f} {r.speedup:>7.2f} {image} "
+                         f"{r.first_call_s:>8.2f} {r.peak_rss_mb:>8.0f} {r.artifact_mb:>8.1f} {r.size_ratio:>7.2f}")
+        return "\n".join(lines + self.profile_lines() + [f"note: {n}" for n in self.notes])
+
+    def threads_note(self) -> str:
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "threads unknown"
+
+    def profile_lines(self, top: int = 6) -> list[str]:
+        """One line per profiled ONNX Runtime row: its most expensive operator types."""
+        lines = []
+        for name, profile in self.profiles.items():
+            ranked = sorted(profile.items(), key=lambda item: -item[1])[:top]
+            lines.append(f"profile {name}: " + ", ".join(f"{op} {ms:.0f} ms" for op, ms in ranked))
+        return lines
+
+    def plot(self, path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [r.name + ("*" if r.simulated else "") for r in self.rows]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5))
+        left.barh(names, [r.call_ms_median for r in self.rows], color="#4a7")
+        left.set_xlabel("denoiser call, median ms (lower is better)")
+        right.barh(names, [r.artifact_mb for r in self.rows], color="#47a")
+        right.set_xlabel("artifact size, MB")
+        right.set_yticks([])
+        fig.suptitle(f"{self.model}: batch {self.batch}, latent {self.latent} (* simulated fake-quant)\n"
+                     f"{self.cpu}, {self.threads_note()}")
+        fig.tight_layout()
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        return Path(path)
+
+
+class _PeakRss:
+    """Samples this process's resident memory in a thread; `peak_mb` is the maximum seen."""
+
+    def __init__(self, every_s: float = 0.02):
+        import psutil
+
+        self._process, self._every, self.peak_mb = psutil.Process(), every_s, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+            time.sleep(self._every)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+_time_calls, _p90 = bench_row._time_calls, bench_row.p90
+
+
+def _measured() -> dict:
+    """Today's date (UTC) and the versions of what runs the rows."""
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    versions = {}
+    for name in ("diffquant", "torch", "onnxruntime", "openvino", "amd-quark"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions}
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def build_arch(arch: str):
+    """The real denoiser architecture named by `arch` (see architectures.py) from its config, random weights."""
+    from diffquant.models.architectures import build
+
+    return build(arch)
+
+
+def _parse_runtimes(runtimes) -> tuple[str, ...]:
+    if runtimes is None:
+        return RUNTIME_CHOICES
+    chosen = tuple(runtimes.split(",") if isinstance(runtimes, str) else runtimes)
+    unknown = [r for r in chosen if r not in RUNTIME_CHOICES]
+    if unknown or not chosen:
+        raise DiffquantError(f"unknown runtime(s) {', '.join(unknown) or '(none)'}: choose from "
+                             f"{', '.join(RUNTIME_CHOICES)} (comma-separated)")
+    if "openvino" in chosen:
+        from diffquant.runtimes.openvino.runtime import import_openvino
+
+        import_openvino()
+    return chosen
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and hand the freed heap back to the OS. Without the second step glibc keeps the
+    gigabytes of a freed denoiser mapped, and this process's resident memory (which the next
+    recipe's fresh denoiser and the profiling sessions add to) never comes down. Hand-written because
+    no library wraps glibc's `malloc_trim`; a no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RowFailed(DiffquantError):
+    """A row's process failed; `last_line` is the last line it printed (the error)."""
+
+    def __init__(self, message: str, last_line: str):
+        super().__init__(message)
+        self.last_line = last_line
+
+
+def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
+    """Run one row as `python -m diffquant.bench.row` and read its JSON line; a failure surfaces."""
+    import json
+    import subprocess
+    import sys
+
+    spec_path.write_text(spec.to_json())
+    done = subprocess.run([sys.executable, "-m", "diffquant.bench.row", str(spec_path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RowFailed(f"bench row {spec.runtime} {spec.precision} failed: {done.stderr.strip()[-2000:]}",
+                        (done.stderr.strip().splitlines() or ["(no output)"])[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def benchmark(model: str | None = None, arch: str | None = None, recipe: str | tuple[str, ...] = DEFAULT_RECIPE,
+              iterations: int = 10, warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
+              fake_quant_compiled: bool = True, profile: bool = True,
+              runtimes: str | tuple[str, ...] | None = None, int4_compute: str = "float") -> BenchResult:
+    """Measure every configuration side by side, each real row in its own process on the same inputs.
+
+    Args:
+        model: a pipeline (None: shapes-sd) whose denoiser is measured, with end-to-end time per image.
+        arch: instead of `model`, a real architecture with random weights (denoiser calls only): sd15,
+            sd35-medium or flux (the transformers at reduced depth, said in the notes).
+        recipe: the quantization recipe(s) of the fake-quant and quantized rows, several comma-separated
+            (e.g. an 8-bit and a 4-bit one side by side); activation recipes are calibrated on the
+            pipeline's own calibration captions (not its evaluation prompts), or on random inputs for `arch`.
+        iterations, warmup: timed denoiser calls after the warm-up calls.
+        batch: denoiser batch (2 = one image with classifier-free guidance; a fixed-batch family, Flux, uses 1).
+        images: images generated for the end-to-end time per image (pipelines only).
+        out: folder for the ONNX files, bench.json and bench.png (default: a temporary folder).
+        fake_quant_compiled: also time fake-quant through Quark's torch.compile (slow first call).
+        profile: after timing, run each ONNX Runtime row and the OpenVINO int8 row once more under
+            their profilers and record the time per operator type and the kernels that ran.
+        runtimes: the rows to run by runtime, a subset of `RUNTIME_CHOICES` (default: all).
+        int4_compute: how ONNX Runtime multiplies a 4-bit recipe's Linears, "float" or "int8" (see
+            `export_onnx`); OpenVINO reads the same graph and chooses its own kernels.
+    """
+    import tempfile
+
+    from diffquant.core.recipes import parse_recipes
+
+    for label, value, least in (("iterations", iterations, 1), ("warmup", warmup, 0), ("batch", batch, 1),
+                                ("images", images, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DiffquantError(f"--{label} must be a whole number of at least {least}, got {value!r}")
+    chosen = _parse_runtimes(runtimes)
+    recipes = parse_recipes(list(recipe) if isinstance(recipe, tuple) else recipe)
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    bench = _Bench(model, arch, iterations, warmup, batch, images, out, chosen, resolve_int4_compute(int4_compute))
+    bench.float_rows()
+    graphs = bench.quantized_graphs(recipes, fake_quant_compiled)
+    profiled = bench.runtime_rows(graphs)
+    if profile:
+        bench.profile(profiled)
+    return bench.finish()
+
+
+class _Bench:
+    """One benchmark run: the denoiser and its saved inputs, the rows measured so far, and how each row is
+    measured (its own process, or in this one for the simulated fake-quant rows)."""
+
+    def __init__(self, model: str | None, arch: str | None, iterations: int, warmup: int, batch: int, images: int,
+                 out: Path, chosen: tuple[str, ...], int4_compute: str) -> None:
+        from safetensors.torch import save_file
+
+        from diffquant.models.denoisers import denoiser_for, denoiser_of
+        from diffquant.models.pipeline import load_pipeline
+
+        self.model, self.arch, self.out, self.chosen, self.int4_compute = model, arch, out, chosen, int4_compute
+        self.iterations, self.warmup, self.images = iterations, warmup, images
+        self.decided = decisions()  # every row process inherits the environment, so decides the same
+        if arch:
+            from diffquant.models.architectures import ARCHITECTURES
+
+            self.pipe, self.module = None, build_arch(arch)
+            family, seq = denoiser_for(self.module), ARCHITECTURES[arch].sequence_length
+            name = f"{arch} architecture (random weights, {ARCHITECTURES[arch].depth_note})"
+            self.arch_spec = (ARCHITECTURES[arch].module_class, ARCHITECTURES[arch].build_config())
+        else:
+            self.pipe = load_pipeline(model, device="cpu")
+            family = denoiser_of(self.pipe)
+            self.module, seq = family.module, family.sequence_length(self.pipe)
+            name = model or "shapes-sd"
+            self.arch_spec = (None, None)
+        self.sequence_length = seq
+        batch = batch if family.dynamic_batch else 1
+        self.inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0)
+        self.inputs_path = out / "inputs.safetensors"
+        save_file({k: v.contiguous() for k, v in self.inputs.items()}, str(self.inputs_path))
+        self.threads = torch.get_num_threads()  # every row uses the threads of this process
+        self.result = BenchResult(name, batch, list(next(iter(self.inputs.values())).shape[1:]), iterations,
+                                  cpu=self.decided.cpu.describe(), cpu_decisions=self.decided.to_dict(),
+                                  threads=self.threads, measured=_measured())
+        self.fp32_mb = sum(p.numel() * p.element_size() for p in self.module.parameters()) / 2**20
+        self.attribute = family.pipeline_attribute  # the family holds the module, quantized in place later
+        self.prompts = []
+        if self.pipe is not None:
+            from diffquant.models.generation import default_prompts
+
+            self.prompts = default_prompts(self.pipe, images)
+
+    def own_process(self, label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float,
+                    weights: str | None = None) -> bool:
+        """Measure one row in a process of its own. `precision`: the float precision the row runs in;
+        `weights`: the row's precision when its graph holds quantized weights (a QDQ graph in OpenVINO runs
+        int8 kernels whatever its float precision). Returns whether the row was measured."""
+        spec = bench_row.RowSpec(runtime, precision, str(self.inputs_path), self.iterations, self.warmup,
+                                 self.threads, str(path) if path else None, None if self.arch else self.model,
+                                 self.arch, 0 if self.arch else self.images, *self.arch_spec)
+        try:
+            measured = _run_in_own_process(spec, self.out / "row-spec.json")
+        except RowFailed as error:  # the other rows still count: the table says which one is missing and why
+            logger.warning("%s", error)
+            self.result.notes.append(f"{label}: not measured, its process failed: {error.last_line}")
+            return False
+        self.result.rows.append(BenchRow(
+            label, False, measured["call_ms_median"], measured["call_ms_p90"], measured["first_call_s"],
+            measured["image_s"], measured["peak_rss_mb"], artifact_mb, runtime=runtime, precision=weights or precision,
+            runtime_precision=measured["runtime_precision"],
+            kernels=kernel_class(runtime, weights or precision, measured["runtime_precision"], self.decided,
+                                 self.int4_compute)))
+        logger.info("%s: %.1f ms median, peak %.0f MB", label, measured["call_ms_median"], measured["peak_rss_mb"])
+        return True
+
+    def fake_quant(self, label: str, q_module: torch.nn.Module, pipe=None) -> None:
+        """A simulated row, timed in this process: the fake-quantized module (and its pipeline, per image)."""
+        from diffquant.models.denoisers import denoiser_for
+
+        q_family = denoiser_for(q_module)
+        with _PeakRss() as rss, torch.no_grad():
+            first, times = _time_calls(lambda: q_family(self.inputs), self.warmup, self.iterations)
+            per_image = bench_row.seconds_per_image(pipe, self.prompts) if pipe is not None else None
+        self.result.rows.append(BenchRow(label, True, statistics.median(times), _p90(times), first, per_image,
+                                         rss.peak_mb, self.fp32_mb, memory="shared"))
+
+    def float_rows(self) -> None:
+        """torch fp32 (and bf16 where the CPU has it), each in its own process."""
+        if "torch" in self.chosen:
+            self.own_process("torch fp32", "torch", "f32", None, self.fp32_mb)
+            if self.decided.measure_bf16:
+                self.own_process("torch bf16", "torch", "bf16", None, self.fp32_mb / 2)
+
+    def _calibration(self, recipes) -> list[dict] | None:
+        """Denoiser inputs for activation recipes: the model's own calibration captions (drawn apart from its
+        evaluation prompts), its default prompts where it has none, random inputs for an architecture."""
+        if not any(r.needs_calibration for r in recipes):
+            return None
+        from diffquant.quantization.calibration import calibrate, random_calibration
+
+        if self.pipe is None:
+            return random_calibration(self.module, 2, self.sequence_length)
+        from diffquant.models.profiles import profile_of
+
+        shapes = profile_of(self.pipe).prompt_source == "shapes"
+        return calibrate(self.pipe, None if shapes else self.prompts, size=8, timesteps=4)
+
+    def _float_denoiser(self):
+        """A fresh float pipeline (None for an architecture) and denoiser, as the bench started with."""
+        from diffquant.models.denoisers import denoiser_of
+        from diffquant.models.pipeline import load_pipeline
+
+        if self.arch:
+            return None, build_arch(self.arch)
+        fresh = load_pipeline(self.model, device="cpu")
+        return fresh, denoiser_of(fresh).module
+
+    def quantized_graphs(self, recipes, fake_quant_compiled: bool) -> list[tuple]:
+        """Export the float denoiser, then quantize each recipe (timing its fake-quant rows) and export it.
+
+        Returns (fp32 file, [(recipe, graph form, weight precision, file, MB)]) of the graphs to measure."""
+        from diffquant.export.onnx import export_fp32_onnx, export_onnx
+        from diffquant.quantization.api import quantize_module
+
+        calibration = self._calibration(recipes)
+        self.fp32_onnx = export_fp32_onnx(self.module, self.out / "onnx-fp32", inputs=self.inputs)
+        _release_freed_memory()  # the float export's copy of the weights
+        pipe, module = self.pipe, self.module
+        self.pipe = self.module = None
+        exports = {}
+        for index, recipe in enumerate(recipes):
+            if index:  # the previous recipe quantized the float module itself: the next one starts afresh
+                _release_freed_memory()
+                pipe, module = self._float_denoiser()
+            # In place: every float row runs in its own process, so this one never holds a float and a
+            # quantized denoiser at once.
+            q_module = quantize_module(module, recipe, in_place=True,
+                                       calibration=calibration if recipe.needs_calibration else None)
+            if "torch" in self.chosen:
+                quantized = None
+                if pipe is not None:
+                    quantized = copy.copy(pipe)
+                    object.__setattr__(quantized, self.attribute, q_module)
+                with backend_of(q_module).compiled_fake_quant(False):
+                    self.fake_quant(f"torch fake-quant {recipe.name}", q_module, quantized)
+                if fake_quant_compiled:
+                    with backend_of(q_module).compiled_fake_quant(True):
+                        self.fake_quant(f"torch fake-quant {recipe.name} +compile", q_module)
+            # Random weights put many activations on rounding ties, so ORT and torch fake-quant differ by
+            # more than on a trained UNet: the error is reported, not enforced, for an architecture.
+            exported = export_onnx(q_module, self.out / f"onnx-{recipe.name}", inputs=self.inputs,
+                                   check=self.arch is None, int4_compute=self.int4_compute)
+            self.result.notes.append(
+                f"ORT {recipe.name} vs torch fake-quant on one denoiser call: relative L2 error "
+                f"{exported.relative_error:.2e}; attentions fused into MultiHeadAttention: "
+                f"{exported.fusion.get('fused_attention', 0)}")
+            exports[recipe.name] = exported
+            pipe = module = q_module = quantized = None
+        calibration = None
+        _release_freed_memory()
+        # 4-bit Linears are com.microsoft.MatMulNBits nodes (OpenVINO reads them as int4 weight decompression),
+        # 8-bit weights QDQ pairs.
+        nbits = "MatMulNBits" + (", int8 compute" if self.int4_compute == "int8" else "")
+        return [(r.name, *((nbits, "int4") if r.four_bit else ("QDQ", "int8")), exports[r.name].path,
+                 _dir_mb(exports[r.name].path.parent)) for r in recipes]
+
+    def runtime_rows(self, graphs: list[tuple]) -> list[tuple]:
+        """ONNX Runtime and OpenVINO rows of the fp32 graph and each quantized graph; returns (label, runtime,
+        file) of the rows to profile."""
+        fp32_mb = _dir_mb(self.out / "onnx-fp32")
+        measure_bf16 = self.decided.measure_bf16
+        profiled = []
+        if "onnxruntime" in self.chosen:
+            if self.own_process("ORT fp32", "onnxruntime", "f32", self.fp32_onnx, fp32_mb):
+                profiled.append(("ORT fp32", "onnxruntime", self.fp32_onnx))
+            for name, form, weights, path, q_mb in graphs:
+                if self.own_process(label := f"ORT {name} ({form})", "onnxruntime", weights, path, q_mb):
+                    profiled.append((label, "onnxruntime", path))
+        if "openvino" in self.chosen:
+            self.own_process("OpenVINO f32", "openvino", "f32", self.fp32_onnx, fp32_mb)
+            if measure_bf16:
+                self.own_process("OpenVINO bf16", "openvino", "bf16", self.fp32_onnx, fp32_mb)
+            for name, form, weights, path, q_mb in graphs:
+                if self.own_process(label := f"OpenVINO {name} ({form})", "openvino", "f32", path, q_mb,
+                                    weights=weights):
+                    profiled.append((label, "openvino", path))
+                # What an AMX user would run: integer kernels for the quantized layers, bf16 for what stays
+                # float (attention, norms); OpenVINO falls back to f32 where the CPU has no bf16 (runtime_precision).
+                if measure_bf16:
+                    self.own_process(f"OpenVINO {name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
+                                     weights=weights)
+        return profiled
+
+    def profile(self, profiled: list[tuple]) -> None:
+        from diffquant.runtimes import get_runtime
+
+        for label, runtime, path in profiled:
+            self.result.profiles[label], self.result.optimized_ops[label] = get_runtime(runtime).profile(
+                path, self.inputs, self.out / "profile")
+
+    def finish(self) -> BenchResult:
+        """Ratios against the first row, the notes, bench.json and bench.png."""
+        result, decided = self.result, self.decided
+        if self.arch:
+            from diffquant.models.architectures import ARCHITECTURES
+
+            if ARCHITECTURES[self.arch].reduced_depth:
+                result.notes.append(f"{self.arch}: real widths and heads, {ARCHITECTURES[self.arch].depth_note}; a "
+                                    "block's time is real, the whole model's scales with depth")
+        if not result.rows:
+            raise DiffquantError("no row could be measured: " + "; ".join(result.notes))
+        base = result.rows[0]
+        for row in result.rows:
+            row.speedup = base.call_ms_median / row.call_ms_median
+            row.size_ratio = row.artifact_mb / base.artifact_mb
+        if not decided.measure_bf16:
+            result.notes.append(f"bf16 rows not measured: {decided.bench_bf16.reason} (DIFFQUANT_BENCH_BF16=1 "
+                                "measures them anyway)")
+        for row in result.rows:
+            if row.precision == "bf16" and row.runtime_precision != "bf16":
+                result.notes.append(f"{row.name}: bf16 was asked, this CPU has no bf16 instructions and it ran "
+                                    f"{row.runtime_precision}")
+        result.notes.append("fake-quant rows quantize and dequantize in float: simulated, never a real speedup")
+        result.notes.append("peak MB: each real row ran in its own process (its own peak resident memory); the "
+                            "simulated fake-quant rows ran in the bench process (with what it held)")
+        result.bench_peak_rss_mb = bench_row.peak_rss_mb()
+        result.notes.append(f"the bench process itself (exports, calibration, fake-quant rows) peaked at "
+                            f"{result.bench_peak_rss_mb:.0f} MB")
+        write_json(self.out / "bench.json", result.to_dict())
+        result.plot(self.out / "bench.png")
+        return result

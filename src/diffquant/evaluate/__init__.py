@@ -1,0 +1,1 @@
+"""Measuring images: fidelity and adherence metrics, scoring at scale, sharded generation, sensitivity."""

@@ -1,0 +1,150 @@
+"""What a denoiser family must say, and the registry that finds a family from a module or a pipeline."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import torch
+
+from diffquant.core.errors import DiffquantError
+
+DENOISERS: dict[str, type[Denoiser]] = {}
+
+
+def register(cls: type[Denoiser]) -> type[Denoiser]:
+    """Class decorator: make `cls` the family of the diffusers class named `cls.module_class`."""
+    DENOISERS[cls.module_class] = cls
+    return cls
+
+
+def supported_classes() -> tuple[str, ...]:
+    """The diffusers denoiser classes diffquant knows, in registration order."""
+    return tuple(DENOISERS)
+
+
+class Denoiser(ABC):
+    """One denoiser family (a diffusers model class): how it sits in its pipeline, what it is called
+    with, how to build inputs for it from its config, and how it goes to ONNX.
+
+    An instance wraps one module; quantizing the module (Quark swaps its Linear/Conv layers in place)
+    keeps its class, so the family of a quantized denoiser is the family of the float one."""
+
+    module_class: ClassVar[str]  # the diffusers class name, e.g. "UNet2DConditionModel"
+    pipeline_attribute: ClassVar[str]  # where the pipeline holds it: "unet" or "transformer"
+    positional: ClassVar[tuple[str, ...]]  # names of forward()'s positional arguments, in order
+    capture_keys: ClassVar[tuple[str, ...]]  # the forward kwargs a calibration record keeps
+    timestep_key: ClassVar[str] = "timestep"
+    output_name: ClassVar[str] = "out_sample"
+    # Module-name patterns kept in float by default, where a measurement showed they hurt (see docs/quantization.md).
+    default_exclusions: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def name(self) -> str:
+        return self.pipeline_attribute
+
+    # --- inputs -------------------------------------------------------------------------------
+    @abstractmethod
+    def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+        """Flat tensors in ONNX input order, shaped from the module's config (nothing hard-coded to a model)."""
+
+    def sequence_length(self, pipe=None) -> int:
+        """The text sequence length the pipeline feeds (its tokenizer's length), or the family default."""
+        tokenizer = getattr(pipe, "tokenizer", None)
+        return tokenizer.model_max_length if tokenizer is not None else 77
+
+    def flat_inputs(self, record: dict) -> dict[str, torch.Tensor]:
+        """A calibration record (forward kwargs) as the flat tensors the ONNX graph takes."""
+        names = self.input_names(record)
+        return {k: record[k] for k in names if isinstance(record.get(k), torch.Tensor)}
+
+    def graph_inputs(self, record: dict) -> dict[str, torch.Tensor]:
+        """A recorded call (forward kwargs) as the flat tensors the ONNX graph takes, its timestep one per
+        sample (UNet pipelines pass one scalar step for the whole batch; the graph has a batch axis)."""
+        record = dict(record)
+        timestep = torch.as_tensor(record[self.timestep_key])
+        if timestep.numel() == 1:
+            record[self.timestep_key] = timestep.reshape(1).expand(self.batch_size(record))
+        return self.flat_inputs(record)
+
+    def input_names(self, inputs: dict) -> list[str]:
+        """ONNX input names present in `inputs`, in forward order."""
+        return [k for k in self.capture_keys if k in inputs and isinstance(inputs[k], torch.Tensor)]
+
+    def forward_kwargs(self, flat: dict[str, torch.Tensor]) -> dict:
+        """Flat ONNX-style inputs -> the module's forward kwargs (inverse of `flat_inputs`)."""
+        return dict(flat)
+
+    def __call__(self, flat: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the module on flat inputs; returns its one output tensor."""
+        return self.module(**self.forward_kwargs(flat), return_dict=False)[0]
+
+    # --- calibration capture ------------------------------------------------------------------
+    def record(self, args: tuple, kwargs: dict) -> dict:
+        """The forward kwargs of one call (from a pre-hook's args/kwargs), keeping `capture_keys`."""
+        given = dict(zip(self.positional, args)) | {k: v for k, v in kwargs.items() if v is not None}
+        return {k: given[k] for k in self.capture_keys if k in given}
+
+    def batch_size(self, record: dict) -> int:
+        return record[self.positional[0] if self.positional else "hidden_states"].shape[0]
+
+    # --- ONNX -----------------------------------------------------------------------------------
+    def dynamic_axes(self, names: list[str]) -> dict:
+        """Batch is dynamic on every input and the output (families override what cannot be)."""
+        return {name: {0: "batch"} for name in names} | {self.output_name: {0: "batch"}}
+
+    dynamic_batch: ClassVar[bool] = True  # False: the ONNX graph has the export batch; runtimes loop over it
+    unbatched_inputs: ClassVar[tuple[str, ...]] = ()  # flat inputs without a batch axis (Flux's position ids)
+
+    def export_module(self, names: list[str]) -> torch.nn.Module:
+        """A module taking the flat inputs `names` positionally and returning one tensor: what tracing needs."""
+        return _Positional(self, names)
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        """Temporarily make the module traceable by torch.onnx at opset 20 (families override)."""
+        yield
+
+
+class _Positional(torch.nn.Module):
+    def __init__(self, family: Denoiser, names: list[str]):
+        super().__init__()
+        self.denoiser = family.module  # registered, so Quark's and torch's exporters see its parameters
+        self._family = family
+        self._names = list(names)
+
+    def forward(self, *tensors):
+        return self._family(dict(zip(self._names, tensors)))
+
+
+def denoiser_for(module: torch.nn.Module) -> Denoiser:
+    """The family of `module`, found by its class (or a base class) name.
+
+    Raises:
+        DiffquantError: the class is not a supported denoiser.
+    """
+    for cls in type(module).__mro__:
+        if cls.__name__ in DENOISERS:
+            return DENOISERS[cls.__name__](module)
+    raise DiffquantError(f"{type(module).__name__} is not a supported denoiser: diffquant supports "
+                         f"{', '.join(supported_classes())}")
+
+
+def denoiser_of(pipe) -> Denoiser:
+    """The family of the pipeline's denoiser (`pipe.unet` or `pipe.transformer`)."""
+    for attribute in ("unet", "transformer"):
+        module = getattr(pipe, attribute, None)
+        if isinstance(module, torch.nn.Module):
+            return denoiser_for(module)
+    raise DiffquantError(f"{type(pipe).__name__} has no unet or transformer: diffquant supports pipelines whose "
+                         f"denoiser is one of {', '.join(supported_classes())}")

@@ -1,0 +1,85 @@
+"""FluxTransformer2DModel: FLUX.1 (packed 2x2 latent patches as tokens, RoPE from position ids, and for
+the guidance-distilled dev model a `guidance` input instead of classifier-free guidance)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from diffquant.models.denoisers.base import Denoiser, register
+
+
+def _rms_norm(self, x: torch.Tensor) -> torch.Tensor:
+    # torch.onnx at opset 20 has no symbolic for aten::rms_norm; the same arithmetic in basic ops exports.
+    # Casts only where the dtype changes: ONNX Runtime 1.32's CastElimination breaks the graph on the
+    # float->float Cast pair that `x.float()` twice traces to ("... is not a graph input" at load).
+    h = x if x.dtype == torch.float32 else x.float()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + (self.eps or torch.finfo(torch.float32).eps))
+    out = out if out.dtype == x.dtype else out.to(x.dtype)
+    return out * self.weight if self.weight is not None else out
+
+
+@register
+class FluxDenoiser(Denoiser):
+    module_class = "FluxTransformer2DModel"
+    pipeline_attribute = "transformer"
+    positional = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                  "guidance")
+    capture_keys = positional
+    # Its rotary embedding traces the export batch into the graph: a dynamic-batch export fails at any
+    # other batch even in fp32, so the graph keeps its batch and runtimes call it once per sample.
+    dynamic_batch = False
+    unbatched_inputs = ("img_ids", "txt_ids")
+    # ModelOpt keeps these in high precision for Flux; ours is a measured default (see docs/quantization.md).
+    default_exclusions = ()
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return bool(self.config.guidance_embeds)
+
+    def sequence_length(self, pipe=None) -> int:
+        t5 = getattr(pipe, "tokenizer_2", None)
+        return min(t5.model_max_length, 512) if t5 is not None else 512
+
+    def example_inputs(self, batch_size: int = 1, sequence_length: int | None = None,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+        config = self.config
+        gen = torch.Generator().manual_seed(seed)
+        tokens = sequence_length or 512
+        side = 64 // 2  # a 128x128 latent packs into 64x64 patches at full size; 32x32 keeps examples small
+        inputs = {
+            "hidden_states": torch.randn(batch_size, side * side, config.in_channels, generator=gen),  # (B, N, 4C)
+            "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=gen),  # (B, P)
+            "timestep": torch.full((batch_size,), 0.5),  # (B,) sigma
+            "img_ids": _image_ids(side),  # (N, 3)
+            "txt_ids": torch.zeros(tokens, 3),  # (T, 3)
+        }
+        if self.guidance_distilled:
+            inputs["guidance"] = torch.full((batch_size,), 3.5)  # (B,)
+        return {k: v.to(self.module.device, self.module.dtype) for k, v in inputs.items()}
+
+    def batch_size(self, record: dict) -> int:
+        return record["hidden_states"].shape[0]
+
+    def dynamic_axes(self, names: list[str]) -> dict:
+        return {}
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        norms = [m for m in self.module.modules() if isinstance(m, torch.nn.RMSNorm)]
+        for m in norms:
+            m.forward = _rms_norm.__get__(m)
+        try:
+            yield
+        finally:
+            for m in norms:
+                del m.forward
+
+
+def _image_ids(side: int) -> torch.Tensor:
+    """Flux's latent position ids for a side x side patch grid: (0, row, column) per token."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()  # (N, 3)

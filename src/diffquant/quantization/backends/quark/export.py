@@ -1,0 +1,164 @@
+"""The Quark backend's ONNX export: Quark's exporter traces the quantized denoiser, diffquant compresses its
+weights between that trace and Quark's own graph passes, and int4 Linears become ONNX Runtime MatMulNBits.
+What comes out is a plain ONNX model that the export stage (`diffquant.export.onnx`) finishes and checks.
+
+Quark's exporter has no hooks for what diffquant needs (dynamic axes, external data for models over 2 GB,
+a pass between its trace and its optimizations), so its module-level functions are wrapped while it runs:
+those wrappers are tied to amd-quark 0.13 and live here, beside the backend that pins it."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from diffquant.core.artifacts import atomic_path
+from diffquant.core.errors import DiffquantError
+from diffquant.passes.graph import EXTERNAL_DATA
+from diffquant.quantization.backends.base import TracedGraph
+from diffquant.quantization.backends.quark import internals
+from diffquant.quantization.backends.quark.matmul_nbits import check_exportable, plain_int4_linears, to_matmul_nbits
+
+
+def trace(module: torch.nn.Module, wrapper: torch.nn.Module, inputs: dict[str, torch.Tensor], output_name: str,
+          dynamic_axes: dict, folder: Path, external: bool, int4_level: int) -> TracedGraph:
+    """Export `wrapper` (the flat-input form of the quantized `module`) into `folder` with Quark, its weights
+    as integer codes, and load the result (external data read in). `int4_level`: MatMulNBits' accuracy_level."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    check_exportable(module)
+    quark_torch = internals.import_quark(module.device)
+    names = list(inputs)
+    reports = []
+    with (_dynamic_axes(dynamic_axes), _external_data_saves(external), torch.no_grad(),
+          plain_int4_linears(module) as int4, _compress_before_quark_passes(module, reports)):
+        quark_torch.export_onnx(wrapper, folder, tuple(inputs.values()), input_names=names,
+                                output_names=[output_name])
+    if len(reports) != 1:  # the wrapped pass function was not called once: another Quark's exporter
+        raise DiffquantError("Quark's ONNX exporter did not run its graph passes as amd-quark 0.13 does, so "
+                             "the weights were not compressed: install the amd-quark version diffquant pins")
+    # The graph first: MatMulNBits replaces the int4 Linears' float weights before anything is read
+    # (it reads their shapes only), so they are never in memory; then what stays is loaded.
+    model = onnx.load(str(folder / "quark_model.onnx"), load_external_data=False)
+    nbits = to_matmul_nbits(model, int4, int4_level).to_dict() if int4 else {}
+    load_external_data_for_model(model, str(folder))
+    return TracedGraph(model=model, compression=reports[0].to_dict(), nbits=nbits)
+
+
+@contextlib.contextmanager
+def _dynamic_axes(dynamic_axes: dict):
+    """Quark's export_onnx has no dynamic_axes argument; pass them through to the torch.onnx.export it calls."""
+    original = torch.onnx.export
+
+    def export(*args, **kwargs):
+        kwargs.setdefault("dynamic_axes", dynamic_axes)
+        return original(*args, **kwargs)
+
+    torch.onnx.export = export
+    try:
+        yield
+    finally:
+        torch.onnx.export = original
+
+
+@contextlib.contextmanager
+def _external_data_saves(external: bool):
+    """While active, onnx.save/save_model write external data (replacing a previous data file) when the
+    model exported is large; small models keep the single self-contained file."""
+    import onnx
+
+    if not external:
+        yield
+        return
+    original = onnx.save_model
+
+    def save_model(proto, f, *args, **kwargs):
+        path = Path(f)
+        data = path.with_name(path.name + ".data")
+        if isinstance(proto, onnx.ModelProto):
+            if data.exists():
+                data.unlink()  # onnx appends to an existing data file
+            kwargs.update(EXTERNAL_DATA, location=data.name)
+        return original(proto, f, *args, **kwargs)
+
+    onnx.save_model = onnx.save = save_model
+    try:
+        yield
+    finally:
+        onnx.save_model = onnx.save = original
+
+
+@contextlib.contextmanager
+def _compress_before_quark_passes(module: torch.nn.Module, reports: list):
+    """While active, Quark's export compresses the weights of the graph it traced (appending the
+    `CompressionReport` to `reports`) before its own graph passes, and those passes see a large
+    model's weights as graph inputs (`_weights_as_graph_inputs`). The passes load and re-save the
+    whole model several times and onnxslim holds about seven copies of it: with float weights the
+    export of an SD 1.5 W8A8 UNet peaked at 14.8 GB of resident memory, with int8 codes at 9.8 GB,
+    with no weights in the passes at 6.6 GB (the trace; the passes stay at 4.1 GB, the quantized
+    module's own size). With the float weights in, Quark's main onnxslim call failed and was
+    skipped; now it runs (3,308 -> 2,240 nodes, shape arithmetic only). Quark's exporter has no hook
+    between its trace and its passes, so its module-level function is wrapped for the duration."""
+    import quark.torch.export.api as quark_export
+
+    from diffquant.quantization.backends.quark.compress import compress_weights_in_file
+
+    original = quark_export.export_onnx_model_optimization
+
+    def optimize(onnx_path) -> None:
+        reports.append(compress_weights_in_file(Path(onnx_path), module))
+        with _weights_as_graph_inputs(Path(onnx_path)):
+            original(onnx_path)
+
+    quark_export.export_onnx_model_optimization = optimize
+    try:
+        yield
+    finally:
+        quark_export.export_onnx_model_optimization = original
+
+
+def _write_graph(model, path: Path) -> None:
+    """Write a model whose tensors are all small or external (the graph alone, well under 2 GB) as it is:
+    onnx.save would convert and rewrite external data under `_external_data_saves`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(model.SerializeToString())
+
+
+@contextlib.contextmanager
+def _weights_as_graph_inputs(path: Path):
+    """While active, the initializers of the ONNX file at `path` that live in external data are graph
+    inputs of the same name, type and shape, and their data file is renamed aside, so that whatever
+    loads and re-saves the file meanwhile handles a graph of a few MB. Afterwards they are initializers
+    again, read from the renamed file. Does nothing to a model without external data."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    parked = {t.name: t for t in model.graph.initializer if uses_external_data(t)}
+    if not parked:
+        yield
+        return
+    renamed = {}
+    for tensor in parked.values():
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = renamed.setdefault(entry.value, f"parked-{entry.value}")
+    for location, aside in renamed.items():
+        (path.parent / location).rename(path.parent / aside)
+    kept = [t for t in model.graph.initializer if t.name not in parked]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in parked.values())
+    _write_graph(model, path)
+    yield
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i for i in model.graph.input if i.name not in parked]
+    present = {i.name for i in model.graph.input} & set(parked)  # a pass may drop an unused one
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(t for name, t in parked.items() if name in present)
+    _write_graph(model, path)
+

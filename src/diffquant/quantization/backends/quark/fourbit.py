@@ -1,0 +1,218 @@
+"""4-bit weights in Quark's modules: which layers a per-group recipe cannot take (and why), the codes and
+scales of a quantized weight, nibble packing (saved artifacts and the ONNX MatMulNBits export), and the
+bits per weight a quantized denoiser stores.
+
+An int4 weight's group scales, and an SVDQuant layer's smoothing divisors and low-rank branch, are
+rounded to float16 values before the codes are taken from them (`fp16_grid`), so that they are stored
+in fp16 exactly (as GGUF, NNCF and ONNX Runtime's fp16 MatMulNBits models store theirs): 4.25 bits per
+weight at group 64 instead of 4.5 with fp32 scales, the same codes up to a 2**-11 relative change of a
+scale.
+
+Why hand-written: Quark exports per-group weights neither to safetensors in a form its own reload reads
+back into fake-quant modules nor to ONNX (its weight-folding pass fails on per-group scales), and no
+library packs Quark's codes; the packing itself is two nibbles per byte, low nibble first, the layout
+of ONNX Runtime's MatMulNBits (see `matmul_nbits`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffquant.core.errors import DiffquantError
+from diffquant.core.recipes import Recipe
+from diffquant.quantization.backends.quark import internals
+
+# OCP MX FP4 (e2m1): the value of each 4-bit code; bit 3 is the sign.
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E8M0_BIAS = 127
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+_FP16_TINY = 2.0 ** -24  # the smallest positive float16 (subnormal): a scale rounded to fp16 stays above 0
+
+
+def fp16_grid(tensor: torch.Tensor, positive: bool = False) -> torch.Tensor:
+    """`tensor` rounded to the nearest float16 value (clamped into its range; at least the smallest
+    positive float16 when `positive`, as a scale or divisor must be), kept in its own dtype."""
+    clamped = tensor.clamp(_FP16_TINY if positive else -_FP16_MAX, _FP16_MAX)
+    return clamped.to(torch.float16).to(tensor.dtype)
+
+
+def fits_fp16(tensor: torch.Tensor) -> bool:
+    """True when every value of the float `tensor` is a float16 value (it is stored in fp16 exactly)."""
+    return tensor.is_floating_point() and torch.equal(tensor.to(torch.float16).to(tensor.dtype), tensor)
+
+
+def stored_bits(tensor: torch.Tensor) -> int:
+    """Bits a side tensor of a 4-bit layer (scale, smoothing divisor, branch) takes as saved: 16 per value
+    when it fits fp16 (`pack_state` stores it so), else its own dtype."""
+    return (16 if fits_fp16(tensor) else 8 * tensor.element_size()) * tensor.numel()
+
+
+def round_scales_fp16(module: torch.nn.Module) -> None:
+    """Give every int4 weight quantizer of `module` its scale rounded to fp16 (observing the weight first
+    where it has not yet), so that its codes are taken on the scale that is stored."""
+    for layer in module.modules():
+        if weight_kind(layer) == "int4":
+            internals.set_weight_scale(layer, fp16_grid(internals.observe_weight(layer), positive=True))
+
+
+def unfit_reason(layer: torch.nn.Module, recipe: Recipe) -> str | None:
+    """Why the 4-bit weight of `recipe` cannot take `layer` (a float or Quark Linear/Conv2d), else None."""
+    if not recipe.four_bit:
+        return None
+    weight = layer.weight
+    if weight.dim() != 2:
+        return "Conv2d: 4-bit per-group weights are for Linear layers"
+    group = recipe.weight.granularity.size
+    if weight.shape[1] % group:
+        return f"input width {weight.shape[1]} is not a multiple of the group size {group}"
+    return None
+
+
+def unfit_layers(module: torch.nn.Module, recipe: Recipe, excluded: list[str]) -> dict[str, str]:
+    """name -> reason for each Linear/Conv2d of the float `module` (outside `excluded`) that the recipe's
+    4-bit weight cannot take; they take the recipe's fallback or stay float. Empty for 8-bit recipes."""
+    if not recipe.four_bit:
+        return {}
+    skip = set(excluded)
+    return {name: reason for name, layer in module.named_modules()
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and name not in skip
+            and (reason := unfit_reason(layer, recipe)) is not None}
+
+
+def weight_kind(layer: torch.nn.Module) -> str | None:
+    """'int4', 'mxfp4', 'int8', 'fp8' for a layer whose weight Quark quantizes, else None."""
+    quantizer = internals.weight_quantizer(layer)
+    if quantizer is None:
+        return None
+    dtype = str(quantizer.dtype).split(".")[-1]
+    return {"int4": "int4", "fp4": "mxfp4", "int8": "int8", "fp8_e4m3": "fp8"}.get(dtype)
+
+
+def weight_bits(layer: torch.nn.Module) -> int:
+    """Bits that `layer`'s weight takes stored: codes plus scales (int4: fp16 when they fit it, see
+    `pack_state`; MX: e8m0; 8-bit: fp32), or fp32 when float."""
+    kind = weight_kind(layer)
+    elements = layer.weight.numel()
+    if kind is None:
+        return 32 * elements
+    scale = internals.weight_quantizer(layer).scale.detach()
+    scale_bits = {"mxfp4": 8 * scale.numel(), "int4": stored_bits(scale)}.get(kind, 32 * scale.numel())
+    return (4 if kind in ("int4", "mxfp4") else 8) * elements + scale_bits
+
+
+def group_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(nibbles, scale, kind) of a Linear with a 4-bit per-group weight: `nibbles` (N, K) uint8 in 0..15
+    (int4: code + 8; mxfp4: the e2m1 code, sign in bit 3) and `scale` (N, K / group) float32, such that
+    `dequantize_groups(nibbles, scale, kind)` equals Quark's fake-quantized weight bit for bit."""
+    kind = weight_kind(layer)
+    fake = internals.fake_quantized_weight(layer)  # (N, K)
+    scale = internals.weight_quantizer(layer).scale.detach().float()  # (N, K / group)
+    steps = fake / scale.repeat_interleave(fake.shape[1] // scale.shape[1], dim=1)
+    if kind == "int4":
+        nibbles = (torch.round(steps).clamp(-8, 7) + 8).to(torch.uint8)
+    elif kind == "mxfp4":
+        table = torch.tensor(E2M1)
+        magnitude = steps.abs()
+        index = torch.searchsorted(table, magnitude).clamp(max=len(E2M1) - 1)
+        if not torch.equal(table[index], magnitude):
+            raise AssertionError("an MXFP4 weight is not on the e2m1 grid times its scale")
+        nibbles = (index + 8 * torch.signbit(steps)).to(torch.uint8)
+    else:
+        raise ValueError(f"not a 4-bit per-group weight: {kind}")
+    return nibbles, scale, kind
+
+
+def dequantize_groups(nibbles: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """The float32 weight (N, K) of `group_codes`' nibbles and scales: (nibble - 8) * scale for int4."""
+    if kind == "int4":
+        values = nibbles.to(torch.float32) - 8
+    else:
+        values = torch.tensor(E2M1)[(nibbles & 7).long()] * torch.where(nibbles >= 8, -1.0, 1.0)
+    return values * scale.repeat_interleave(nibbles.shape[1] // scale.shape[1], dim=1)
+
+
+def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K / 2) bytes, element 2i in the low nibble of byte i (MatMulNBits' order)."""
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+# --- save and reload: weights as codes ----------------------------------------------------------
+
+_PACKED4, _INT8, _E8M0 = ".weight_packed4", ".weight_int8", ".weight_scale_e8m0"
+_SCALE = "._weight_quantizer.scale"
+# An SVDQuant layer's smoothing divisor and low-rank branch (Quark's ErrorCorrectedModule's names).
+_SIDE = (".smooth_factor", ".correction.l1.weight", ".correction.l2.weight")
+
+
+def _exact(weight: torch.Tensor, layer: torch.nn.Module) -> bool:
+    """True when `weight` (float32, from codes) is the layer's fake-quantized weight in the layer's dtype."""
+    fake = internals.weight_quantizer(layer)(layer.weight.detach())
+    return torch.equal(weight.to(fake.dtype), fake)
+
+
+def pack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the module's un-frozen state dict) with each 4-bit weight replaced by its packed nibbles
+    (and an MX scale by its e8m0 exponent byte) and each int8 weight by its int8 codes: the float master
+    weights are not needed again, since the fake-quantized weight is a fixed point of its quantizer.
+    A weight whose codes would not give its fake-quantized weight exactly keeps its float master weight.
+    int4 scales and SVDQuant's divisors and branches are stored in fp16 where their values fit it
+    (loading them back into their float32 buffers is exact)."""
+    packed = dict(state)
+    for key, tensor in state.items():
+        if key.endswith(_SIDE) and tensor.dtype == torch.float32 and fits_fp16(tensor):
+            packed[key] = tensor.to(torch.float16)
+    for name, layer in module.named_modules():
+        kind = weight_kind(layer)
+        if kind in ("int4", "mxfp4"):
+            nibbles, scale, _ = group_codes(layer)
+            if not _exact(dequantize_groups(nibbles, scale, kind), layer):
+                continue
+            del packed[f"{name}.weight"]
+            packed[name + _PACKED4] = pack_nibbles(nibbles).contiguous()
+            if kind == "int4" and fits_fp16(scale):
+                packed[name + _SCALE] = packed[name + _SCALE].to(torch.float16)
+            if kind == "mxfp4":
+                del packed[name + _SCALE]
+                exponent = torch.frexp(scale)[1] - 1 + _E8M0_BIAS  # scale = 2**(byte - 127)
+                packed[name + _E8M0] = exponent.to(torch.uint8).contiguous()
+        elif kind == "int8":
+            codes, scale, _ = internals.weight_codes(layer)
+            if _exact(codes.float() * scale, layer):
+                del packed[f"{name}.weight"]
+                packed[name + _INT8] = codes.contiguous()
+    return packed
+
+
+def unpack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `pack_state` for the transformed (Quark) `module`: codes become the fake-quantized
+    float weights, whose fake quantization with the saved scales gives the same weights again. A state
+    saved with float weights (before packing existed) passes through."""
+    modules = dict(module.named_modules())
+    state = dict(state)
+    for key in [k for k in state if k.endswith((_PACKED4, _INT8))]:
+        name = key.rsplit(".", 1)[0]
+        layer = modules.get(name)
+        if layer is None or weight_kind(layer) is None:
+            raise DiffquantError(f"the saved quantized state holds codes for {name!r}, which this model does "
+                                 "not quantize that way: quantize the model again")
+        codes = state.pop(key)
+        if key.endswith(_INT8):
+            scale = state[name + _SCALE].float()
+            if scale.dim() == 1:  # per channel along the quantizer's axis
+                shape = [1] * codes.dim()
+                shape[internals.weight_quantizer(layer).ch_axis or 0] = -1
+                scale = scale.reshape(shape)
+            weight = codes.float() * scale
+        else:
+            kind = weight_kind(layer)
+            if kind == "mxfp4":
+                exponent = state.pop(name + _E8M0).int() - _E8M0_BIAS
+                state[name + _SCALE] = torch.ldexp(torch.ones(exponent.shape), exponent)
+            weight = dequantize_groups(unpack_nibbles(codes), state[name + _SCALE].float(), kind)
+        state[f"{name}.weight"] = weight.to(layer.weight.dtype)
+    return state
