@@ -95,3 +95,27 @@ def test_4bit_peer_whose_float_copy_differs_stops_the_run(tiny_sd_dir, tmp_path,
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["error: a peer's float pipeline does not reproduce diffquant's fp32 images: the comparison "
                    "would not be on identical images (check for global state the peer changes)"]
+
+
+def test_diffquant_peers_command_runs_registered_peers_and_notes_a_missing_one(tiny_sd_dir, tmp_path, monkeypatch):
+    from diffquant.cli.main import main
+    from diffquant.peers.four import BnbPeer
+
+    monkeypatch.setattr(BnbPeer, "required_packages", ("no_such_package_xyz",))  # as on a machine without it
+    out = tmp_path / "peers"
+    assert main(["--quiet", "peers", "--model", str(tiny_sd_dir), "--n", "2", "--calib-size", "2", "--steps", "2",
+                 "--methods", "diffquant:int8-w,bnb:nf4", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "peers.json").read_text())["rows"]}
+    assert list(rows) == ["diffquant:int8-w", "bnb:nf4"]
+    assert rows["diffquant:int8-w"]["layers_quantized"] > 0 and 15 < rows["diffquant:int8-w"]["psnr_mean_db"] < 100
+    assert rows["bnb:nf4"]["psnr_mean_db"] is None
+    assert rows["bnb:nf4"]["notes"] == ["not run: no_such_package_xyz not installed (pip install -e '.[peers]')"]
+    assert "`bnb:nf4`: not run" in (out / "peers.md").read_text()
+
+
+def test_an_unknown_peer_method_is_one_line_before_any_work(tmp_path, capsys):
+    from diffquant.cli.main import main
+
+    assert main(["peers", "--model", "/no/such/model", "--methods", "modelopt:int9", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown method modelopt:int9: use one of" in err[0] and "gguf:q4_0" in err[0]

@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int4-compute", choices=INT4_COMPUTE_CHOICES, help=INT4_COMPUTE_HELP)
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
 
+    p = sub.add_parser("peers", help="diffquant's recipes beside ModelOpt, optimum-quanto, NNCF, torchao, bitsandbytes "
+                                     "and GGUF on the same model, captions and fp32 images (8 or 4 bits)")
+    from diffquant.peers.options import add_arguments
+
+    add_arguments(p)
+
     p = sub.add_parser("bench-table", help="the Markdown table of bench.json files (for docs/)")
     p.add_argument("bench_json", nargs="+", help="bench.json written by `diffquant bench`")
 
@@ -498,6 +504,13 @@ def _bench(args, out: Path) -> int:
     return 0
 
 
+def _cmd_peers(args) -> int:
+    from diffquant.peers.eight import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
 def _cmd_bench_table(args) -> int:
     from diffquant.bench.runner import BenchResult
 
@@ -548,11 +561,11 @@ def _cmd_env(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "sensitivity": _cmd_sensitivity, "generate": _cmd_generate, "quantize": _cmd_quantize, "compare": _cmd_compare,
             "export": _cmd_export, "view": _cmd_view, "env": _cmd_env, "bench": _cmd_bench,
-            "bench-table": _cmd_bench_table}
+            "bench-table": _cmd_bench_table, "peers": _cmd_peers}
 
 
 # Commands that compute (torch or ONNX Runtime threads matter); `view` only serves a file.
-_COMPUTE = {"run", "sensitivity", "generate", "quantize", "compare", "export", "bench", "env"}
+_COMPUTE = {"run", "sensitivity", "generate", "quantize", "compare", "export", "bench", "env", "peers"}
 
 
 def configure_threads(requested: int | None = None) -> int | None:

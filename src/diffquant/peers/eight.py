@@ -38,13 +38,11 @@ import torch
 
 from diffquant.core.errors import DiffquantError
 from diffquant.core.record import record_of
+from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, peer_for, register
+from diffquant.peers.options import DEFAULT_4BIT_METHODS, DEFAULT_METHODS, add_arguments
+from diffquant.peers.four import checked_copy, quanto_w4, quark_storage, torch_storage
 
 logger = logging.getLogger(__name__)
-DEFAULT_METHODS = ("diffquant:w8a8-int8-sq", "diffquant:w8a8-int8-ort-sq", "diffquant:w8a8-int8",
-                   "diffquant:w8a8-int8-ort", "diffquant-all:w8a8-int8-sq", "diffquant:w8a8-fp8", "modelopt:int8",
-                   "modelopt:int8-sq", "modelopt:fp8", "quanto:w8a8")
-DEFAULT_4BIT_METHODS = ("bnb:nf4", "gguf:q4_0", "gguf:q4_1", "gguf:q4_k", "quanto:w4", "torchao:int4", "nncf:int4")
-FOUR_BIT_LIBRARIES = ("bnb", "gguf", "torchao", "nncf")
 # The module names ModelOpt's diffusers example keeps in float (its filter_func_default).
 MODELOPT_FLOAT = re.compile(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|"
                             r"time_text_embed|context_embedder|norm_out|x_embedder).*")
@@ -94,16 +92,6 @@ def _modelopt_config(kind: str):
     raise DiffquantError(f"unknown ModelOpt method {kind!r}: use modelopt:int8, modelopt:int8-sq or modelopt:fp8")
 
 
-def _peer_pipeline(pipe):
-    """A pipeline sharing `pipe`'s components but with its own copy of the denoiser (quantized in place)."""
-    from diffquant.models.denoisers import denoiser_of
-    from diffquant.quantization.api import with_denoiser
-
-    family = denoiser_of(pipe)
-    peer = with_denoiser(pipe, family.pipeline_attribute, copy.deepcopy(family.module))
-    return peer, denoiser_of(peer)
-
-
 def _check_identical(peer, baseline, prompts, settings, exact: bool = True) -> str:
     """Stop unless `peer` (a peer's float pipeline) reproduces the baseline's first batch pixel for pixel;
     with `exact=False` (another runtime) say how close it comes instead."""
@@ -122,44 +110,94 @@ def _check_identical(peer, baseline, prompts, settings, exact: bool = True) -> s
     return f"PSNR {np.mean(psnr):.2f} dB mean, {np.min(psnr):.2f} worst over {len(psnr)} images"
 
 
-def _quantize_peer(method: str, pipe, baseline, prompts, calib_prompts, settings, calib_settings):
-    """(quantized pipeline, quantized layer count, notes) for a ModelOpt or quanto method."""
-    from diffquant.models.generation import generate
+@register
+class DiffquantPeer(Peer):
+    """diffquant's own recipes, as `diffquant run` applies them (`diffquant:`: with the model profile's measured
+    float layers; `diffquant-all:`: every layer the recipe allows)."""
 
-    library, _, kind = method.partition(":")
-    peer, family = _peer_pipeline(pipe)
-    _check_identical(peer, baseline, prompts, settings)
-    module = family.module
+    libraries = ("diffquant", "diffquant-all")
 
-    def forward_loop(_=None):
-        generate(peer, calib_prompts, desc=f"calibrate {method}", **calib_settings)
+    def parse(self, kind: str) -> tuple[str, int | None]:
+        from diffquant.core.recipes import get_recipe
 
-    if library == "modelopt":
+        return get_recipe(kind).name if not kind.endswith(".json") else kind, None
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        from diffquant import calibrate, layer_report, quantize
+        from diffquant.core.recipes import get_recipe
+        from diffquant.models.denoisers import denoiser_of
+
+        recipe = get_recipe(kind)
+        calibration = None
+        if recipe.needs_calibration:  # weight-only recipes read no calibration; the set is made once per run
+            if "calibration" not in run.cache:
+                run.cache["calibration"] = calibrate(run.pipe, run.calib_prompts, steps=run.settings["steps"],
+                                                     timesteps=run.calib_timesteps, guidance=run.settings["guidance"])
+            calibration = run.cache["calibration"]
+        quantized = quantize(run.pipe, recipe, calibration=calibration, profile_exclusions=self.library == "diffquant")
+        module = denoiser_of(quantized).module
+        reason = record_of(module).float_reason
+        self.recipe_name = recipe.name  # a recipe file is labelled by the recipe it holds
+        return Quantized(quantized, len(layer_report(module).quantized), quark_storage(module),
+                         [reason] if reason else [])
+
+    def label(self, kind: str) -> str:
+        return f"{self.library}:{getattr(self, 'recipe_name', kind)}"
+
+
+@register
+class ModelOptPeer(Peer):
+    """NVIDIA ModelOpt as its `examples/diffusers/quantization` runs it: `mtq.quantize` with a forward loop over
+    the whole pipeline on the calibration captions, then its default filter."""
+
+    libraries = ("modelopt",)
+    kinds = {"int8": 8, "int8-sq": 8, "fp8": 8}
+    required_packages = ("modelopt.torch.quantization",)
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
         import modelopt.torch.quantization as mtq
 
-        mtq.quantize(module, _modelopt_config(kind), forward_loop)
+        peer, module = checked_copy(run)
+        mtq.quantize(module, _modelopt_config(kind), _forward_loop(run, peer, self.label(kind)))
         mtq.disable_quantizer(module, lambda name: MODELOPT_FLOAT.match(name) is not None)
         layers = sum(1 for m in module.modules() if getattr(m, "weight_quantizer", None) is not None
                      and m.weight_quantizer.is_enabled)
-        return peer, layers, ["ModelOpt filter_func_default"]
-    if library == "quanto" and kind == "w8a8":
+        return Quantized(peer, layers, torch_storage(module), ["ModelOpt filter_func_default"])
+
+
+@register
+class QuantoPeer(Peer):
+    """optimum-quanto: `w8a8` int8 weights and activations on every Linear and Conv2d, calibrated with
+    `Calibration()` over the calibration captions, then `freeze`; `w4` int4 weights (see `four.quanto_w4`)."""
+
+    libraries = ("quanto",)
+    kinds = {"w8a8": 8, "w4": 4}
+    required_packages = ("optimum.quanto",)
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        peer, module = checked_copy(run)
+        if kind == "w4":
+            layers, notes = quanto_w4(module)
+            return Quantized(peer, layers, torch_storage(module), notes)
         from optimum.quanto import Calibration, QModuleMixin, freeze, qint8, quantize
 
         quantize(module, weights=qint8, activations=qint8)
         with Calibration():
-            forward_loop()
+            _forward_loop(run, peer, self.label(kind))()
         freeze(module)
         # quanto also swaps LayerNorms (output quantization); the layers comparable to the others' are its Linears/Convs.
         layers = sum(isinstance(m, QModuleMixin) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                      for m in module.modules())
-        return peer, layers, []
-    raise DiffquantError(f"unknown method {method!r}: use diffquant:RECIPE, diffquant-all:RECIPE, "
-                         "modelopt:int8|int8-sq|fp8, quanto:w8a8 or a 4-bit peer (see diffquant.peers.four)")
+        return Quantized(peer, layers, torch_storage(module), [])
 
 
-def _is_4bit(method: str) -> bool:
-    library, _, kind = method.partition(":")
-    return library in FOUR_BIT_LIBRARIES or (library == "quanto" and kind != "w8a8")
+def _forward_loop(run: PeerRun, peer, label: str):
+    from diffquant.models.generation import generate
+
+    def forward_loop(_=None):
+        generate(peer, run.calib_prompts, desc=f"calibrate {label}", **run.calib_settings)
+
+    return forward_loop
 
 
 def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS, n: int = 64,
@@ -170,18 +208,18 @@ def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHO
     `on_row(result)`, when given, is called with the result so far after each method (a long run keeps
     what it measured). Returns a JSON-able dict: settings, the calibration captions, the fp32 denoiser's
     bytes and one row per method (a peer that cannot run here: its reason in `notes`, no measurement)."""
+    for method in methods:  # an unknown method or kind: one line before any slow work
+        peer_for(method)
     with tempfile.TemporaryDirectory(prefix="diffquant-peers-") as work_dir:
         return _run(model, methods, n, calib_size, steps, guidance, seed, calib_timesteps, on_row, Path(work_dir))
 
 
 def _run(model, methods, n, calib_size, steps, guidance, seed, calib_timesteps, on_row, work_dir: Path) -> dict:
-    from diffquant import calibrate, compare, default_prompts, generate, layer_report, load_pipeline, quantize
-    from diffquant.quantization.calibration import CALIBRATION_SEED
+    from diffquant import compare, default_prompts, generate, load_pipeline
     from diffquant.models.denoisers import denoiser_of
     from diffquant.models.generation import default_settings
-    from diffquant.peers.four import PeerUnavailable, quantize_4bit, quark_storage, torch_storage
     from diffquant.models.profiles import profile_of
-    from diffquant.core.recipes import get_recipe
+    from diffquant.quantization.calibration import CALIBRATION_SEED
 
     pipe = load_pipeline(model, device="cpu")
     defaults = default_settings(pipe, seed)
@@ -199,43 +237,31 @@ def _run(model, methods, n, calib_size, steps, guidance, seed, calib_timesteps, 
     started = time.perf_counter()
     baseline = generate(pipe, prompts, desc="fp32", **settings)
     fp32_per_image = (time.perf_counter() - started) / len(prompts)
-    calibration = None
     rows = []
     result = {"model": model or "shapes-sd", "captions": n, "calibration_captions": calib_size, **settings,
               "calib_timesteps_diffquant": calib_timesteps, "fp32_identical": True,
               "fp32_bytes": torch_storage(denoiser_of(pipe).module).total_bytes,
               "fp32_seconds_per_image": fp32_per_image,
               "calibration_prompts": calib_prompts, "rows": rows}
+    run = PeerRun(pipe, baseline, prompts, calib_prompts, settings, calib_settings, calib_timesteps, work_dir,
+                  check=lambda peer, exact=True: _check_identical(peer, baseline, prompts, settings, exact))
     for method in methods:
         started = time.perf_counter()
-        library, _, name = method.partition(":")
-        if library in ("diffquant", "diffquant-all"):
-            recipe = get_recipe(name)
-            if calibration is None and recipe.needs_calibration:  # weight-only recipes read no calibration
-                calibration = calibrate(pipe, calib_prompts, steps=steps, timesteps=calib_timesteps, guidance=guidance)
-            quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
-                                 profile_exclusions=library == "diffquant")
-            module = quantized.unet if hasattr(quantized, "unet") else quantized.transformer
-            layers = len(layer_report(module).quantized)
-            storage = quark_storage(module)
-            notes = [record_of(module).float_reason] if record_of(module).float_reason else []
-            method = f"{library}:{recipe.name}"  # a recipe file is labelled by the recipe it holds
-        elif _is_4bit(method):
-            try:
-                peer = quantize_4bit(method, pipe, lambda p, exact=True: _check_identical(
-                    p, baseline, prompts, settings, exact), work_dir)
-            except PeerUnavailable as reason:
-                logger.info("%s: cannot run here: %s", method, reason)
-                rows.append(MethodResult(method, 0, [], None, seconds=time.perf_counter() - started,
-                                         notes=[f"not run: {reason}"]).row())
-                if on_row is not None:
-                    on_row(result)
-                continue
-            quantized, layers, storage, notes = peer.pipe, peer.layers, peer.storage, peer.notes
-        else:
-            quantized, layers, notes = _quantize_peer(method, pipe, baseline, prompts, calib_prompts, settings,
-                                                      calib_settings)
-            storage = torch_storage(denoiser_of(quantized).module)
+        peer, kind, group = peer_for(method)
+        try:
+            reason = peer.unavailable()
+            if reason is not None:
+                raise PeerUnavailable(reason)
+            made = peer.quantize(run, kind, group)
+        except PeerUnavailable as reason:
+            logger.info("%s: cannot run here: %s", method, reason)
+            rows.append(MethodResult(method, 0, [], None, seconds=time.perf_counter() - started,
+                                     notes=[f"not run: {reason}"]).row())
+            if on_row is not None:
+                on_row(result)
+            continue
+        method = peer.label(kind) if peer.library.startswith("diffquant") else method
+        quantized, layers, storage, notes = made.pipe, made.layers, made.storage, made.notes
         generating = time.perf_counter()
         images = generate(quantized, prompts, desc=method, **settings)
         per_image = (time.perf_counter() - generating) / len(prompts)
@@ -280,19 +306,9 @@ def table(result: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.peers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="shapes-sd (default), shapes-sd3, a Hub id or a folder")
-    parser.add_argument("--bits", type=int, choices=(8, 4), default=8,
-                        help="the default method list: 8-bit recipes and peers, or the 4-bit peers")
-    parser.add_argument("--methods", default=None, help="comma-separated library:kind (default: those of --bits)")
-    parser.add_argument("--n", type=int, default=64, help="evaluation captions (images)")
-    parser.add_argument("--calib-size", type=int, default=64, help="calibration captions, the same for every method")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def run_from_args(args) -> dict:
+    """Run the comparison an `add_arguments` parser asked for, writing peers.json and peers.md after each
+    method (a long run keeps what it measured); returns the result and prints its table."""
     from diffquant.core.artifacts import write_json, write_text
 
     def write(result: dict) -> None:
@@ -300,15 +316,24 @@ def main(argv: list[str] | None = None) -> int:
         write_text(args.out / "peers.md", table(result) + "\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
+    methods = args.methods or ",".join(DEFAULT_METHODS if args.bits == 8 else DEFAULT_4BIT_METHODS)
+    result = run_peers(args.model, tuple(m.strip() for m in methods.split(",") if m.strip()), args.n,
+                       args.calib_size, args.steps, args.guidance, on_row=write)
+    write(result)
+    print(table(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffquant.peers", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        methods = args.methods or ",".join(DEFAULT_METHODS if args.bits == 8 else DEFAULT_4BIT_METHODS)
-        result = run_peers(args.model, tuple(m.strip() for m in methods.split(",") if m.strip()), args.n,
-                           args.calib_size, args.steps, args.guidance, on_row=write)
+        run_from_args(args)
     except (DiffquantError, ImportError) as error:
         print(f"error: {error}")
         return 2
-    write(result)
-    print(table(result))
     return 0
 
 

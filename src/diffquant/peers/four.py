@@ -26,49 +26,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffquant.core.errors import DiffquantError
+from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, Storage, register
 
 logger = logging.getLogger(__name__)
-KINDS = {"bnb": ("nf4",), "gguf": ("q4_0", "q4_1", "q4_k"), "quanto": ("w4",), "torchao": ("int4",), "nncf": ("int4",)}
-DEFAULT_GROUP = {"torchao": 128, "nncf": 128}
-
-
-class PeerUnavailable(DiffquantError):
-    """A peer that cannot run here (its reason becomes the row's note instead of a measurement)."""
-
-
-@dataclass
-class Storage:
-    """What a quantized denoiser stores: bits per weight of its quantized layers (codes, scales, zero
-    points) and the bytes of the whole module (float layers included)."""
-
-    quantized_weights: int
-    quantized_bytes: int
-    total_bytes: int
-
-    @property
-    def bits_per_weight(self) -> float | None:
-        return 8 * self.quantized_bytes / self.quantized_weights if self.quantized_weights else None
-
-
-def parse(method: str) -> tuple[str, str, int | None]:
-    """'torchao:int4-g64' -> ('torchao', 'int4', 64); one line naming the choices for an unknown method."""
-    library, _, kind = method.partition(":")
-    match = re.fullmatch(r"(.+?)(?:-g(\d+))?", kind)
-    kind, group = match.group(1), match.group(2)
-    if kind not in KINDS.get(library, ()):
-        choices = ", ".join(f"{lib}:{k}" for lib, kinds in KINDS.items() for k in kinds)
-        raise DiffquantError(f"unknown 4-bit method {method!r}: use one of {choices}")
-    if group is not None and library not in DEFAULT_GROUP:
-        raise DiffquantError(f"{method}: {library} has no group size to set (only {', '.join(DEFAULT_GROUP)} do)")
-    return library, kind, int(group) if group else DEFAULT_GROUP.get(library)
 
 
 # --- what a module stores ----------------------------------------------------------------------
@@ -123,15 +89,6 @@ def quark_storage(module: torch.nn.Module) -> Storage:
 
 
 # --- the peers ------------------------------------------------------------------------------------
-
-@dataclass
-class Quantized:
-    """A peer's quantized pipeline and what it says about itself."""
-
-    pipe: object
-    layers: int
-    storage: Storage
-    notes: list[str]
 
 
 def _linears(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -337,44 +294,90 @@ def _constant_bytes(op) -> int:
     return math.ceil(math.prod(op.get_output_shape(0)) * element.bitwidth / 8)
 
 
-def quantize_4bit(method: str, pipe, check, work_dir: Path) -> Quantized:
-    """The pipeline with `method`'s 4-bit denoiser. `check(peer_pipe)` is called with the peer's float
-    copy first (it raises when that copy does not reproduce the fp32 baseline); `nncf` instead gets
-    `check(openvino_fp32_pipe, exact=False)` and notes what it returns."""
+@register
+class BnbPeer(Peer):
+    """bitsandbytes NF4 on every Linear, made as diffusers' loader makes it (see `bnb_nf4`)."""
+
+    libraries = ("bnb",)
+    kinds = {"nf4": 4}
+    required_packages = ("bitsandbytes",)
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        peer, module = checked_copy(run)
+        layers, notes = bnb_nf4(module)
+        return Quantized(peer, layers, torch_storage(module), notes)
+
+
+@register
+class TorchaoPeer(Peer):
+    """torchao's CPU int4 weight-only layout (see `torchao_int4`)."""
+
+    libraries = ("torchao",)
+    kinds = {"int4": 4}
+    required_packages = ("torchao",)
+    group_size = 128
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        peer, module = checked_copy(run)
+        layers, notes = torchao_int4(module, group)
+        return Quantized(peer, layers, torch_storage(module), notes)
+
+
+@register
+class GgufPeer(Peer):
+    """The `gguf` package's Python quantizer into a GGUF file that diffusers' single-file loader reads."""
+
+    libraries = ("gguf",)
+    kinds = {"q4_0": 4, "q4_1": 4, "q4_k": 4}
+    required_packages = ("gguf",)
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        from diffquant.models.denoisers import denoiser_of
+        from diffquant.quantization.api import with_denoiser
+
+        gguf_type(kind)
+        family = denoiser_of(run.pipe)
+        path = run.work_dir / f"gguf-{kind}.gguf"
+        gguf_file(family.module, path.with_suffix(".f32.gguf"), None)
+        run.check(with_denoiser(run.pipe, family.pipeline_attribute, gguf_load(run.pipe, path.with_suffix(".f32.gguf"))))
+        layers = gguf_file(family.module, path, kind)
+        module = gguf_load(run.pipe, path)
+        notes = _float_note(module, layers, "diffusers' GGUF loader: Linear only; width divisible by the block")
+        notes.append(f"file {path.stat().st_size} bytes")
+        return Quantized(with_denoiser(run.pipe, family.pipeline_attribute, module), layers, torch_storage(module),
+                         notes)
+
+
+@register
+class NncfPeer(Peer):
+    """NNCF int4 weight compression of the fp32 ONNX export, run in OpenVINO (see `nncf_int4`)."""
+
+    libraries = ("nncf",)
+    kinds = {"int4": 4}
+    required_packages = ("nncf", "openvino")
+    group_size = 128
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        from diffquant.models.denoisers import denoiser_of
+        from diffquant.runtimes import get_runtime
+
+        peer, layers, storage, notes, onnx_file = nncf_int4(run.pipe, group, run.work_dir / f"nncf-{kind}-g{group}")
+        try:
+            fidelity = run.check(get_runtime("openvino").pipeline(run.pipe, onnx_file, torch.get_num_threads()),
+                                 exact=False)
+        except RuntimeError as error:  # a graph OpenVINO cannot run at the pipeline's shapes
+            raise PeerUnavailable(f"OpenVINO's fp32 pipeline for NNCF failed on this "
+                                  f"{denoiser_of(run.pipe).module_class} ({' '.join(str(error).split())[:300]})") from None
+        return Quantized(peer, layers, storage, [f"OpenVINO fp32 vs torch fp32: {fidelity}", *notes])
+
+
+def checked_copy(run: PeerRun):
+    """A pipeline with its own copy of the denoiser, checked to reproduce the fp32 images; (pipeline, module)."""
     from diffquant.models.denoisers import denoiser_of
     from diffquant.quantization.api import with_denoiser
 
-    library, kind, group = parse(method)
-    family = denoiser_of(pipe)
-    if library == "nncf":
-        fp32_pipe_dir = work_dir / method.replace(":", "-")
-        peer, layers, storage, notes, onnx_file = nncf_int4(pipe, group, fp32_pipe_dir)
-        from diffquant.runtimes import get_runtime
-
-        try:
-            fidelity = check(get_runtime("openvino").pipeline(pipe, onnx_file, torch.get_num_threads()), exact=False)
-        except RuntimeError as error:  # a graph OpenVINO cannot run at the pipeline's shapes
-            raise PeerUnavailable(f"OpenVINO's fp32 pipeline for NNCF failed on this {family.module_class} "
-                                  f"({' '.join(str(error).split())[:300]})") from None
-        return Quantized(peer, layers, storage, [f"OpenVINO fp32 vs torch fp32: {fidelity}", *notes])
-    if library == "gguf":
-        gguf_type(kind)
-        path = work_dir / f"{method.replace(':', '-')}.gguf"
-        gguf_file(family.module, path.with_suffix(".f32.gguf"), None)
-        check(with_denoiser(pipe, family.pipeline_attribute, gguf_load(pipe, path.with_suffix(".f32.gguf"))))
-        layers = gguf_file(family.module, path, kind)
-        module = gguf_load(pipe, path)
-        notes = _float_note(module, layers, "diffusers' GGUF loader: Linear only; width divisible by the block")
-        storage = torch_storage(module)
-        notes.append(f"file {path.stat().st_size} bytes")
-        return Quantized(with_denoiser(pipe, family.pipeline_attribute, module), layers, storage, notes)
+    family = denoiser_of(run.pipe)
     module = copy.deepcopy(family.module)
-    peer = with_denoiser(pipe, family.pipeline_attribute, module)
-    check(peer)
-    if library == "bnb":
-        layers, notes = bnb_nf4(module)
-    elif library == "quanto":
-        layers, notes = quanto_w4(module)
-    else:
-        layers, notes = torchao_int4(module, group)
-    return Quantized(peer, layers, torch_storage(module), notes)
+    peer = with_denoiser(run.pipe, family.pipeline_attribute, module)
+    run.check(peer)
+    return peer, module
