@@ -35,3 +35,23 @@ def test_an_interrupted_training_leaves_no_output_folder(tmp_path, monkeypatch):
         shapes_train.train(tmp_path / "model", vae_steps=1, unet_steps=2, batch_size=4, quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-checkpoints"]  # only the finished VAE stage
     assert (tmp_path / "model-checkpoints" / "vae" / "config.json").is_file()
+
+
+def test_shapes_sd3_training_continues_from_a_trained_folder(tmp_path):
+    """--init-from starts from the folder's transformer and text encoders (with a zero learning rate the EMA
+    weights written are exactly those), and the command it writes into the model card names the folder."""
+    from safetensors.torch import load_file
+
+    from diffquant.models.shapes import train_sd3
+
+    first = train_sd3.train(tmp_path / "first", steps=2, batch_size=2, num_layers=1, checkpoint_every=0, quiet=True)
+    second = train_sd3.train(tmp_path / "second", steps=1, batch_size=2, num_layers=1, checkpoint_every=0, quiet=True,
+                             lr=0.0, seed=1, init_from=first)
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model.safetensors"):
+        before, after = load_file(first / part), load_file(second / part)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert f"--init-from {first}" in (second / "README.md").read_text()
+    with pytest.raises(SystemExit, match="not a shapes-sd3 folder"):
+        train_sd3.train(tmp_path / "third", steps=1, batch_size=2, num_layers=1, init_from=tmp_path / "nothing",
+                        quiet=True)
+    assert not (tmp_path / "third").exists()

@@ -21,6 +21,11 @@ def _functions(tree: ast.AST):
             yield node
 
 
+def _own(node: ast.AST) -> bool:
+    """An import of the package's own modules (relative, or absolute from diffquant)."""
+    return isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("diffquant"))
+
+
 def main(argv: list[str]) -> None:
     root = Path(argv[0] if argv else "src/diffquant")
     top = sorted(p.name for p in root.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
@@ -30,7 +35,7 @@ def main(argv: list[str]) -> None:
         for fn in _functions(tree):
             longest.append((fn.end_lineno - fn.lineno + 1, f"{path.relative_to(root.parent)}:{fn.lineno} {fn.name}"))
             # a statement in a nested function is counted once
-            inner |= {(path, n.lineno) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+            inner |= {(path, n.lineno, _own(n)) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
 
     import grimp
     import networkx as nx
@@ -48,7 +53,8 @@ def main(argv: list[str]) -> None:
     print(f"import cycles (groups of modules importing each other): {len(cycles)}")
     for c in cycles:
         print("   ", " <-> ".join(c))
-    print(f"imports inside functions: {len(inner)}")
+    own = sum(1 for *_, is_own in inner if is_own)
+    print(f"imports inside functions: {len(inner)} ({own} of the package's own modules, {len(inner) - own} of others)")
     print("longest functions:")
     for n, where in sorted(longest, reverse=True)[:5]:
         print(f"    {n:4d} lines  {where}")

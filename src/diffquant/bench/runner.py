@@ -22,6 +22,14 @@ from diffquant.core.artifacts import atomic_path, write_json
 from diffquant.quantization.backends import backend_of
 from diffquant.core.cpu import decisions, kernel_class, resolve_int4_compute
 from diffquant.core.errors import DiffquantError
+from diffquant.core.recipes import parse_recipes
+from diffquant.export.onnx import export_fp32_onnx, export_onnx
+from diffquant.models.architectures import build
+from diffquant.models.denoisers import denoiser_for, denoiser_of
+from diffquant.models.profiles import profile_of
+from diffquant.quantization.api import quantize_module
+from diffquant.quantization.calibration import calibrate, random_calibration
+from diffquant.runtimes import get_runtime
 
 logger = logging.getLogger(__name__)
 BENCH_VERSION = 4  # 4: the CPU, its decisions and each row's kernel class
@@ -195,7 +203,6 @@ def _dir_mb(path: Path) -> float:
 
 def build_arch(arch: str):
     """The real denoiser architecture named by `arch` (see architectures.py) from its config, random weights."""
-    from diffquant.models.architectures import build
 
     return build(arch)
 
@@ -280,8 +287,6 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     """
     import tempfile
 
-    from diffquant.core.recipes import parse_recipes
-
     for label, value, least in (("iterations", iterations, 1), ("warmup", warmup, 0), ("batch", batch, 1),
                                 ("images", images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -307,7 +312,6 @@ class _Bench:
                  out: Path, chosen: tuple[str, ...], int4_compute: str) -> None:
         from safetensors.torch import save_file
 
-        from diffquant.models.denoisers import denoiser_for, denoiser_of
         from diffquant.models.pipeline import load_pipeline
 
         self.model, self.arch, self.out, self.chosen, self.int4_compute = model, arch, out, chosen, int4_compute
@@ -368,7 +372,6 @@ class _Bench:
 
     def fake_quant(self, label: str, q_module: torch.nn.Module, pipe=None) -> None:
         """A simulated row, timed in this process: the fake-quantized module (and its pipeline, per image)."""
-        from diffquant.models.denoisers import denoiser_for
 
         q_family = denoiser_for(q_module)
         with _PeakRss() as rss, torch.no_grad():
@@ -389,18 +392,15 @@ class _Bench:
         evaluation prompts), its default prompts where it has none, random inputs for an architecture."""
         if not any(r.needs_calibration for r in recipes):
             return None
-        from diffquant.quantization.calibration import calibrate, random_calibration
 
         if self.pipe is None:
             return random_calibration(self.module, 2, self.sequence_length)
-        from diffquant.models.profiles import profile_of
 
         shapes = profile_of(self.pipe).prompt_source == "shapes"
         return calibrate(self.pipe, None if shapes else self.prompts, size=8, timesteps=4)
 
     def _float_denoiser(self):
         """A fresh float pipeline (None for an architecture) and denoiser, as the bench started with."""
-        from diffquant.models.denoisers import denoiser_of
         from diffquant.models.pipeline import load_pipeline
 
         if self.arch:
@@ -412,8 +412,6 @@ class _Bench:
         """Export the float denoiser, then quantize each recipe (timing its fake-quant rows) and export it.
 
         Returns (fp32 file, [(recipe, graph form, weight precision, file, MB)]) of the graphs to measure."""
-        from diffquant.export.onnx import export_fp32_onnx, export_onnx
-        from diffquant.quantization.api import quantize_module
 
         calibration = self._calibration(recipes)
         self.fp32_onnx = export_fp32_onnx(self.module, self.out / "onnx-fp32", inputs=self.inputs)
@@ -485,8 +483,6 @@ class _Bench:
         return profiled
 
     def profile(self, profiled: list[tuple]) -> None:
-        from diffquant.runtimes import get_runtime
-
         for label, runtime, path in profiled:
             self.result.profiles[label], self.result.optimized_ops[label] = get_runtime(runtime).profile(
                 path, self.inputs, self.out / "profile")

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from diffquant.core.results import Quality
+from diffquant.models.shapes.dataset import parse_caption
+from diffquant.models.shapes.shapeeval import evaluate
 
 logger = logging.getLogger(__name__)
 PSNR_IDENTICAL = 100.0  # dB reported for pixel-identical images (true PSNR is infinite, JSON has no inf)
@@ -70,8 +72,6 @@ class Comparison:
 
 
 def are_shapes_captions(prompts: list[str]) -> bool:
-    from diffquant.models.shapes.dataset import parse_caption
-
     try:
         for prompt in prompts:
             parse_caption(prompt)
@@ -82,7 +82,6 @@ def are_shapes_captions(prompts: list[str]) -> bool:
 
 def prompt_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str, float] | None:
     """ShapeEval accuracy when every prompt is a caption of the shapes grammar, else None."""
-    from diffquant.models.shapes.shapeeval import evaluate
 
     return evaluate(images, prompts) if are_shapes_captions(prompts) else None
 

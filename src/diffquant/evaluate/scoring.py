@@ -21,6 +21,7 @@ from PIL import Image
 
 from diffquant.evaluate.metrics import FidelityAccumulator, to_tensor
 from diffquant.core.results import ImageSetScores, Quality
+from diffquant.core.errors import DiffquantError
 
 logger = logging.getLogger(__name__)
 CHUNK = 64  # images read from disk at a time
@@ -44,7 +45,6 @@ def chunks(paths: list[Path], size: int = CHUNK) -> Iterator[tuple[int, list[Ima
 
 def reference_images(folder: str | Path) -> list[Path]:
     """The image files of a folder of real images, sorted by name."""
-    from diffquant.core.errors import DiffquantError
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():

@@ -22,6 +22,7 @@ from diffquant.core.progress import progress
 from diffquant.quantization.api import layer_report, quantize
 from diffquant.core.recipes import Recipe, get_recipe
 from diffquant.core.record import record_of
+from diffquant.core.artifacts import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ class SensitivityResult:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from diffquant.core.artifacts import atomic_path
 
         shown = self.ranking[:top][::-1]
         fig, ax = plt.subplots(figsize=(8, 0.3 * len(shown) + 1.2))

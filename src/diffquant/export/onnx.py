@@ -17,6 +17,9 @@ import torch
 from diffquant.core.artifacts import atomic_dir
 from diffquant.models.denoisers import Denoiser, denoiser_for, denoiser_of
 from diffquant.core.errors import DiffquantError
+from diffquant.core.cpu import resolve_int4_compute
+from diffquant.quantization.backends import backend_of
+from diffquant.runtimes.onnxruntime import OnnxRuntime, fuse_attention, prepare_for_ort_fusion, run_onnx as run
 
 logger = logging.getLogger(__name__)
 # ORT and Quark's torch fake-quant disagree by about one int8 step on a few values: Quark's symmetric
@@ -35,7 +38,6 @@ INT4_COMPUTE = {"float": 0, "int8": 4}
 
 def relative_error_bound(module: torch.nn.Module) -> float:
     """The ORT-vs-torch bound for this quantized denoiser: looser when layer outputs are quantized too."""
-    from diffquant.quantization.backends import backend_of
 
     return MAX_RELATIVE_ERROR_WITH_OUTPUTS if backend_of(module).quantizes_outputs(module) else MAX_RELATIVE_ERROR
 
@@ -140,8 +142,6 @@ def _fuse_attention_in_file(path: Path) -> int:
     the weights of a large model stay in their external data files, untouched and never in memory."""
     import onnx
 
-    from diffquant.runtimes.onnxruntime import fuse_attention
-
     model = onnx.load(str(path), load_external_data=False)
     fused = fuse_attention(model)
     if fused:
@@ -198,10 +198,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
     """
     import onnx
 
-    from diffquant.core.cpu import resolve_int4_compute
     from diffquant.passes.graph import own_quantization_constants, save_model
-    from diffquant.quantization.backends import backend_of
-    from diffquant.runtimes.onnxruntime import OnnxRuntime, prepare_for_ort_fusion
 
     if int4_compute is not None and int4_compute not in (*INT4_COMPUTE, "auto"):
         raise DiffquantError(f"unknown int4 compute {int4_compute!r}: use {', '.join(INT4_COMPUTE)} or auto")
@@ -303,8 +300,6 @@ def missing_activation_quantizers(model, module: torch.nn.Module) -> list[str]:
     while torch quantizes them. Matched by scale value (each calibrated scale is its own float)."""
     from onnx import numpy_helper
 
-    from diffquant.quantization.backends import backend_of
-
     activation_scales = backend_of(module).activation_scales
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -317,6 +312,5 @@ def missing_activation_quantizers(model, module: torch.nn.Module) -> list[str]:
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> np.ndarray:
     """Run an exported denoiser in ONNX Runtime on flat torch inputs; returns the output as float32 numpy."""
-    from diffquant.runtimes.onnxruntime import run_onnx as run
 
     return run(path, inputs, providers)

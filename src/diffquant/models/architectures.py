@@ -4,6 +4,7 @@ without downloads. Quality numbers need real weights; these measure only size an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from diffquant.core.errors import DiffquantError
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (860M parameters, 64x64 latents).
 SD15_UNET = {
@@ -76,8 +77,6 @@ def build(arch: str):
     """The named architecture with random weights (seeded), in eval mode."""
     import diffusers
     import torch
-
-    from diffquant.core.errors import DiffquantError
 
     if arch not in ARCHITECTURES:
         raise DiffquantError(f"unknown --arch {arch!r}: choose from {', '.join(ARCHITECTURES)}")

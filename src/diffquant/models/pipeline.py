@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diffquant.core.errors import DiffquantError
+from diffquant.core.progress import is_quiet
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,6 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
     from diffusers import DiffusionPipeline
 
     from diffquant.models.profiles import class_profile, embedded_profile
-    from diffquant.core.progress import is_quiet
 
     torch_device = resolve_device(device)
     name = str(_embedded(model))

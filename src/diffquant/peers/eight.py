@@ -41,6 +41,13 @@ from diffquant.core.record import record_of
 from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, peer_for, register
 from diffquant.peers.options import DEFAULT_4BIT_METHODS, DEFAULT_METHODS, add_arguments
 from diffquant.peers.four import checked_copy, quanto_w4, quark_storage, torch_storage
+from diffquant.core.artifacts import write_json, write_text
+from diffquant.core.recipes import get_recipe
+from diffquant.evaluate.metrics import compare
+from diffquant.models.denoisers import denoiser_of
+from diffquant.models.generation import default_settings, generate
+from diffquant.models.profiles import profile_of
+from diffquant.quantization.calibration import CALIBRATION_SEED
 
 logger = logging.getLogger(__name__)
 # The module names ModelOpt's diffusers example keeps in float (its filter_func_default).
@@ -95,8 +102,6 @@ def _modelopt_config(kind: str):
 def _check_identical(peer, baseline, prompts, settings, exact: bool = True) -> str:
     """Stop unless `peer` (a peer's float pipeline) reproduces the baseline's first batch pixel for pixel;
     with `exact=False` (another runtime) say how close it comes instead."""
-    from diffquant.models.generation import generate
-    from diffquant.evaluate.metrics import compare
 
     batch = settings["batch_size"]
     images = generate(peer, prompts[:batch], desc="fp32 check", **settings)
@@ -118,14 +123,10 @@ class DiffquantPeer(Peer):
     libraries = ("diffquant", "diffquant-all")
 
     def parse(self, kind: str) -> tuple[str, int | None]:
-        from diffquant.core.recipes import get_recipe
-
         return get_recipe(kind).name if not kind.endswith(".json") else kind, None
 
     def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
         from diffquant import calibrate, layer_report, quantize
-        from diffquant.core.recipes import get_recipe
-        from diffquant.models.denoisers import denoiser_of
 
         recipe = get_recipe(kind)
         calibration = None
@@ -192,8 +193,6 @@ class QuantoPeer(Peer):
 
 
 def _forward_loop(run: PeerRun, peer, label: str):
-    from diffquant.models.generation import generate
-
     def forward_loop(_=None):
         generate(peer, run.calib_prompts, desc=f"calibrate {label}", **run.calib_settings)
 
@@ -216,10 +215,6 @@ def run_peers(model: str | None = None, methods: tuple[str, ...] = DEFAULT_METHO
 
 def _run(model, methods, n, calib_size, steps, guidance, seed, calib_timesteps, on_row, work_dir: Path) -> dict:
     from diffquant import compare, default_prompts, generate, load_pipeline
-    from diffquant.models.denoisers import denoiser_of
-    from diffquant.models.generation import default_settings
-    from diffquant.models.profiles import profile_of
-    from diffquant.quantization.calibration import CALIBRATION_SEED
 
     pipe = load_pipeline(model, device="cpu")
     defaults = default_settings(pipe, seed)
@@ -309,7 +304,6 @@ def table(result: dict) -> str:
 def run_from_args(args) -> dict:
     """Run the comparison an `add_arguments` parser asked for, writing peers.json and peers.md after each
     method (a long run keeps what it measured); returns the result and prints its table."""
-    from diffquant.core.artifacts import write_json, write_text
 
     def write(result: dict) -> None:
         write_json(args.out / "peers.json", result)

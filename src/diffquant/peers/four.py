@@ -33,6 +33,11 @@ import torch
 
 from diffquant.core.errors import DiffquantError
 from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, Storage, register
+from diffquant.export.onnx import export_fp32_onnx
+from diffquant.models.denoisers import denoiser_of
+from diffquant.quantization.backends import backend_of
+from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
+from diffquant.runtimes import get_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,6 @@ def torch_storage(module: torch.nn.Module) -> Storage:
 
 def quark_storage(module: torch.nn.Module) -> Storage:
     """What a diffquant quantized denoiser stores, as its backend packs each quantized layer."""
-    from diffquant.quantization.backends import backend_of
 
     stored = backend_of(module).storage(module)
     return Storage(stored.quantized_weights, stored.quantized_bytes, stored.total_bytes)
@@ -199,8 +203,6 @@ def gguf_load(pipe, path: Path) -> torch.nn.Module:
     """The pipeline's denoiser class loaded from a GGUF file by diffusers' single-file loader."""
     from diffusers import GGUFQuantizationConfig
 
-    from diffquant.models.denoisers import denoiser_of
-
     family = denoiser_of(pipe)
     return type(family.module).from_single_file(
         str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
@@ -212,11 +214,6 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     `out_dir`. Returns (OpenVINO pipeline, int4 layers, storage, notes, the fp32 ONNX file)."""
     import nncf
     import openvino as ov
-
-    from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
-    from diffquant.models.denoisers import denoiser_of
-    from diffquant.export.onnx import export_fp32_onnx
-    from diffquant.runtimes import get_runtime
 
     family = denoiser_of(pipe)
     # Traced at the text length the pipeline really feeds its denoiser, read from one captured call (CLIP's
@@ -332,7 +329,6 @@ class GgufPeer(Peer):
     required_packages = ("gguf",)
 
     def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
-        from diffquant.models.denoisers import denoiser_of
         from diffquant.quantization.api import with_denoiser
 
         gguf_type(kind)
@@ -358,9 +354,6 @@ class NncfPeer(Peer):
     group_size = 128
 
     def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
-        from diffquant.models.denoisers import denoiser_of
-        from diffquant.runtimes import get_runtime
-
         peer, layers, storage, notes, onnx_file = nncf_int4(run.pipe, group, run.work_dir / f"nncf-{kind}-g{group}")
         try:
             fidelity = run.check(get_runtime("openvino").pipeline(run.pipe, onnx_file, torch.get_num_threads()),
@@ -373,7 +366,6 @@ class NncfPeer(Peer):
 
 def checked_copy(run: PeerRun):
     """A pipeline with its own copy of the denoiser, checked to reproduce the fp32 images; (pipeline, module)."""
-    from diffquant.models.denoisers import denoiser_of
     from diffquant.quantization.api import with_denoiser
 
     family = denoiser_of(run.pipe)

@@ -16,6 +16,9 @@ from diffquant.models.denoisers import DENOISERS, denoiser_for, denoiser_of
 from diffquant.core.errors import DiffquantError
 from diffquant.core.recipes import Recipe, get_recipe
 from diffquant.core.record import note, record_of
+from diffquant.core.artifacts import atomic_dir, write_json
+from diffquant.core.recipes import recipe_from_dict
+from diffquant.models.profiles import profile_of
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +130,6 @@ def quantize(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
         A pipeline of the same class whose denoiser is the quantized copy; its denoiser's
         record (`diffquant.core.record.record_of`) says why layers were kept in float ("" when none were by the profile).
     """
-    from diffquant.models.profiles import profile_of
 
     family = denoiser_of(pipe)
     recipe = get_recipe(recipe)
@@ -161,8 +163,6 @@ def save_quantized(quantized_pipe, out_dir: str | Path, model: str | None = None
     """
     from safetensors.torch import save_file
 
-    from diffquant.core.artifacts import atomic_dir, write_json
-
     family = denoiser_of(quantized_pipe)
     module = family.module
     recipe = record_of(module).recipe
@@ -181,8 +181,6 @@ def save_quantized(quantized_pipe, out_dir: str | Path, model: str | None = None
 def _read_artifact(path: Path) -> tuple[dict, Recipe]:
     """The checked contents of `path`/diffquant_quantized.json and its recipe."""
     import json
-
-    from diffquant.core.recipes import recipe_from_dict
 
     meta_file = path / ARTIFACT_FILE
     if not meta_file.is_file():

@@ -24,6 +24,8 @@ import torch
 from diffquant.models.denoisers import Denoiser, denoiser_for, denoiser_of
 from diffquant.core.errors import DiffquantError
 from diffquant.models.generation import default_settings, generate
+from diffquant.core.config import as_prompt_list, check_settings
+from diffquant.models.profiles import profile_of
 
 logger = logging.getLogger(__name__)
 MEMORY_LIMIT_BYTES = 2 * 2**30  # captures beyond this are spilled to a temporary folder
@@ -239,8 +241,6 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
     Returns:
         A `CalibrationSet`; its `description` says where the data came from.
     """
-    from diffquant.core.config import as_prompt_list, check_settings
-    from diffquant.models.profiles import profile_of
     from diffquant.quantization.prompt_sources import load_prompts
 
     check_settings(steps, guidance)

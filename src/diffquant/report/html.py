@@ -12,6 +12,8 @@ from pathlib import Path
 
 from diffquant.core.artifacts import write_json, write_text
 from diffquant.core.results import Quality, RunResult
+from diffquant.core.cpu import decisions
+from diffquant.runtimes import get_runtime
 
 _PACKAGES = ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "onnx", "onnxruntime", "torchmetrics")
 
@@ -19,7 +21,6 @@ _PACKAGES = ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "on
 def versions() -> dict[str, str]:
     """Versions of Python and the packages a result depends on, the CPU its times were measured on, and
     whether ONNX Runtime computed int8 products exactly there (`diffquant.core.cpu`)."""
-    from diffquant.core.cpu import decisions
 
     decided = decisions()
     found = {"python": platform.python_version(), "cpu": decided.cpu.describe(),
@@ -62,7 +63,6 @@ _ADHERENCE_LABELS = {"background": "background", "color": "colour", "shape": "sh
 
 def runtime_name(results: RunResult) -> str:
     """Short name of the runtime that ran the exported denoiser ("ORT" or "OpenVINO")."""
-    from diffquant.runtimes import get_runtime
 
     return get_runtime(results.config.get("runtime", "onnxruntime")).short_name
 

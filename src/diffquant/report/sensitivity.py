@@ -8,6 +8,10 @@ from pathlib import Path
 from diffquant.core.errors import DiffquantError
 from diffquant.core.recipes import Recipe, get_recipe
 from diffquant.evaluate.sensitivity import SensitivityResult, analyze_sensitivity
+from diffquant.core.artifacts import write_json
+from diffquant.core.config import check_settings
+from diffquant.models.generation import default_settings
+from diffquant.quantization.calibration import calibrate_for_run
 
 
 def sensitivity_report(config, recipe: str | Recipe, out: Path, unit: str = "layer", steps: int | None = None,
@@ -18,10 +22,6 @@ def sensitivity_report(config, recipe: str | Recipe, out: Path, unit: str = "lay
     `keep_float` or `target_sqnr_db` is given) into `out`.
 
     Returns (the ranking, the mixed recipe or None)."""
-    from diffquant.core.artifacts import write_json
-    from diffquant.quantization.calibration import calibrate_for_run
-    from diffquant.core.config import check_settings
-    from diffquant.models.generation import default_settings
     from diffquant.models.pipeline import load_pipeline
     from diffquant.report.html import write_table_report
 

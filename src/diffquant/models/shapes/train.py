@@ -24,6 +24,7 @@ from diffquant.core.progress import progress
 from diffquant.models.shapes import dataset
 from diffquant.models.shapes.shapeeval import evaluate
 from diffquant.models.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, build_components, scheduler_config, write_tokenizer
+from diffquant.core.artifacts import atomic_dir
 
 logger = logging.getLogger(__name__)
 CAPTION_DROPOUT = 0.1  # empty caption 10% of the time, for classifier-free guidance
@@ -183,8 +184,6 @@ def train(out: Path, vae_steps: int = 1000, unet_steps: int = 7000, batch_size: 
     While training, the VAE and every `checkpoint_every` UNet steps a complete pipeline (EMA weights)
     are saved under `<out>-checkpoints/`, so an interrupted run keeps what it finished."""
     from diffusers import DDPMScheduler
-
-    from diffquant.core.artifacts import atomic_dir
 
     torch.manual_seed(seed)
     out = Path(out)

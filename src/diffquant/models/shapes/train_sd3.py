@@ -26,6 +26,7 @@ from diffquant.models.shapes.model import WEIGHTS_DIR, write_tokenizer
 from diffquant.models.shapes.model_sd3 import (SD3_DEFAULT_GUIDANCE, SD3_DEFAULT_STEPS, SD3_MAX_SEQUENCE_LENGTH, build_sd3_components,
                         sd3_scheduler_config, write_t5_tokenizer)
 from diffquant.models.shapes.train import AUX_WEIGHT, CAPTION_DROPOUT, TRAIN_P_POSITION, _cosine_lr, attribute_heads, attribute_loss
+from diffquant.core.artifacts import atomic_dir
 
 logger = logging.getLogger(__name__)
 DATA_SEED_STRIDE = 1_000_000  # batch seeds of run seed s: s * stride + step
@@ -122,8 +123,6 @@ def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, qui
     `init_from`: a shapes-sd3 folder whose transformer and text encoders training continues from (fresh
     attribute heads, optimizer and learning-rate schedule)."""
     from diffusers import AutoencoderKL
-
-    from diffquant.core.artifacts import atomic_dir
 
     torch.manual_seed(seed)
     out = Path(out)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from diffquant.core.errors import DiffquantError
+from diffquant.core.cpu import decisions
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # On x86 CPUs, ONNX Runtime's int8 MatMul/Conv kernels multiply u8 activations by s8 weights. Without
@@ -24,7 +25,6 @@ EXACT_INT8_PRODUCTS = "session.x64quantprecision"
 
 def int8_products_saturate() -> bool:
     """True when ONNX Runtime sessions compute int8 products exactly (u8 x u8): `cpu.decisions()`."""
-    from diffquant.core.cpu import decisions
 
     return decisions().exact_int8
 

@@ -25,6 +25,7 @@ import torch
 from diffquant.core.errors import DiffquantError
 from diffquant.passes.graph import drop_unused_initializers
 from diffquant.quantization.backends.quark import fourbit, internals
+from diffquant.core.recipes import MXFP4
 
 logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
@@ -65,7 +66,6 @@ def int4_linears(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def check_recipes_exportable(recipes) -> None:
     """The same refusal as `check_exportable`, from the recipes alone: a run stops before any slow work."""
-    from diffquant.core.recipes import MXFP4
 
     mx = [r.name for r in recipes if r.weight.dtype == MXFP4]
     if mx:
