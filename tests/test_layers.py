@@ -27,7 +27,7 @@ def _copy(tmp_path: Path) -> Path:
 def test_the_package_keeps_its_contracts(tmp_path):
     result = _lint(_copy(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
 
 
 def test_an_upward_import_breaks_the_layers(tmp_path):
@@ -46,3 +46,12 @@ def test_quark_outside_its_backend_breaks_a_contract(tmp_path):
     result = _lint(root)
     assert result.returncode == 1
     assert "diffquant.passes is not allowed to import quark" in result.stdout
+
+
+def test_reaching_into_the_quark_backend_breaks_a_contract(tmp_path):
+    root = _copy(tmp_path)
+    bench = root / "src" / "diffquant" / "bench" / "runner.py"
+    bench.write_text(bench.read_text() + "\n\ndef _leak():\n    from diffquant.quantization.backends.quark import internals  # noqa\n")
+    result = _lint(root)
+    assert result.returncode == 1
+    assert "diffquant.bench is not allowed to import diffquant.quantization.backends.quark" in result.stdout
