@@ -102,6 +102,7 @@ def _fake_benchmark(out, **kwargs):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["generate", "quantize", "export", "compare", "sensitivity", "bench"])
 def test_no_command_writes_into_a_non_empty_out(command, tmp_path, tiny_sd_dir, quantized_dir, generated_dirs,
                                                 monkeypatch):
@@ -475,6 +476,7 @@ def test_a_read_only_out_is_one_line_before_any_work(tmp_path, tiny_sd_dir):
     assert len(err.splitlines()) == 1 and "Read-only file system" in err and "pass a writable --out" in err, err
 
 
+@pytest.mark.slow
 def test_a_full_disk_says_so_without_quark_advice(tmp_path, quantized_dir):
     result = _in_own_mount(tmp_path, "size=64k", ["export", str(quantized_dir), "--out", str(tmp_path / "mnt" / "x")])
     assert result.returncode == 2, result.stderr
@@ -486,6 +488,7 @@ def test_a_full_disk_says_so_without_quark_advice(tmp_path, quantized_dir):
 
 # ---- faults ----
 
+@pytest.mark.slow
 def test_sigterm_cleans_up_and_keeps_what_finished(tmp_path):
     """The original finding: SIGTERM during the ONNX export left a 13 MB hidden folder and no message."""
     out = tmp_path / "out"

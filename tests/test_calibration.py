@@ -11,6 +11,8 @@ from diffquant.models.denoisers.flux import FluxDenoiser
 from diffquant.core.errors import DiffquantError
 from diffquant.evaluate.metrics import sqnr_db
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 
 def test_kept_timesteps_are_spread_over_the_trajectory():
     assert kept_step_indices(10, None) == list(range(10))

@@ -12,6 +12,8 @@ from PIL import Image
 
 from diffquant.cli.main import main
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory):

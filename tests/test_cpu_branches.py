@@ -19,6 +19,8 @@ from diffquant.export.onnx import missing_activation_quantizers
 from diffquant.core.recipes import RECIPES
 from diffquant.runtimes.onnxruntime import OnnxRuntime
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 
 def _exportable(name: str) -> bool:
     try:

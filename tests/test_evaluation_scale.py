@@ -18,6 +18,8 @@ from PIL import Image
 
 from conftest import TOKENIZER
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 PROMPTS = ["a red circle on a white background", "a small blue square on the left on a black background",
            "a green triangle at the top on a yellow background", "a large purple circle on a white background",
            "an orange square in the center on a blue background", "a white triangle on a red background",

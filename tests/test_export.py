@@ -9,6 +9,8 @@ import torch
 from diffquant import export_onnx, quantize
 from diffquant.export.onnx import MAX_RELATIVE_ERROR, example_inputs, run_onnx
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 
 def test_int8_export_stores_int8_weights_and_runs_any_batch_in_ort(tiny_sd, tiny_int8_w_export):
     quantized, result = tiny_int8_w_export

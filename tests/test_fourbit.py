@@ -20,6 +20,8 @@ from diffquant.evaluate.metrics import sqnr_db
 from diffquant.core.recipes import PerChannel, PerGroup, Recipe, TensorQuant
 from diffquant.core.record import record_of
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 # The tiny UNet's Linears are 8, 16 or 32 wide: group 16 takes all but the 8-wide time_embedding.linear_1.
 INT4_G16 = Recipe("int4-w-g16", TensorQuant("int4", PerGroup(16)))
 CONV8_G16 = Recipe("int4-w-conv8-g16", TensorQuant("int4", PerGroup(16)), fallback=TensorQuant("int8", PerChannel()))

@@ -10,6 +10,8 @@ import torch
 from diffquant.export.onnx import example_inputs, export_fp32_onnx
 from diffquant.runtimes.onnxruntime import OnnxRuntime, fuse_attention, ort_pipeline
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 
 def _attention_count(unet: torch.nn.Module) -> int:
     from diffusers.models.attention_processor import Attention

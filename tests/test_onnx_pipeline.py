@@ -17,6 +17,8 @@ from diffquant import compare, export_onnx, export_pipeline, generate, quantize
 from diffquant.core.errors import DiffquantError
 from diffquant.export.onnx import MAX_RELATIVE_ERROR, example_inputs
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 pytest.importorskip("optimum.onnxruntime", reason="the deploy extra: pip install -e '.[deploy]'")
 
 STEPS, GUIDANCE, SEED = 4, 4.0, 1024

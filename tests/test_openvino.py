@@ -8,6 +8,8 @@ from diffquant.core.errors import DiffquantError
 from diffquant.export.onnx import example_inputs
 from diffquant.runtimes import get_runtime
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 
 @pytest.fixture(scope="module")
 def openvino_runtime():

@@ -12,6 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from diffquant.runtimes.onnxruntime import prepare_for_ort_fusion
 from diffquant.runtimes.onnxruntime import session_options
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 RNG = np.random.default_rng(0)
 
 

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 
 def test_peers_compare_on_identical_fp32_images(tiny_sd_dir, tmp_path):
     pytest.importorskip("modelopt.torch.quantization", reason="the [peers] extra (nvidia-modelopt) is not installed")

@@ -15,6 +15,8 @@ from diffquant.export.onnx import export_fp32_onnx
 from diffquant.evaluate.metrics import compare
 from diffquant.runtimes.onnxruntime import ort_pipeline
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 PROMPTS = ["a red circle on a blue background", "a small green square on the left on a white background"]
 
 
@@ -165,7 +167,7 @@ def test_bench_runtime_filter_runs_only_those_rows(tiny_sd, tmp_path, monkeypatc
                         architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
     with pytest.raises(DiffquantError, match="unknown runtime\\(s\\) tensorrt: choose from torch, onnxruntime"):
         benchmark(arch="tiny", recipe="int8-w", runtimes="onnxruntime,tensorrt", out=tmp_path / "bad")
-    with pytest.raises(DiffquantError, match="different recipes"):
+    with pytest.raises(DiffquantError, match="recipe listed twice"):  # the one parser of recipe lists
         benchmark(arch="tiny", recipe="int8-w,int8-w", out=tmp_path / "twice")
     # Two recipes side by side; a 4-bit recipe's row says what its graph runs: MatMulNBits, int4.
     result = benchmark(arch="tiny", recipe="int8-w,int4-w", iterations=1, warmup=0, out=tmp_path / "ort",

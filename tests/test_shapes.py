@@ -96,6 +96,7 @@ def test_shipped_model_loads_offline_with_plain_diffusers():
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
 
 
+@pytest.mark.slow
 def test_trained_model_follows_prompts_where_random_weights_do_not(shapes_pipe):
     """The shipped model follows colour, shape and position words where a random-weight model of the same
     architecture does not (measured on these 24 captions at 10 steps: colours 100% vs 12%, shape class
@@ -134,6 +135,7 @@ def test_shipped_sd3_loads_offline_with_plain_diffusers():
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
 
 
+@pytest.mark.slow
 def test_trained_sd3_follows_prompts_where_random_weights_do_not():
     """shapes-sd3 follows colour, position and size words where a random-weight MMDiT of the same
     architecture does not (measured on these 24 captions at 10 steps: background 100% vs 8%, colour 92% vs

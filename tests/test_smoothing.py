@@ -4,6 +4,7 @@ Runtime within the usual bound."""
 
 import copy
 
+import pytest
 import torch
 
 from diffquant.evaluate.metrics import sqnr_db
@@ -11,6 +12,8 @@ from diffquant.quantization.api import quantize_module
 from diffquant.core.recipes import get_recipe, recipe_from_dict
 from diffquant.quantization.smoothing import fold_groups, smooth
 from diffquant.core.record import record_of
+
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
 
 
 def _outputs(unet, items) -> torch.Tensor:

@@ -17,6 +17,8 @@ from diffquant.evaluate.metrics import sqnr_db
 from diffquant.core.recipes import INT4, RECIPES, PerGroup, Recipe, SVDQuant, TensorQuant, get_recipe, recipe_from_dict
 from diffquant.core.record import record_of
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 GROUP, RANK = 16, 4  # the tiny UNet's Linears are 8, 16 or 32 wide: group 16 takes all but the 8-wide one
 NAMES = ("int4-w-gptq", "svdquant-w4a16", "svdquant-w4a4")
 HELD_OUT = ["a white star on a black background", "a large yellow circle on the right"]
@@ -220,7 +222,6 @@ def test_a_transformer_takes_svdquant_on_every_linear_and_reloads_identically(ti
     monkeypatch.setattr(svdquant, "apply_svdquant", None)
     reloaded = load_quantized(tmp_path / "q", device="cpu")
     assert torch.equal(_outputs(quantized.transformer, calibration), _outputs(reloaded.transformer, calibration))
-
 
 
 def test_sensitivity_of_a_gptq_recipe_measures_each_layer_alone(tiny_sd, tiny_calibration, tiny_svdquant):

@@ -13,6 +13,8 @@ from diffquant.core.errors import DiffquantError
 from diffquant.export.onnx import MAX_RELATIVE_ERROR
 from diffquant.runtimes.onnxruntime import ort_pipeline
 
+pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
+
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "QLinearConv")
 
 

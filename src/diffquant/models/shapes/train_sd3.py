@@ -30,6 +30,8 @@ from diffquant.core.artifacts import atomic_dir
 
 logger = logging.getLogger(__name__)
 DATA_SEED_STRIDE = 1_000_000  # batch seeds of run seed s: s * stride + step
+
+
 def sd3_pipeline(vae, transformer, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_3):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
