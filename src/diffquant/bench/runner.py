@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffquant.bench import row as bench_row
+from diffquant.report.tables import markdown
 from diffquant.core.artifacts import atomic_path, write_json
 from diffquant.quantization.backends import backend_of
 from diffquant.core.cpu import decisions, kernel_class, resolve_int4_compute
@@ -100,13 +101,12 @@ class BenchResult:
         versions = ", ".join(f"{k} {v}" for k, v in self.measured.get("versions", {}).items())
         lines = [f"{self.model}, batch {self.batch}, latent {self.latent}, {self.iterations} timed calls per row; "
                  f"**{self.cpu}**, {self.threads_note()}; measured {self.measured.get('date', '?')} with {versions}",
-                 "", "| configuration | ran | kernels | call, median | p90 | vs first row | peak RSS | size |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in self.rows:
-            name = r.name + (" (simulated)" if r.simulated else "")
-            lines.append(f"| {name} | {r.runtime} {r.runtime_precision} | {r.kernels} | {r.call_ms_median:,.1f} ms | "
-                         f"{r.call_ms_p90:,.1f} ms | {r.speedup:.2f}x | {r.peak_rss_mb:,.0f} MB | "
-                         f"{r.artifact_mb:,.1f} MB ({r.size_ratio:.0%}) |")
+                 ""]
+        rows = [[r.name + (" (simulated)" if r.simulated else ""), f"{r.runtime} {r.runtime_precision}", r.kernels,
+                 f"{r.call_ms_median:,.1f} ms", f"{r.call_ms_p90:,.1f} ms", f"{r.speedup:.2f}x", f"{r.peak_rss_mb:,.0f} MB",
+                 f"{r.artifact_mb:,.1f} MB ({r.size_ratio:.0%})"] for r in self.rows]
+        lines.append(markdown(["configuration", "ran", "kernels", "call, median", "p90", "vs first row", "peak RSS",
+                               "size"], rows))
         return "\n".join(lines + [""] + [f"- {n}" for n in self.profile_lines() + self.notes])
 
     def table(self) -> str:

@@ -38,6 +38,7 @@ import torch
 
 from diffquant.core.errors import DiffquantError
 from diffquant.core.record import record_of
+from diffquant.report.tables import markdown
 from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, peer_for, register
 from diffquant.peers.options import DEFAULT_4BIT_METHODS, DEFAULT_METHODS, add_arguments
 from diffquant.peers.four import checked_copy, quanto_w4, quark_storage, torch_storage
@@ -281,17 +282,17 @@ def table(result: dict) -> str:
     attributes = sorted({k for r in result["rows"] for k in (r["shapeeval"] or {}) if not k.startswith("n_")})
     head = ["method", "layers quantized", "bits/weight", "bytes", "PSNR mean", "p10", "worst", "SSIM", *attributes,
             "agree with fp32", "s/image"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in result["rows"]:
         shape = r["shapeeval"] or {}
         size = r.get("bytes")
         share = f" ({size / fp32_bytes:.0%})" if size is not None and fp32_bytes else ""
-        cells = [f"`{r['method']}`", str(r["layers_quantized"]), number(r.get("bits_per_weight"), ".2f"),
-                 "-" if size is None else f"{size / 1e6:.2f} MB{share}", number(r["psnr_mean_db"], ".2f", " dB"),
-                 number(r["psnr_p10_db"], ".2f"), number(r["psnr_worst_db"], ".2f"), number(r["ssim"], ".4f"),
-                 *[f"{shape[a]:.1%}" if isinstance(shape.get(a), float) else "-" for a in attributes],
-                 number(r["agreement_with_fp32"], ".1%"), number(r.get("seconds_per_image"), ".2f")]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([f"`{r['method']}`", str(r["layers_quantized"]), number(r.get("bits_per_weight"), ".2f"),
+                     "-" if size is None else f"{size / 1e6:.2f} MB{share}", number(r["psnr_mean_db"], ".2f", " dB"),
+                     number(r["psnr_p10_db"], ".2f"), number(r["psnr_worst_db"], ".2f"), number(r["ssim"], ".4f"),
+                     *[f"{shape[a]:.1%}" if isinstance(shape.get(a), float) else "-" for a in attributes],
+                     number(r["agreement_with_fp32"], ".1%"), number(r.get("seconds_per_image"), ".2f")])
+    lines = [markdown(head, rows)]
     if fp32_bytes:
         per_image = result.get("fp32_seconds_per_image")
         lines.append(f"\nfp32 denoiser: {fp32_bytes / 1e6:.2f} MB" + (f", {per_image:.2f} s/image" if per_image else "")
