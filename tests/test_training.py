@@ -24,6 +24,9 @@ def test_a_short_training_writes_a_pipeline_that_loads_and_checkpoints(tmp_path)
     assert (out / "training_log.csv").read_text().count("\nunet,") == 3
     assert (tmp_path / "model-checkpoints" / "step-2" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    from diffquant.models.profiles import SHAPES_SD, profile_of
+
+    assert profile_of(pipe) is SHAPES_SD  # read with shapes-sd's steps and guidance, not SD 1.x's
 
 
 def test_an_interrupted_training_leaves_no_output_folder(tmp_path, monkeypatch):
@@ -51,6 +54,13 @@ def test_shapes_sd3_training_continues_from_a_trained_folder(tmp_path):
         before, after = load_file(first / part), load_file(second / part)
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert f"--init-from {first}" in (second / "README.md").read_text()
+    # A retrained folder is read with shapes-sd3's profile (25 steps, its guidance, T5 length 16), not SD3's.
+    from diffquant.models.profiles import SHAPES_SD3, profile_of
+    from diffquant.models.pipeline import load_pipeline
+
+    assert profile_of(load_pipeline(str(second), device="cpu")) is SHAPES_SD3
+    (second / "diffquant_profile.json").write_text('{"profile": "sd3"}')  # only a shapes model's marker counts
+    assert profile_of(load_pipeline(str(second), device="cpu")).name == "sd3"
     with pytest.raises(SystemExit, match="not a shapes-sd3 folder"):
         train_sd3.train(tmp_path / "third", steps=1, batch_size=2, num_layers=1, init_from=tmp_path / "nothing",
                         quiet=True)

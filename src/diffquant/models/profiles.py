@@ -9,6 +9,8 @@ The numbers of real models are those of their model cards (the diffusers example
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,7 +230,24 @@ def embedded_profile(path: str | Path | None) -> ModelProfile | None:
     for name, folder in embedded_models().items():
         if resolved == folder.resolve():
             return PROFILES[name]
-    return None
+    return trained_profile(resolved)
+
+
+def trained_profile(folder: Path) -> ModelProfile | None:
+    """The profile a shapes trainer wrote into `folder` (a model retrained with `train` / `train_sd3` gets
+    its model's steps, guidance and text length), or None."""
+    from diffquant.models.shapes.model import PROFILE_FILE
+
+    marker = folder / PROFILE_FILE
+    if not marker.is_file():
+        return None
+    try:
+        name = json.loads(marker.read_text()).get("profile")
+    except (OSError, ValueError, AttributeError):
+        return None
+    profile = PROFILES.get(name)
+    return profile if profile is not None and profile.prompt_source == "shapes" else None
+
 
 
 def class_profile(pipeline_class: str, denoiser_config: Mapping | None = None) -> ModelProfile:

@@ -94,3 +94,13 @@ def scheduler_config() -> dict:
         prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
+
+
+# Written by the trainers beside model_index.json: a retrained folder is read with its model's profile (steps,
+# guidance, text length; `diffquant.models.profiles.trained_profile`).
+PROFILE_FILE = "diffquant_profile.json"
+
+
+def write_profile_marker(folder: Path, name: str) -> None:
+    """Mark a folder a shapes trainer wrote as model `name` ("shapes-sd" or "shapes-sd3")."""
+    (Path(folder) / PROFILE_FILE).write_text(json.dumps({"profile": name}) + "\n")

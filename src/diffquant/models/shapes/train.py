@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from diffquant.core.progress import progress
 from diffquant.models.shapes import dataset
 from diffquant.models.shapes.shapeeval import evaluate
-from diffquant.models.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, build_components, scheduler_config, write_tokenizer
+from diffquant.models.shapes.model import (DEFAULT_GUIDANCE, DEFAULT_STEPS, build_components, scheduler_config,
+                                           write_profile_marker, write_tokenizer)
 from diffquant.core.artifacts import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ def train(out: Path, vae_steps: int = 1000, unet_steps: int = 7000, batch_size: 
                 f.flush()
                 with atomic_dir(checkpoints / f"step-{step}") as tmp:
                     _pipeline(vae, unet, text_encoder, tokenizer).save_pretrained(tmp, safe_serialization=True)
+                    write_profile_marker(tmp, "shapes-sd")
                 logger.info("step %d after %.1f min: checkpoint in %s", step, (time.perf_counter() - started) / 60,
                             checkpoints / f"step-{step}")
 
@@ -224,6 +226,7 @@ def train(out: Path, vae_steps: int = 1000, unet_steps: int = 7000, batch_size: 
                        aux_weight=aux_weight)
         minutes = (time.perf_counter() - started) / 60
         _pipeline(vae, unet, text_encoder, tokenizer).save_pretrained(work, safe_serialization=True)
+        write_profile_marker(work, "shapes-sd")
         (work / "README.md").write_text(
             f"# shapes-sd\n\nTrained by `python -m diffquant.models.shapes.train --vae-steps {vae_steps} "
             f"--unet-steps {unet_steps} --batch-size {batch_size} --aux-weight {aux_weight} --seed {seed}`"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from diffquant.core.progress import progress
 from diffquant.models.shapes import dataset
-from diffquant.models.shapes.model import WEIGHTS_DIR, write_tokenizer
+from diffquant.models.shapes.model import WEIGHTS_DIR, write_profile_marker, write_tokenizer
 from diffquant.models.shapes.model_sd3 import (SD3_DEFAULT_GUIDANCE, SD3_DEFAULT_STEPS, SD3_MAX_SEQUENCE_LENGTH, build_sd3_components,
                         sd3_scheduler_config, write_t5_tokenizer)
 from diffquant.models.shapes.train import AUX_WEIGHT, CAPTION_DROPOUT, TRAIN_P_POSITION, _cosine_lr, attribute_heads, attribute_loss
@@ -148,6 +148,7 @@ def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, qui
                 f.flush()
                 with atomic_dir(checkpoints / f"step-{step}") as tmp:
                     pipe.save_pretrained(tmp, safe_serialization=True)
+                    write_profile_marker(tmp, "shapes-sd3")
                 logger.info("step %d after %.1f min: checkpoint in %s", step, (time.perf_counter() - started) / 60,
                             checkpoints / f"step-{step}")
 
@@ -155,6 +156,7 @@ def train(out: Path, steps: int = 4500, batch_size: int = 32, seed: int = 0, qui
                               checkpoint_every=checkpoint_every, seed=seed)
         minutes = (time.perf_counter() - started) / 60
         pipe.save_pretrained(work, safe_serialization=True)
+        write_profile_marker(work, "shapes-sd3")
         continued = f" --init-from {init_from}" if init_from is not None else ""
         (work / "README.md").write_text(
             f"# shapes-sd3\n\nTrained by `python -m diffquant.models.shapes.train_sd3 --steps {steps} --batch-size "
