@@ -137,10 +137,10 @@ def test_shipped_sd3_loads_offline_with_plain_diffusers():
 
 @pytest.mark.slow
 def test_trained_sd3_follows_prompts_where_random_weights_do_not():
-    """shapes-sd3 follows colour, position and size words where a random-weight MMDiT of the same
-    architecture does not (measured on these 24 captions at 10 steps: background 100% vs 8%, colour 92% vs
-    17%, position 10/10 vs 1/10, all named attributes 33% vs 0%), so a broken or untrained transformer
-    fails this test. Shape class (38% here, 58% on 200 captions at 25 steps) carries no bar yet."""
+    """shapes-sd3 follows colour, shape and position words where a random-weight MMDiT of the same architecture
+    does not (measured on these 24 captions at 10 steps with the model retrained to 13,500 steps: background 100%
+    vs 8%, colour 92% vs 8%, shape class 79% vs 33% (chance), position 10/10 vs 2/10, all named attributes 67% vs
+    0%), so a broken or untrained transformer fails this test."""
     from diffquant import generate, load_pipeline
     from diffquant.models.shapes.model_sd3 import build_sd3_components
 
@@ -156,4 +156,5 @@ def test_trained_sd3_follows_prompts_where_random_weights_do_not():
         colours = (result["background"] + result["color"]) / 2
         assert (colours >= 0.9) is follows, result
         assert (result["position"] >= 0.7) is follows, result  # 5 positions: chance is 0.2
-        assert (result["overall"] >= 0.25) is follows, result
+        assert (result["shape"] >= 0.6) is follows, result  # 3 shapes: chance is 1/3
+        assert (result["overall"] >= 0.5) is follows, result
