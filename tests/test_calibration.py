@@ -212,3 +212,18 @@ def test_a_mixed_recipe_keeps_the_float_layers_its_ranking_was_measured_with(sha
         reference = torch.cat([shapes_pipe.unet(**x, return_dict=False)[0].flatten() for x in items])
         output = torch.cat([unet(**x, return_dict=False)[0].flatten() for x in items])
     assert abs(sqnr_db(reference, output) - result.keep_float_curve[1]) < 0.5
+
+
+def test_sensitivity_ranks_the_profiles_float_layers_too_when_asked(shapes_pipe, shapes_calibration):
+    """profile_exclusions=False (`diffquant sensitivity --quantize-all`) ranks every layer the recipe allows, so a
+    profile's float layers can be derived again; by default they stay float and out of the ranking."""
+    from diffquant.evaluate.sensitivity import analyze_sensitivity
+    from diffquant.models.profiles import profile_of
+
+    kept = set(profile_of(shapes_pipe).keep_float_for("w8a8-int8").patterns)
+    default = analyze_sensitivity(shapes_pipe, "w8a8-int8", shapes_calibration, unit="block", max_keep=0)
+    every = analyze_sensitivity(shapes_pipe, "w8a8-int8", shapes_calibration, unit="block", max_keep=0,
+                                profile_exclusions=False)
+    ranked = lambda result: {m for members in result.members.values() for m in members}  # noqa: E731
+    assert kept & ranked(every) == kept and not kept & ranked(default)
+    assert every.full_sqnr_db < default.full_sqnr_db  # the float layers were measured as the sensitive ones

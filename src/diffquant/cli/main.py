@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-float", type=int, help="keep the K most sensitive units in float")
     group.add_argument("--target-sqnr", type=float, help="keep the fewest units in float that reach this SQNR (dB)")
     p.add_argument("--max-keep", type=int, default=16, help="longest keep-in-float curve measured (default 16)")
+    p.add_argument("--quantize-all", action="store_true",
+                   help="rank every layer the recipe allows, ignoring the model profile's measured float layers "
+                        "(to re-derive them)")
     _add_calibration(p)
     p.add_argument("--out", required=True, help="folder for sensitivity.json, sensitivity.png and the recipe")
 
@@ -232,7 +235,7 @@ def _sensitivity(args, out: Path) -> int:
     from diffquant.report.sensitivity import sensitivity_report
 
     config = RunConfig(model=args.model, device=args.device, dtype=args.dtype, no_t5=args.no_t5,
-                       **_calibration_options(args))
+                       quantize_all=args.quantize_all, **_calibration_options(args))
     result, mixed = sensitivity_report(config, args.recipe, out, unit=args.by, steps=args.steps,
                                        max_keep=args.max_keep, keep_float=args.keep_float,
                                        target_sqnr_db=args.target_sqnr)

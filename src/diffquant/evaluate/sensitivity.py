@@ -110,17 +110,19 @@ def _switch(denoiser: torch.nn.Module, original: torch.nn.Module, names: list[st
 
 
 def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: list[dict] | None = None,
-                        unit: str = "layer", max_keep: int = 16) -> SensitivityResult:
+                        unit: str = "layer", max_keep: int = 16, profile_exclusions: bool = True) -> SensitivityResult:
     """Rank the denoiser's layers (unit='layer') or blocks (unit='block') by how much quantizing them alone
     hurts the output SQNR on `eval_inputs` (default: up to 8 items of the calibration data).
 
     Returns:
         A `SensitivityResult`, most sensitive first, with the keep-in-float curve up to `max_keep`.
+        `profile_exclusions=False` ranks every layer the recipe allows (what re-derives a profile's float layers).
     """
     if unit not in ("layer", "block"):
         raise DiffquantError(f"unknown sensitivity unit {unit!r}: use layer or block")
     recipe = get_recipe(recipe)
-    quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None)
+    quantized = quantize(pipe, recipe, calibration=calibration if recipe.needs_calibration else None,
+                         profile_exclusions=profile_exclusions)
     denoiser = denoiser_of(quantized).module
     # The recipe as `quantize` applied it, with the profile's float layers for this recipe: the ranking is
     # measured with them float, so a mixed recipe derived from it (another name, which the profile does not

@@ -34,7 +34,8 @@ def sensitivity_report(config, recipe: str | Recipe, out: Path, unit: str = "lay
     settings = default_settings(pipe)
     calibration, described = calibrate_for_run(pipe, config, steps=steps or settings.steps,
                                                 guidance=settings.guidance)
-    result = analyze_sensitivity(pipe, recipe, calibration, unit=unit, max_keep=max_keep)
+    result = analyze_sensitivity(pipe, recipe, calibration, unit=unit, max_keep=max_keep,
+                                 profile_exclusions=not config.quantize_all)
     data = result.to_dict() | {"calibration": described}
     mixed = None
     if keep_float is not None or target_sqnr_db is not None:
