@@ -152,13 +152,13 @@ _SHAPES_SD_KEEP_FLOAT = (
               "100 of 133 layers stay quantized"),
 )
 
-# shapes-sd3's: the 24 layers `diffquant sensitivity --model shapes-sd3 --recipe w8a8-int8 --max-keep 24` ranks
-# most sensitive (65 of 89 quantized, about the share shapes-sd keeps). 64 captions vs fp32, mean / p10 / worst:
-# every layer 45.52 / 36.72 / 30.85 dB, 8 float 45.84 / 38.10 / 27.12, 16 float 47.75 / 39.23 / 25.99,
-# 24 float 49.62 / 41.43 / 32.82; ModelOpt's best (INT8 SmoothQuant + its filter, 81 quantized) 46.44 /
-# 38.14 / 31.66. Its MMDiT has no smoothing fold point and its one Conv (pos_embed.proj) is float here,
-# so the -sq and -ort recipes quantize exactly what w8a8-int8 does. fp8 was measured with the 16 most
-# sensitive float: 39.47 dB against 36.95 with every layer and ModelOpt's fp8 38.25.
+# shapes-sd3's (v2, the 13,500-step model): the 24 layers `diffquant sensitivity --model shapes-sd3 --recipe w8a8-int8
+# --max-keep 24 --quantize-all` ranks most sensitive (65 of 89 quantized, about the share shapes-sd keeps). 64
+# captions vs fp32 (`diffquant peers --model shapes-sd3 --n 64`), mean / p10 / worst: every layer 44.07 / 36.30 /
+# 30.65 dB, these 24 float 47.30 / 39.67 / 21.15 (one trajectory diverges), ModelOpt's best (INT8 SmoothQuant + its
+# filter, 81 quantized) 44.33 / 36.95 / 21.04. Its MMDiT has no smoothing fold point and its one Conv
+# (pos_embed.proj) is float here, so the -sq and -ort recipes quantize exactly what w8a8-int8 does. fp8 with the 16
+# most sensitive float: 38.16 dB against 36.44 with every layer and ModelOpt's fp8 38.66.
 _SHAPES_SD3_W8A8_FLOAT = (
     "pos_embed.proj", "proj_out", "transformer_blocks.4.ff.net.2", "transformer_blocks.0.ff.net.0.proj",
     "transformer_blocks.4.ff.net.0.proj", "transformer_blocks.3.ff.net.0.proj", "transformer_blocks.2.ff.net.0.proj",
@@ -171,13 +171,13 @@ _SHAPES_SD3_W8A8_FLOAT = (
 )
 _SHAPES_SD3_KEEP_FLOAT = (
     KeepFloat(("w8a8-int8", "w8a8-int8-sq", "w8a8-int8-ort", "w8a8-int8-ort-sq"), _SHAPES_SD3_W8A8_FLOAT,
-              "the 24 layers `diffquant sensitivity --model shapes-sd3 --recipe w8a8-int8` ranks most sensitive "
-              "(images vs fp32, 64 captions: 45.52 dB with every layer quantized, 49.62 dB with these float); "
-              "65 of 89 layers stay quantized"),
+              "the 24 layers `diffquant sensitivity --model shapes-sd3 --recipe w8a8-int8 --quantize-all` ranks most "
+              "sensitive (images vs fp32, 64 captions: 44.07 dB with every layer quantized, 47.30 dB with these "
+              "float); 65 of 89 layers stay quantized"),
     KeepFloat(("w8a8-fp8",), _SHAPES_SD3_W8A8_FLOAT[:16],
-              "the 16 layers `diffquant sensitivity --model shapes-sd3 --recipe w8a8-int8` ranks most sensitive "
-              "(images vs fp32, 64 captions: 36.95 dB with every layer quantized, 39.47 dB with these float); "
-              "73 of 89 layers stay quantized"),
+              "the 16 layers `diffquant sensitivity --model shapes-sd3 --recipe w8a8-int8 --quantize-all` ranks most "
+              "sensitive (images vs fp32, 64 captions: 36.44 dB with every layer quantized, 38.16 dB with these "
+              "float); 73 of 89 layers stay quantized"),
 )
 
 
