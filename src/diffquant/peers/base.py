@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from diffquant.core.errors import DiffquantError
+from diffquant.quantization.backends import Storage  # what a quantized denoiser stores, as backends count it
 
 PEERS: dict[str, type[Peer]] = {}
 
@@ -23,18 +24,6 @@ class PeerUnavailable(DiffquantError):
     """A peer that cannot run here (its reason becomes the row's note instead of a measurement)."""
 
 
-@dataclass
-class Storage:
-    """What a quantized denoiser stores: bits per weight of its quantized layers (codes, scales, zero
-    points) and the bytes of the whole module (float layers included)."""
-
-    quantized_weights: int
-    quantized_bytes: int
-    total_bytes: int
-
-    @property
-    def bits_per_weight(self) -> float | None:
-        return 8 * self.quantized_bytes / self.quantized_weights if self.quantized_weights else None
 
 
 @dataclass

@@ -39,9 +39,10 @@ import torch
 from diffquant.core.errors import DiffquantError
 from diffquant.core.record import record_of
 from diffquant.report.tables import markdown
+from diffquant.quantization.backends import backend_of
 from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, peer_for, register
 from diffquant.peers.options import DEFAULT_4BIT_METHODS, DEFAULT_METHODS, add_arguments
-from diffquant.peers.four import checked_copy, quanto_w4, quark_storage, torch_storage
+from diffquant.peers.four import checked_copy, quanto_w4, torch_storage
 from diffquant.core.artifacts import write_json, write_text
 from diffquant.core.recipes import get_recipe
 from diffquant.evaluate.metrics import compare
@@ -139,12 +140,13 @@ class DiffquantPeer(Peer):
         quantized = quantize(run.pipe, recipe, calibration=calibration, profile_exclusions=self.library == "diffquant")
         module = denoiser_of(quantized).module
         reason = record_of(module).float_reason
-        self.recipe_name = recipe.name  # a recipe file is labelled by the recipe it holds
-        return Quantized(quantized, len(layer_report(module).quantized), quark_storage(module),
+        return Quantized(quantized, len(layer_report(module).quantized), backend_of(module).storage(module),
                          [reason] if reason else [])
 
     def label(self, kind: str) -> str:
-        return f"{self.library}:{getattr(self, 'recipe_name', kind)}"
+        from diffquant.core.recipes import get_recipe
+
+        return f"{self.library}:{get_recipe(kind).name}"  # a recipe file is labelled by the recipe it holds
 
 
 @register

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,6 @@ from diffquant.core.errors import DiffquantError
 from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, Storage, register
 from diffquant.export.onnx import export_fp32_onnx
 from diffquant.models.denoisers import denoiser_of
-from diffquant.quantization.backends import backend_of
 from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
 from diffquant.runtimes import get_runtime
 
@@ -85,11 +85,6 @@ def torch_storage(module: torch.nn.Module) -> Storage:
     return Storage(weights, quantized, total)
 
 
-def quark_storage(module: torch.nn.Module) -> Storage:
-    """What a diffquant quantized denoiser stores, as its backend packs each quantized layer."""
-
-    stored = backend_of(module).storage(module)
-    return Storage(stored.quantized_weights, stored.quantized_bytes, stored.total_bytes)
 
 
 # --- the peers ------------------------------------------------------------------------------------
@@ -241,7 +236,7 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     if layers > int4_layers + int8_layers:
         notes.append(f"{layers - int4_layers - int8_layers} layers stay float (group {group} does not divide "
                      "their width; NNCF's IGNORE fallback)")
-    storage.total_bytes = xml.with_suffix(".bin").stat().st_size
+    storage = replace(storage, total_bytes=xml.with_suffix(".bin").stat().st_size)
     return get_runtime("openvino").pipeline(pipe, xml, torch.get_num_threads()), int4_layers, storage, notes, onnx_file
 
 

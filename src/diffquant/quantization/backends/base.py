@@ -76,6 +76,10 @@ class Storage:
     quantized_bytes: int
     total_bytes: int
 
+    @property
+    def bits_per_weight(self) -> float | None:
+        return 8 * self.quantized_bytes / self.quantized_weights if self.quantized_weights else None
+
 
 class QuantBackend(ABC):
     """One quantization library: it turns a float denoiser module into a quantized one following a recipe,
