@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from diffquant.quantization.backends.quark.matmul_nbits import check_recipes_exportable
 from diffquant.core.cpu import cpu_features, forced
 from diffquant.models.denoisers import denoiser_of
 from diffquant.core.errors import DiffquantError
 from diffquant.export.onnx import missing_activation_quantizers
 from diffquant.core.recipes import RECIPES
+from diffquant.quantization.backends import get_backend
 from diffquant.runtimes.onnxruntime import OnnxRuntime
 
 pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'n
 
 def _exportable(name: str) -> bool:
     try:
-        check_recipes_exportable([RECIPES[name]])
+        get_backend().check_recipes([RECIPES[name]])
     except DiffquantError:
         return False
     return True

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from diffquant import export_onnx, layer_report, quantize
 from diffquant.quantization.backends.quark import fourbit, internals
-from diffquant.quantization.backends.quark.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
+from diffquant.passes.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
 from diffquant.core.errors import DiffquantError
 from diffquant.export.onnx import example_inputs
 from diffquant.evaluate.metrics import sqnr_db

@@ -10,7 +10,7 @@ import torch
 
 from diffquant import export_onnx, layer_report, load_quantized, quantize, save_quantized
 from diffquant.quantization.backends.quark import internals, svdquant
-from diffquant.quantization.backends.quark.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
+from diffquant.passes.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
 from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
 from diffquant.core.errors import DiffquantError
 from diffquant.evaluate.metrics import sqnr_db

@@ -159,7 +159,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
     as fp32), then `compress_weights` stores every quantized weight as INT8 or FLOAT8E4M3FN codes
     feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights, between Quark's trace and
     its graph passes so that those never hold the float weights (int4 Linears become
-    com.microsoft.MatMulNBits with Quark's codes, see `backends.quark.matmul_nbits`), and
+    com.microsoft.MatMulNBits with the backend's codes, see `diffquant.passes.matmul_nbits`), and
     `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels (and
     each attention into one MultiHeadAttention).
 

@@ -54,6 +54,9 @@ class QuarkBackend(QuantBackend):
 
     name = "quark"
 
+    def unfit_layers(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str]) -> dict[str, str]:
+        return fourbit.unfit_layers(module, recipe, excluded)
+
     def quantize(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str],
                  calibration: list[dict] | None) -> torch.nn.Module:
         quark_torch = internals.import_quark(module.device)
@@ -91,7 +94,7 @@ class QuarkBackend(QuantBackend):
         return internals.activation_scales(module)
 
     def check_recipes(self, recipes) -> None:
-        from diffquant.quantization.backends.quark.matmul_nbits import check_recipes_exportable
+        from diffquant.quantization.backends.quark.export import check_recipes_exportable
 
         check_recipes_exportable(recipes)
 

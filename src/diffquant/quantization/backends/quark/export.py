@@ -9,16 +9,20 @@ those wrappers are tied to amd-quark 0.13 and live here, beside the backend that
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from diffquant.core.artifacts import atomic_path
 from diffquant.core.errors import DiffquantError
+from diffquant.core.recipes import MXFP4
+from diffquant.passes.codes import WeightCodes
+from diffquant.passes.compression import compress_weights_in_file
 from diffquant.passes.graph import EXTERNAL_DATA
+from diffquant.passes.matmul_nbits import to_matmul_nbits
 from diffquant.quantization.backends.base import TracedGraph
-from diffquant.quantization.backends.quark import internals
-from diffquant.quantization.backends.quark.matmul_nbits import check_exportable, plain_int4_linears, to_matmul_nbits
+from diffquant.quantization.backends.quark import fourbit, internals
 
 
 def trace(module: torch.nn.Module, wrapper: torch.nn.Module, inputs: dict[str, torch.Tensor], output_name: str,
@@ -42,9 +46,81 @@ def trace(module: torch.nn.Module, wrapper: torch.nn.Module, inputs: dict[str, t
     # The graph first: MatMulNBits replaces the int4 Linears' float weights before anything is read
     # (it reads their shapes only), so they are never in memory; then what stays is loaded.
     model = onnx.load(str(folder / "quark_model.onnx"), load_external_data=False)
-    nbits = to_matmul_nbits(model, int4, int4_level).to_dict() if int4 else {}
+    nbits = to_matmul_nbits(model, {name: group_codes(layer) for name, layer in int4.items()},
+                            int4_level).to_dict() if int4 else {}
     load_external_data_for_model(model, str(folder))
     return TracedGraph(model=model, compression=reports[0].to_dict(), nbits=nbits)
+
+
+# --- what the weight passes receive -------------------------------------------------------------------
+
+def weight_codes(layer: torch.nn.Module) -> WeightCodes:
+    """The int8/fp8 codes of a quantized layer's weight, checked against Quark's fake-quantized weight."""
+    codes, scale, kind = internals.weight_codes(layer)
+    exact = torch.equal(codes.float() * scale, internals.fake_quantized_weight(layer))
+    return WeightCodes(codes, scale, kind, exact, layer.weight.dtype)
+
+
+def group_codes(layer: torch.nn.Module) -> WeightCodes:
+    """The int4 nibbles and group scales of a Linear, checked against Quark's fake-quantized weight."""
+    nibbles, scale, _ = fourbit.group_codes(layer)
+    exact = torch.equal(fourbit.dequantize_groups(nibbles, scale, "int4"), internals.fake_quantized_weight(layer))
+    return WeightCodes(nibbles, scale, "int4", exact, layer.weight.dtype)
+
+
+def int4_linears(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """name -> each layer of `module` whose weight Quark quantizes to int4 per group."""
+    return {name: layer for name, layer in module.named_modules() if fourbit.weight_kind(layer) == "int4"}
+
+
+def check_recipes_exportable(recipes) -> None:
+    """The same refusal as `check_exportable`, from the recipes alone: a run stops before any slow work."""
+
+    mx = [r.name for r in recipes if r.weight.dtype == MXFP4]
+    if mx:
+        raise DiffquantError(f"{', '.join(mx)}: MXFP4 weights have no ONNX Runtime kernel, so they cannot be "
+                             "exported; run them with --no-export (torch only) or export an int4 recipe")
+    a4 = [r.name for r in recipes if r.algorithm is not None and r.algorithm.mode == "w4a4"]
+    if a4:
+        raise DiffquantError(f"{', '.join(a4)}: int4 activations have no ONNX Runtime kernel, so they cannot be "
+                             "exported; run them with --no-export (torch only) or export svdquant-w4a16")
+
+
+def check_exportable(module: torch.nn.Module) -> None:
+    """Refuse, in one line, a denoiser whose 4-bit weights ONNX Runtime cannot run (MXFP4) or whose int4
+    Linears also quantize their inputs to int4 (SVDQuant w4a4: MatMulNBits takes float inputs, and the
+    export would silently drop that rounding)."""
+    mx = [name for name, layer in module.named_modules() if fourbit.weight_kind(layer) == "mxfp4"]
+    if mx:
+        raise DiffquantError(f"{len(mx)} layers have MXFP4 weights, which ONNX Runtime's CPU provider has no kernel "
+                             "for (MatMulNBits takes integer codes): export an int4 recipe (int4-w, int4-w-conv8) "
+                             "or run mxfp4-w in torch (--no-export)")
+    a4 = [name for name, layer in int4_linears(module).items() if internals.input_quantizer(layer) is not None]
+    if a4:
+        raise DiffquantError(f"{len(a4)} int4 Linears also quantize their inputs to int4 (SVDQuant w4a4), which "
+                             "ONNX Runtime has no kernel for (MatMulNBits takes float inputs): export "
+                             "svdquant-w4a16 or run w4a4 in torch (--no-export)")
+
+
+@contextlib.contextmanager
+def plain_int4_linears(module: torch.nn.Module) -> Iterator[dict[str, torch.nn.Module]]:
+    """While active, each int4 Linear of `module` is a plain `nn.Linear` sharing its float weight and bias,
+    so that Quark's exporter writes it as a float MatMul/Gemm for `to_matmul_nbits` to replace."""
+    layers = int4_linears(module)
+    modules = dict(module.named_modules())
+    for name, layer in layers.items():
+        parent, _, attribute = name.rpartition(".")
+        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                device=layer.weight.device, dtype=layer.weight.dtype)
+        plain.weight, plain.bias = layer.weight, layer.bias
+        setattr(modules[parent] if parent else module, attribute, plain)
+    try:
+        yield layers
+    finally:
+        for name, layer in layers.items():
+            parent, _, attribute = name.rpartition(".")
+            setattr(modules[parent] if parent else module, attribute, layer)
+
 
 
 @contextlib.contextmanager
@@ -103,12 +179,12 @@ def _compress_before_quark_passes(module: torch.nn.Module, reports: list):
     between its trace and its passes, so its module-level function is wrapped for the duration."""
     import quark.torch.export.api as quark_export
 
-    from diffquant.quantization.backends.quark.compress import compress_weights_in_file
-
     original = quark_export.export_onnx_model_optimization
+    modules = dict(module.named_modules())
 
     def optimize(onnx_path) -> None:
-        reports.append(compress_weights_in_file(Path(onnx_path), module))
+        reports.append(compress_weights_in_file(Path(onnx_path), lambda name: weight_codes(modules[name]),
+                                                internals.weight_dequantize_layer))
         with _weights_as_graph_inputs(Path(onnx_path)):
             original(onnx_path)
 

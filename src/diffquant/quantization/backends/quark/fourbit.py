@@ -11,7 +11,7 @@ scale.
 Why hand-written: Quark exports per-group weights neither to safetensors in a form its own reload reads
 back into fake-quant modules nor to ONNX (its weight-folding pass fails on per-group scales), and no
 library packs Quark's codes; the packing itself is two nibbles per byte, low nibble first, the layout
-of ONNX Runtime's MatMulNBits (see `matmul_nbits`).
+of ONNX Runtime's MatMulNBits (see `diffquant.passes.matmul_nbits`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from diffquant.core.errors import DiffquantError
 from diffquant.core.recipes import Recipe
+from diffquant.passes.codes import pack_nibbles, unpack_nibbles
 from diffquant.quantization.backends.quark import internals
 
 # OCP MX FP4 (e2m1): the value of each 4-bit code; bit 3 is the sign.
@@ -131,20 +132,10 @@ def dequantize_groups(nibbles: torch.Tensor, scale: torch.Tensor, kind: str) -> 
     return values * scale.repeat_interleave(nibbles.shape[1] // scale.shape[1], dim=1)
 
 
-def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 -> (N, K / 2) bytes, element 2i in the low nibble of byte i (MatMulNBits' order)."""
-    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_nibbles`."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-
-
 # --- save and reload: weights as codes ----------------------------------------------------------
 
 _PACKED4, _INT8, _E8M0 = ".weight_packed4", ".weight_int8", ".weight_scale_e8m0"
-_SCALE = "._weight_quantizer.scale"
+_SCALE = internals.WEIGHT_SCALE_KEY
 # An SVDQuant layer's smoothing divisor and low-rank branch (Quark's ErrorCorrectedModule's names).
 _SIDE = (".smooth_factor", ".correction.l1.weight", ".correction.l2.weight")
 

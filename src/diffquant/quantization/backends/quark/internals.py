@@ -127,9 +127,25 @@ def observe_weight(layer: torch.nn.Module) -> torch.Tensor:
 def set_weight_scale(layer: torch.nn.Module, scale: torch.Tensor) -> None:
     """Give the layer's weight quantizer this scale (its shape) and stop it observing: an algorithm
     (GPTQ) chose the scale and rounded the weight on it already."""
-    quantizer = weight_quantizer(layer)
+    fix_scale(weight_quantizer(layer), scale)
+
+
+def fix_scale(quantizer, scale: torch.Tensor) -> None:
+    """Give a fake-quantizer this scale (in its own shape, device and dtype) and stop it observing."""
     quantizer.scale.data = scale.to(quantizer.scale.device, quantizer.scale.dtype).reshape(quantizer.scale.shape)
     quantizer.disable_observer()
+
+
+def fresh_quantizer(spec, device: torch.device | str):
+    """A new Quark fake-quantizer for a quantization spec (it observes on its first call)."""
+    from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
+
+    return FakeQuantizeBase.get_fake_quantize(spec, device=device)
+
+
+# State-dict names of a quantized layer's weight quantizer and its scale, after the layer's own name.
+WEIGHT_QUANTIZER_KEY = "._weight_quantizer"
+WEIGHT_SCALE_KEY = WEIGHT_QUANTIZER_KEY + ".scale"
 
 
 def weight_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -159,6 +175,36 @@ def weight_dequantize_layer(node) -> str | None:
     if not node.name.endswith(_WEIGHT_DQ):
         return None
     return node.name[: -len(_WEIGHT_DQ)].split("/", 2)[2].replace("/", ".")
+
+
+# --- SVDQuant's pieces ------------------------------------------------------------------------------
+
+def svd_decompose(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1, L2), the rank-`rank` factors of Quark's SVD split of `weight` (W ~ L2 L1)."""
+    from quark.torch.algorithm.svdquant.svdquant import _svd_decompose
+
+    l1, l2, _ = _svd_decompose(weight, rank)
+    return l1, l2
+
+
+def svdquant_statistics(module: torch.nn.Module, calibration, names: set[str], gptq: bool, records: int):
+    """Quark's SVDQuant calibration pass over `calibration` (forward-kwargs dicts), on the Linears in `names`
+    only: (per-channel input maxima by layer, the inputs of the first `records` calls of each, and for
+    GPTQ the Hessians X^T X by layer). Quark's processor has no public way to calibrate without also
+    transforming the model, so its `_calibrate` and the collectors it fills are read here."""
+    from quark.torch.algorithm.svdquant import SVDQuantProcessor
+    from quark.torch.quantization.config.config import SVDQuantConfig
+
+    class Processor(SVDQuantProcessor):
+        def _should_quantize(self, name: str, layer: torch.nn.Module) -> bool:
+            return name in names
+
+    config = SVDQuantConfig(search_alpha=True, alpha_search_max_samples=records, exclude_patterns=[],
+                            min_layer_size=0, use_gptq=gptq)
+    processor = Processor(module, config, calibration)
+    processor._calibrate()
+    hessians = processor.hessian_collector.hessians if gptq else {}
+    return processor.smoother.activation_max, processor.input_cache.inputs, hessians
 
 
 # --- rebuilding a quantized module ----------------------------------------------------------------

@@ -20,7 +20,7 @@ Why not `SVDQuantProcessor.apply` as it ships (Quark 0.13): on a UNet it leaves 
    float32), skipping the residual's quantizers: a float16 model would run unquantized.
 5. With `use_gptq` it runs GPTQ on the Hessian of x / s for a residual already folded to read x, on
    GPTQ's own grid (max|w| / 7, per channel by default) that the int4 quantizer then rounds again.
-Here Quark's processor collects the statistics (`_calibrate`) and Quark's pieces (`_svd_decompose`,
+Here Quark's processor collects the statistics (`internals.svdquant_statistics`) and Quark's pieces (its SVD split,
 `ErrorCorrectedModule` with its runtime `smooth_factor`, the quantizers) do the rest, in float32, on
 the layers asked for only; s is kept on the activation (a divide that an ONNX export keeps in front of
 the quantized MatMul and the low-rank pair) and the alpha search scores the quantization actually applied.
@@ -84,33 +84,18 @@ def _specs(mode: str, group_size: int):
 def _fake_quant(spec, tensor: torch.Tensor) -> torch.Tensor:
     """Quark's own quantize-dequantize of `tensor` (a fresh quantizer: it observes, then rounds); a static
     (weight) quantizer rounds on its scale rounded to fp16, as the quantized layer will."""
-    from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
-
-    quantizer = FakeQuantizeBase.get_fake_quantize(spec, device=tensor.device)
+    quantizer = internals.fresh_quantizer(spec, tensor.device)
     out = quantizer(tensor)
     if spec.is_dynamic:
         return out
-    quantizer.scale.data = fourbit.fp16_grid(quantizer.scale.data, positive=True)
-    quantizer.disable_observer()
+    internals.fix_scale(quantizer, fourbit.fp16_grid(quantizer.scale.detach(), positive=True))
     return quantizer(tensor)
 
 
 def _collect(module: torch.nn.Module, calibration, names: set[str], gptq: bool):
     """Quark's SVDQuant calibration pass, on `names` only: per-channel input maxima of every Linear, the
     inputs of the first `SEARCH_RECORDS` calls of each named one and, for GPTQ, their Hessians X^T X."""
-    from quark.torch.algorithm.svdquant import SVDQuantProcessor
-    from quark.torch.quantization.config.config import SVDQuantConfig
-
-    class Processor(SVDQuantProcessor):
-        def _should_quantize(self, name: str, layer: torch.nn.Module) -> bool:
-            return name in names
-
-    config = SVDQuantConfig(search_alpha=True, alpha_search_max_samples=SEARCH_RECORDS, exclude_patterns=[],
-                            min_layer_size=0, use_gptq=gptq)
-    processor = Processor(module, config, calibration)
-    processor._calibrate()
-    hessians = processor.hessian_collector.hessians if gptq else {}
-    return processor.smoother.activation_max, processor.input_cache.inputs, hessians
+    return internals.svdquant_statistics(module, calibration, names, gptq, SEARCH_RECORDS)
 
 
 def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None, group_size: int):
@@ -138,11 +123,9 @@ def _decompose(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     the rest of W after them. At rank 0 (int4-w-gptq) the split keeps nothing and R is W, which Quark
     computes through a full SVD of W all the same (minutes per alpha for a 3072 x 15360 Flux Linear);
     the empty factors and W are returned directly, the same tensors."""
-    from quark.torch.algorithm.svdquant.svdquant import _svd_decompose
-
     if rank == 0:
         return weight.new_zeros(0, weight.shape[1]), weight.new_zeros(weight.shape[0], 0), weight
-    l1, l2, _ = _svd_decompose(weight, rank)
+    l1, l2 = internals.svd_decompose(weight, rank)
     l1, l2 = fourbit.fp16_grid(l1), fourbit.fp16_grid(l2)
     return l1, l2, weight - l2 @ l1
 
@@ -247,7 +230,8 @@ def stored_bits(layer: torch.nn.Module) -> tuple[int, str]:
 
 def saved_layers(state: dict[str, torch.Tensor], model: str) -> dict[str, tuple[int, bool]]:
     """name -> (rank, smoothed) of each SVDQuant layer in a saved state (`rebuild`'s `layers`)."""
-    names = {key.rsplit(".layer.", 1)[0] for key in state if ".layer._weight_quantizer." in key}
+    marker = ".layer" + internals.WEIGHT_QUANTIZER_KEY
+    names = {key.rsplit(".layer.", 1)[0] for key in state if marker + "." in key}
     if not names:
         raise DiffquantError(f"the saved quantized state holds no SVDQuant layers for this {model}: quantize the "
                              "model again")

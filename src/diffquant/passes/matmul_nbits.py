@@ -1,12 +1,11 @@
-"""The 4-bit ONNX export: every Linear with int4 per-group weights becomes one `com.microsoft.MatMulNBits`
+"""The 4-bit ONNX pass: every Linear with int4 per-group weights becomes one `com.microsoft.MatMulNBits`
 (bits 4, block_size = the group size), which ONNX Runtime's CPU provider runs on its 4-bit MLAS kernels.
 
-Quark's ONNX exporter cannot write per-group weights (its weight-folding pass broadcasts a per-group
-scale against the whole weight and fails), so those Linears are exported as plain float Linears
-(`plain_int4_linears`) and `to_matmul_nbits` then replaces each one's MatMul or Gemm with MatMulNBits.
-Why hand-packed rather than ONNX Runtime's `MatMulNBitsQuantizer`: that quantizer computes its own
-scales and codes from the float weights; here codes and scales are Quark's (`fourbit.group_codes`), so
-that ORT dequantizes to exactly the torch fake-quantized weights. The layout is the contrib op's
+The backend traces those Linears as plain float Linears (Quark's exporter cannot write per-group weights)
+and hands over their codes (`WeightCodes`); `to_matmul_nbits` then replaces each one's MatMul or Gemm with
+MatMulNBits. Why hand-packed rather than ONNX Runtime's `MatMulNBitsQuantizer`: that quantizer computes its
+own scales and codes from the float weights; here codes and scales are the backend's, so that ORT
+dequantizes to exactly the torch fake-quantized weights. The layout is the contrib op's
 (onnxruntime/core/graph/contrib_ops, `MatMulNBits`): B (N, K / block_size, block_size / 2) uint8, two
 codes per byte with the first in the low nibble, scales (N, K / block_size) in A's float type, and no
 zero_points input, which means 8 for 4 bits: stored nibble = int4 code + 8.
@@ -14,18 +13,14 @@ zero_points input, which means 8 for 4 bits: stored nibble = int4 code + 8.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from diffquant.core.errors import DiffquantError
+from diffquant.passes.codes import WeightCodes, pack_nibbles
 from diffquant.passes.graph import drop_unused_initializers
-from diffquant.quantization.backends.quark import fourbit, internals
-from diffquant.core.recipes import MXFP4
 
 logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
@@ -48,7 +43,7 @@ MAX_RELATIVE_ERROR_NBITS = 1e-4
 
 @dataclass
 class NBitsReport:
-    """How many Linears became MatMulNBits (`layers`), all with Quark's codes bit for bit (`bit_exact_layers`)."""
+    """How many Linears became MatMulNBits (`layers`), all with the backend's codes bit for bit (`bit_exact_layers`)."""
 
     layers: int
     bit_exact_layers: int
@@ -57,60 +52,6 @@ class NBitsReport:
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
-
-
-def int4_linears(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """name -> each layer of `module` whose weight Quark quantizes to int4 per group."""
-    return {name: layer for name, layer in module.named_modules() if fourbit.weight_kind(layer) == "int4"}
-
-
-def check_recipes_exportable(recipes) -> None:
-    """The same refusal as `check_exportable`, from the recipes alone: a run stops before any slow work."""
-
-    mx = [r.name for r in recipes if r.weight.dtype == MXFP4]
-    if mx:
-        raise DiffquantError(f"{', '.join(mx)}: MXFP4 weights have no ONNX Runtime kernel, so they cannot be "
-                             "exported; run them with --no-export (torch only) or export an int4 recipe")
-    a4 = [r.name for r in recipes if r.algorithm is not None and r.algorithm.mode == "w4a4"]
-    if a4:
-        raise DiffquantError(f"{', '.join(a4)}: int4 activations have no ONNX Runtime kernel, so they cannot be "
-                             "exported; run them with --no-export (torch only) or export svdquant-w4a16")
-
-
-def check_exportable(module: torch.nn.Module) -> None:
-    """Refuse, in one line, a denoiser whose 4-bit weights ONNX Runtime cannot run (MXFP4) or whose int4
-    Linears also quantize their inputs to int4 (SVDQuant w4a4: MatMulNBits takes float inputs, and the
-    export would silently drop that rounding)."""
-    mx = [name for name, layer in module.named_modules() if fourbit.weight_kind(layer) == "mxfp4"]
-    if mx:
-        raise DiffquantError(f"{len(mx)} layers have MXFP4 weights, which ONNX Runtime's CPU provider has no kernel "
-                             "for (MatMulNBits takes integer codes): export an int4 recipe (int4-w, int4-w-conv8) "
-                             "or run mxfp4-w in torch (--no-export)")
-    a4 = [name for name, layer in int4_linears(module).items() if internals.input_quantizer(layer) is not None]
-    if a4:
-        raise DiffquantError(f"{len(a4)} int4 Linears also quantize their inputs to int4 (SVDQuant w4a4), which "
-                             "ONNX Runtime has no kernel for (MatMulNBits takes float inputs): export "
-                             "svdquant-w4a16 or run w4a4 in torch (--no-export)")
-
-
-@contextlib.contextmanager
-def plain_int4_linears(module: torch.nn.Module) -> Iterator[dict[str, torch.nn.Module]]:
-    """While active, each int4 Linear of `module` is a plain `nn.Linear` sharing its float weight and bias,
-    so that Quark's exporter writes it as a float MatMul/Gemm for `to_matmul_nbits` to replace."""
-    layers = int4_linears(module)
-    modules = dict(module.named_modules())
-    for name, layer in layers.items():
-        parent, _, attribute = name.rpartition(".")
-        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                device=layer.weight.device, dtype=layer.weight.dtype)
-        plain.weight, plain.bias = layer.weight, layer.bias
-        setattr(modules[parent] if parent else module, attribute, plain)
-    try:
-        yield layers
-    finally:
-        for name, layer in layers.items():
-            parent, _, attribute = name.rpartition(".")
-            setattr(modules[parent] if parent else module, attribute, layer)
 
 
 # Node names of a Linear's product: torch's, and onnxslim's Gemm that replaces a fixed-shape MatMul (+ Add)
@@ -138,13 +79,13 @@ def _gemm_transposes_b(node) -> bool:
     return values.get("transB", 0) == 1
 
 
-def to_matmul_nbits(model, layers: dict[str, torch.nn.Module], accuracy_level: int = ACCURACY_LEVEL) -> NBitsReport:
-    """Rewrite `model` (an onnx.ModelProto exported with `plain_int4_linears`) in place: the MatMul (or
-    Gemm with its bias) of each layer in `layers` becomes MatMulNBits with Quark's codes and scales.
+def to_matmul_nbits(model, layers: dict[str, WeightCodes], accuracy_level: int = ACCURACY_LEVEL) -> NBitsReport:
+    """Rewrite `model` (an onnx.ModelProto traced with the int4 Linears as plain float Linears) in place: the
+    MatMul (or Gemm with its bias) of each layer in `layers` becomes MatMulNBits with its codes and scales.
 
     Raises:
-        AssertionError: a layer was not found exactly once, or its codes would not dequantize to Quark's
-            fake-quantized weight bit for bit.
+        AssertionError: a layer was not found exactly once, or its codes would not dequantize to the
+            backend's fake-quantized weight bit for bit.
     """
     import onnx
     from onnx import numpy_helper
@@ -160,19 +101,18 @@ def to_matmul_nbits(model, layers: dict[str, torch.nn.Module], accuracy_level: i
             nodes.append(node)
             continue
         transposed = node.op_type == "Gemm" and _gemm_transposes_b(node)
-        layer = layers[name]
-        nibbles, scale, _ = fourbit.group_codes(layer)  # (N, K), (N, K / group)
+        stored = layers[name]
+        nibbles, scale = stored.codes, stored.scale  # (N, K), (N, K / group)
         n, k = nibbles.shape
-        group = k // scale.shape[1]
-        exact += torch.equal(fourbit.dequantize_groups(nibbles, scale, "int4"),
-                             internals.fake_quantized_weight(layer))
+        group = stored.group
+        exact += stored.exact
         block_sizes.add(group)
-        stored = initializers.get(node.input[1])
-        if stored is None or tuple(stored.dims) != ((n, k) if transposed else (k, n)):
+        weight = initializers.get(node.input[1])
+        if weight is None or tuple(weight.dims) != ((n, k) if transposed else (k, n)):
             raise AssertionError(f"{node.name}: its weight is not the constant ({k}, {n}) of layer {name}")
-        packed = fourbit.pack_nibbles(nibbles).reshape(n, k // group, group // 2)
+        packed = pack_nibbles(nibbles).reshape(n, k // group, group // 2)
         b = numpy_helper.from_array(packed.numpy(), f"{name}.weight_uint4")
-        scale_type = np.float16 if layer.weight.dtype == torch.float16 else np.float32  # A's type (T1)
+        scale_type = np.float16 if stored.float_dtype == torch.float16 else np.float32  # A's type (T1)
         scales = numpy_helper.from_array(scale.numpy().astype(scale_type), f"{name}.weight_scale")
         graph.initializer.extend([b, scales])
         inputs = [node.input[0], b.name, scales.name]
@@ -194,7 +134,7 @@ def to_matmul_nbits(model, layers: dict[str, torch.nn.Module], accuracy_level: i
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     drop_unused_initializers(graph)
     if exact != len(layers):
-        raise AssertionError(f"only {exact} of {len(layers)} MatMulNBits weights dequantize to Quark's exactly")
+        raise AssertionError(f"only {exact} of {len(layers)} MatMulNBits weights dequantize to the backend's exactly")
     logger.info("%d int4 Linears -> MatMulNBits (block %s, accuracy_level %d), all bit-exact", len(layers),
                 "/".join(map(str, sorted(block_sizes))), accuracy_level)
     return NBitsReport(len(layers), exact, max(block_sizes, default=0), accuracy_level)

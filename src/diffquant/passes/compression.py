@@ -1,23 +1,24 @@
-"""Compression pass over Quark's ONNX export: every quantized weight becomes a low-precision
-initializer (INT8, or FLOAT8E4M3FN) feeding DequantizeLinear, its codes taken from Quark's own torch
-fake-quantized weights so that dequantizing gives those weights bit for bit.
+"""Compression pass over a traced QDQ export: every quantized weight becomes a low-precision
+initializer (INT8, or FLOAT8E4M3FN) feeding DequantizeLinear, its codes handed over by the quantization
+backend (`WeightCodes`) so that dequantizing gives the backend's fake-quantized weights bit for bit.
 
 Why hand-written: Quark folds int8 weights itself but re-rounds them in ONNX (a tensor's extreme sits
 at +-127.5 steps and a few codes come out one step off), and keeps fp8 weights in float behind a
-QuantizeLinear; no library rewrites a Quark graph from its torch modules.
+QuantizeLinear; no library rewrites a graph from codes it is given.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffquant.passes.codes import WeightCodes
 from diffquant.passes.graph import drop_unused_initializers
-from diffquant.quantization.backends.quark import internals
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,17 @@ def _tensor_bytes(tensor) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
-def compress_weights(model, unet: torch.nn.Module, base_dir: str = "") -> CompressionReport:
-    """Rewrite `model` (an onnx.ModelProto from Quark's export of `unet`, a UNet or transformer) in place.
+def compress_weights(model, codes_of: Callable[[str], WeightCodes], layer_of: Callable[[object], str | None],
+                     base_dir: str = "") -> CompressionReport:
+    """Rewrite `model` (an onnx.ModelProto traced from a quantized denoiser) in place: each DequantizeLinear
+    for which `layer_of(node)` names a layer reads that layer's codes, `codes_of(layer)`, instead.
 
-    The float weights it replaces are never read (the codes come from `unet`), so `model` may be loaded
+    The float weights it replaces are never read (the codes come from the backend), so `model` may be loaded
     without its external data: the scales and zero points it reads are then read from `base_dir`.
 
     Raises:
-        AssertionError: a dequantized weight would not equal Quark's fake-quantized weight exactly.
+        AssertionError: a graph's scale differs from the backend's, or a dequantized weight would not equal
+            the backend's fake-quantized weight exactly.
     """
     import onnx
 
@@ -84,18 +88,17 @@ def compress_weights(model, unet: torch.nn.Module, base_dir: str = "") -> Compre
             tensor = next((a.t for a in node.attribute if a.name == "value"), None)
             return None if tensor is None else onnx.numpy_helper.to_array(tensor)
         return None
-    modules = dict(unet.named_modules())
     dropped_nodes, counts = [], {"int8": 0, "fp8": 0}
     exact = 0
     for node in list(graph.node):
-        layer = internals.weight_dequantize_layer(node) if node.op_type == "DequantizeLinear" else None
+        layer = layer_of(node) if node.op_type == "DequantizeLinear" else None
         if layer is None:
             continue
-        module = modules[layer]
-        codes, scale, kind = internals.weight_codes(module)
+        stored = codes_of(layer)
+        codes, kind = stored.codes, stored.kind
         onnx_scale = value(node.input[1]).astype(np.float32)
-        assert np.array_equal(onnx_scale.reshape(-1), scale.reshape(-1).numpy()), f"{node.name}: scale differs"
-        exact += torch.equal(codes.float() * scale, internals.fake_quantized_weight(module))
+        assert np.array_equal(onnx_scale.reshape(-1), stored.scale.reshape(-1).numpy()), f"{node.name}: scale differs"
+        exact += stored.exact
         source = node.input[0]
         if source in producers and producers[source].op_type == "QuantizeLinear":
             dropped_nodes.append(producers[source])  # fp8: float weight -> QuantizeLinear, folded here
@@ -120,15 +123,16 @@ def compress_weights(model, unet: torch.nn.Module, base_dir: str = "") -> Compre
     drop_unused_initializers(graph)
     layers = counts["int8"] + counts["fp8"]
     if exact != layers:
-        raise AssertionError(f"only {exact} of {layers} compressed weights dequantize to Quark's exactly")
+        raise AssertionError(f"only {exact} of {layers} compressed weights dequantize to the backend's exactly")
     after = sum(_tensor_bytes(t) for t in graph.initializer)
     logger.info("compressed %d weights (%d int8, %d fp8): initializers %.1f -> %.1f MB, all bit-exact",
                 layers, counts["int8"], counts["fp8"], before / 2**20, after / 2**20)
     return CompressionReport(layers, counts["int8"], counts["fp8"], exact, before, after)
 
 
-def compress_weights_in_file(path: Path, unet: torch.nn.Module) -> CompressionReport:
-    """`compress_weights` on the ONNX file at `path` (Quark's export of `unet`), rewritten in place.
+def compress_weights_in_file(path: Path, codes_of: Callable[[str], WeightCodes],
+                             layer_of: Callable[[object], str | None]) -> CompressionReport:
+    """`compress_weights` on the ONNX file at `path`, rewritten in place.
 
     Only the graph, the scales and the tensors that stay are read: the float weights being replaced
     stay on disk, so a model of gigabytes is never in memory as float (an SD 1.5 UNet: 3.4 GB of
@@ -137,7 +141,7 @@ def compress_weights_in_file(path: Path, unet: torch.nn.Module) -> CompressionRe
     from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(path), load_external_data=False)
-    report = compress_weights(model, unet, str(path.parent))
+    report = compress_weights(model, codes_of, layer_of, str(path.parent))
     load_external_data_for_model(model, str(path.parent))  # what stays: codes are in memory already
     onnx.save_model(model, str(path))  # external data again when large (export._external_data_saves)
     return report

@@ -1,0 +1,43 @@
+"""A quantized weight as the integer (or fp8) codes and scales that a graph stores: what a quantization
+backend hands to the weight passes (`compression`, `matmul_nbits`), so that those passes rewrite ONNX
+graphs without knowing which library quantized the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class WeightCodes:
+    """One layer's stored weight.
+
+    - `kind` "int8" / "fp8": `codes` int8 / float8_e4m3fn shaped like the weight, `scale` broadcastable to it
+      (one value, or one per output channel).
+    - `kind` "int4": `codes` (N, K) uint8 nibbles, each the int4 code + 8; `scale` (N, K / group).
+
+    `exact`: the backend checked that the codes dequantize to the weight its forward multiplies by, bit for
+    bit. `float_dtype`: the layer's weight dtype (a MatMulNBits' scales take the type of its input).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    kind: str
+    exact: bool
+    float_dtype: torch.dtype = torch.float32
+
+    @property
+    def group(self) -> int:
+        """Weights per scale along K (int4 codes only)."""
+        return self.codes.shape[1] // self.scale.shape[1]
+
+
+def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K / 2) bytes, element 2i in the low nibble of byte i (MatMulNBits' order)."""
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
