@@ -16,7 +16,8 @@ def shapes_rule(shapes_pipe):
 
 def test_the_profile_keeps_its_measured_layers_float(shapes_pipe, shapes_calibration, shapes_rule):
     import diffquant as dq
-    from diffquant.quantization.api import layer_report, match_exclusions
+    from diffquant.quantization.api import layer_report
+    from diffquant.quantization.plan import match_exclusions
 
     quantized = dq.quantize(shapes_pipe, "w8a8-int8", calibration=shapes_calibration)
     report = layer_report(quantized.unet)

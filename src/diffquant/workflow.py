@@ -63,6 +63,15 @@ def calibration_overlap(prompts: list[str], calibration_prompts: list[str]) -> l
     return overlap
 
 
+def _plan_fields(record) -> dict:
+    """What results.json says of why layers stayed float: the profile's reason, and each reason of the
+    layer plan with the layers it kept float (or gave the recipe's fallback)."""
+    fields = {"float_reason": record.float_reason}
+    if record.plan is not None:
+        fields |= {"float_reasons": record.plan.reasons("float"), "fallback_reasons": record.plan.reasons("fallback")}
+    return fields
+
+
 @contextmanager
 def _timed(timings: dict, step: str):
     started = time.perf_counter()
@@ -323,8 +332,8 @@ def _stages(ctx: RunContext, recipes) -> None:
                 quality, scores = scorer.image_set(recipe.name)
             entry = RecipeResult(recipe=recipe.to_dict(), images=_paths(recipe.name, prompts), quality=quality,
                                  notes=tuple(scorer.notes), sqnr_db=denoiser_output_sqnr(family.module, q_module, records),
-                                 layers=layer_report(q_module).to_dict()
-                                 | {"float_reason": record_of(q_module).float_reason}, scores=scores)
+                                 layers=layer_report(q_module).to_dict() | _plan_fields(record_of(q_module)),
+                                 scores=scores)
         if config.export:
             entry = _export_stages(ctx, quantized, recipe, records, entry)
             labels.append(f"{recipe.name}-{get_runtime(config.runtime).tag}")

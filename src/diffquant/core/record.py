@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from diffquant.core.plan import LayerPlan
 from diffquant.core.recipes import Recipe
 
 _ATTRIBUTE = "diffquant_record"
@@ -22,6 +23,7 @@ class QuantizationRecord:
     float_reason: str = ""  # why the model's profile kept layers in float ("" when it kept none)
     smoothing: Any = None  # the smoothing report (SmoothQuant-style recipes)
     algorithm: dict | None = None  # what the backend's algorithm measured (SVDQuant: alpha and error per layer)
+    plan: LayerPlan | None = None  # every layer's action and reason (None for a module reloaded from an older save)
 
     @property
     def quantized(self) -> bool:

@@ -4,49 +4,24 @@ backend (AMD Quark, see `backends/quark`); save it and reload it without calibra
 from __future__ import annotations
 
 import copy
-import fnmatch
 import inspect
 import logging
 from pathlib import Path
 
 import torch
 
-from diffquant.quantization.backends import DEFAULT_BACKEND, QUANTIZABLE, LayerReport, backend_of, get_backend
-from diffquant.models.denoisers import DENOISERS, denoiser_for, denoiser_of
+from diffquant.quantization.backends import DEFAULT_BACKEND, LayerReport, backend_of, get_backend
+from diffquant.models.denoisers import DENOISERS, denoiser_of
 from diffquant.core.errors import DiffquantError
+from diffquant.core.plan import LayerPlan
 from diffquant.core.recipes import Recipe, get_recipe
 from diffquant.core.record import note, record_of
 from diffquant.core.artifacts import atomic_dir, write_json
 from diffquant.core.recipes import recipe_from_dict
 from diffquant.models.profiles import profile_of
+from diffquant.quantization.plan import plan_layers
 
 logger = logging.getLogger(__name__)
-
-
-def match_exclusions(module: torch.nn.Module, patterns: tuple[str, ...] | list[str], strict: bool = True) -> list[str]:
-    """Names of the quantizable layers (Linear/Conv2d) of `module` that match any fnmatch pattern; a
-    pattern naming a block excludes every layer inside it.
-
-    A pattern that matches no module at all is an error when `strict`: it is almost always a typo.
-    """
-    names = [name for name, layer in module.named_modules() if isinstance(layer, QUANTIZABLE)]
-    all_names = [name for name, _ in module.named_modules() if name]
-    excluded: list[str] = []
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)
-                or any(fnmatch.fnmatchcase(prefix, pattern) for prefix in _prefixes(n))]
-        if strict and not hits and not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
-            top = ", ".join(name for name, _ in module.named_children())
-            raise DiffquantError(f"exclude pattern {pattern!r} matches no module of the {type(module).__name__}: check the "
-                                 f"name (its top-level modules: {top}; patterns like 'name', 'name.*', '*part*')")
-        excluded.extend(h for h in hits if h not in excluded)
-    return excluded
-
-
-def _prefixes(name: str) -> list[str]:
-    """'a.b.c' -> ['a', 'a.b']: a pattern naming a block excludes every layer inside it."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def layer_report(module: torch.nn.Module) -> LayerReport:
@@ -54,29 +29,26 @@ def layer_report(module: torch.nn.Module) -> LayerReport:
     return backend_of(module).layer_report(module)
 
 
-def excluded_layers(module: torch.nn.Module, recipe: Recipe) -> list[str]:
-    """The layers of a denoiser kept in float: its family's default exclusions and the recipe's patterns."""
-    defaults = match_exclusions(module, denoiser_for(module).default_exclusions, strict=False)
-    return list(dict.fromkeys(defaults + match_exclusions(module, recipe.exclude)))
-
-
 def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: list[dict] | None = None,
                     exclude: tuple[str, ...] | list[str] = (), backend: str = DEFAULT_BACKEND,
-                    in_place: bool = False) -> torch.nn.Module:
+                    in_place: bool = False, profile_rule=None) -> torch.nn.Module:
     """Quantize a copy of a bare denoiser module (see `quantize`); `module` is left untouched unless
     `in_place`, for a caller that has no further use for the float module (no second copy in memory:
-    3.4 GB less at the peak for an SD 1.5 UNet)."""
+    3.4 GB less at the peak for an SD 1.5 UNet). `profile_rule`: the model profile's `KeepFloat` for
+    this recipe, whose layers stay float too. The module's record holds the per-layer plan."""
     recipe = get_recipe(recipe)
-    if exclude:
-        recipe = recipe.with_exclude(tuple(exclude))
+    plan = plan_layers(module, recipe, exclude, profile_rule, backend)
+    patterns = tuple(exclude) + (profile_rule.patterns if profile_rule is not None else ())
+    if patterns:  # the recorded recipe names every pattern it was run with
+        recipe = recipe.with_exclude(patterns)
     if recipe.needs_calibration and not calibration:
         reads = "SVDQuant's statistics" if recipe.algorithm else "activation ranges"
         raise DiffquantError(f"recipe {recipe.name} needs calibration data ({reads}), got "
                              f"{'an empty list' if calibration is not None else 'none'}: pass calibrate(pipe, prompts)")
     quantizer = get_backend(backend)
-    excluded = excluded_layers(module, recipe)
+    excluded = plan.float_layers
     if excluded:
-        logger.info("%s: keeping %d layers in float: %s", recipe.name, len(excluded), ", ".join(excluded))
+        logger.info("%s", plan.summary())
     work = module if in_place else copy.deepcopy(module)
     smoothing = None
     if recipe.smoothing is not None:
@@ -86,7 +58,8 @@ def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: 
             smoothing = smooth(work, recipe, calibration, excluded)
     quantized = quantizer.quantize(work, recipe, excluded, calibration)
     quantized.eval()
-    note(quantized, recipe=recipe, excluded=tuple(excluded), backend=quantizer.name, smoothing=smoothing)
+    note(quantized, recipe=recipe, excluded=tuple(excluded), backend=quantizer.name, smoothing=smoothing, plan=plan,
+         float_reason="" if profile_rule is None else profile_rule.reason)
     return quantized
 
 
@@ -135,10 +108,8 @@ def quantize(pipe, recipe: str | Recipe, calibration: list[dict] | None = None,
     recipe = get_recipe(recipe)
     rule = profile_of(pipe).keep_float_for(recipe.name) if profile_exclusions else None
     if rule is not None:
-        exclude = tuple(exclude) + rule.patterns
         logger.info("%s: the model's profile keeps %s in float (%s)", recipe.name, ", ".join(rule.patterns), rule.reason)
-    quantized = quantize_module(family.module, recipe, calibration, exclude, backend)
-    note(quantized, float_reason="" if rule is None else rule.reason)
+    quantized = quantize_module(family.module, recipe, calibration, exclude, backend, profile_rule=rule)
     return with_denoiser(pipe, family.pipeline_attribute, quantized)
 
 
@@ -174,7 +145,8 @@ def save_quantized(quantized_pipe, out_dir: str | Path, model: str | None = None
         write_json(tmp / ARTIFACT_FILE, {
             "type": ARTIFACT_TYPE, "version": ARTIFACT_VERSION, "model": model, "denoiser": family.module_class,
             "backend": backend.name, "recipe": recipe.to_dict(), "excluded": list(record_of(module).excluded),
-            "record": backend.record(module)})
+            "record": backend.record(module),
+            "plan": None if record_of(module).plan is None else record_of(module).plan.to_dict()})
     return Path(out_dir)
 
 
@@ -255,10 +227,15 @@ def load_quantized(path: str | Path, device: str = "auto", dtype: str = "auto", 
         state = load_file(str(weights))
     except (SafetensorError, OSError) as error:
         raise DiffquantError(f"corrupt quantized weights in {weights} ({error}): quantize again") from None
-    excluded = meta["excluded"] if meta["excluded"] is not None else excluded_layers(family.module, recipe)
+    excluded = meta["excluded"] if meta["excluded"] is not None else plan_layers(family.module, recipe).float_layers
     module = family.module if loaded else copy.deepcopy(family.module)  # a caller's pipeline stays float
     record = meta.get("record") if isinstance(meta.get("record"), dict) else None  # absent from older files
     quantized = backend.restore(module, recipe, excluded, state, record)
     quantized.eval()
-    note(quantized, recipe=recipe, excluded=tuple(excluded), backend=backend.name)
+    try:
+        plan = LayerPlan.from_dict(meta["plan"]) if isinstance(meta.get("plan"), dict) else None
+    except (ValueError, KeyError, TypeError) as error:
+        raise DiffquantError(f"{path / ARTIFACT_FILE} holds a layer plan this diffquant cannot read ({error}): "
+                             "quantize again with `diffquant quantize`") from None
+    note(quantized, recipe=recipe, excluded=tuple(excluded), backend=backend.name, plan=plan)
     return with_denoiser(pipe, family.pipeline_attribute, quantized)

@@ -200,9 +200,16 @@ def _worst_images(out_dir: Path, results: RunResult) -> list[str]:
 
 
 def _float_reason(layers: dict) -> str:
-    """Why the model's profile kept layers in float for this recipe (older results have no reason)."""
+    """Why layers stayed float (or took the recipe's fallback) for this recipe: each reason of its layer plan
+    with how many layers it covers; older results hold the profile's reason alone, or nothing."""
+    e = html.escape
+    items = [f"<li>float, {e(reason)}: {len(names)}</li>" for reason, names in layers.get("float_reasons", {}).items()]
+    items += [f"<li>fallback, {e(reason)}: {len(names)}</li>"
+              for reason, names in layers.get("fallback_reasons", {}).items()]
+    if items:
+        return "<p>why:</p><ul>" + "".join(items) + "</ul>"
     reason = layers.get("float_reason")
-    return f"<p>why: {html.escape(reason)}</p>" if reason else ""
+    return f"<p>why: {e(reason)}</p>" if reason else ""
 
 
 def _evaluation_parts(results: RunResult) -> list[str]:

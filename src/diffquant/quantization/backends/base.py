@@ -101,6 +101,11 @@ class QuantBackend(ABC):
             calibration: forward-kwargs dicts, run through the module when the recipe quantizes activations.
         """
 
+    def unfit_layers(self, module: torch.nn.Module, recipe: Recipe, excluded: list[str]) -> dict[str, str]:
+        """name -> why, for each layer of the float `module` outside `excluded` that the recipe's weight
+        cannot take (it takes the recipe's fallback, or stays float without one); none by default."""
+        return {}
+
     @abstractmethod
     def layer_report(self, module: torch.nn.Module) -> LayerReport:
         """Each Linear/Conv2d of `module` (quantized or not): quantized, with its scheme, or float."""
