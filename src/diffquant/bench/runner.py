@@ -23,6 +23,7 @@ from diffquant.core.artifacts import atomic_path, write_json
 from diffquant.quantization.backends import backend_of
 from diffquant.core.cpu import decisions, kernel_class, resolve_int4_compute
 from diffquant.core.errors import DiffquantError
+from diffquant.core.provenance import describe, measured
 from diffquant.core.recipes import parse_recipes
 from diffquant.export.onnx import export_fp32_onnx, export_onnx
 from diffquant.models.architectures import build
@@ -98,10 +99,9 @@ class BenchResult:
 
     def markdown(self) -> str:
         """The table as Markdown for docs/, headed by the model, CPU, threads, date and versions."""
-        versions = ", ".join(f"{k} {v}" for k, v in self.measured.get("versions", {}).items())
-        lines = [f"{self.model}, batch {self.batch}, latent {self.latent}, {self.iterations} timed calls per row; "
-                 f"**{self.cpu}**, {self.threads_note()}; measured {self.measured.get('date', '?')} with {versions}",
-                 ""]
+        provenance = (self.measured or {}) | {"cpu": self.cpu}
+        lines = [f"{self.model}, batch {self.batch}, latent {self.latent}, {self.iterations} timed calls per row, "
+                 f"{self.threads_note()}; {describe(provenance)}", ""]
         rows = [[r.name + (" (simulated)" if r.simulated else ""), f"{r.runtime} {r.runtime_precision}", r.kernels,
                  f"{r.call_ms_median:,.1f} ms", f"{r.call_ms_p90:,.1f} ms", f"{r.speedup:.2f}x", f"{r.peak_rss_mb:,.0f} MB",
                  f"{r.artifact_mb:,.1f} MB ({r.size_ratio:.0%})"] for r in self.rows]
@@ -181,20 +181,6 @@ class _PeakRss:
 
 
 _time_calls, _p90 = bench_row._time_calls, bench_row.p90
-
-
-def _measured() -> dict:
-    """Today's date (UTC) and the versions of what runs the rows."""
-    from datetime import datetime, timezone
-    from importlib import metadata
-
-    versions = {}
-    for name in ("diffquant", "torch", "onnxruntime", "openvino", "amd-quark"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions}
 
 
 def _dir_mb(path: Path) -> float:
@@ -338,7 +324,7 @@ class _Bench:
         self.threads = torch.get_num_threads()  # every row uses the threads of this process
         self.result = BenchResult(name, batch, list(next(iter(self.inputs.values())).shape[1:]), iterations,
                                   cpu=self.decided.cpu.describe(), cpu_decisions=self.decided.to_dict(),
-                                  threads=self.threads, measured=_measured())
+                                  threads=self.threads, measured=measured())
         self.fp32_mb = sum(p.numel() * p.element_size() for p in self.module.parameters()) / 2**20
         self.attribute = family.pipeline_attribute  # the family holds the module, quantized in place later
         self.prompts = []

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffquant.core.provenance import describe as describe_provenance
+from diffquant.core.provenance import measured as measured_now
 from diffquant.core.errors import DiffquantError
 from diffquant.core.record import record_of
 from diffquant.report.tables import markdown
@@ -240,7 +242,7 @@ def _run(model, methods, n, calib_size, steps, guidance, seed, calib_timesteps, 
               "calib_timesteps_diffquant": calib_timesteps, "fp32_identical": True,
               "fp32_bytes": torch_storage(denoiser_of(pipe).module).total_bytes,
               "fp32_seconds_per_image": fp32_per_image,
-              "calibration_prompts": calib_prompts, "rows": rows}
+              "calibration_prompts": calib_prompts, "rows": rows, "measured": measured_now()}
     run = PeerRun(pipe, baseline, prompts, calib_prompts, settings, calib_settings, calib_timesteps, work_dir,
                   check=lambda peer, exact=True: _check_identical(peer, baseline, prompts, settings, exact))
     for method in methods:
@@ -294,7 +296,8 @@ def table(result: dict) -> str:
                      number(r["psnr_p10_db"], ".2f"), number(r["psnr_worst_db"], ".2f"), number(r["ssim"], ".4f"),
                      *[f"{shape[a]:.1%}" if isinstance(shape.get(a), float) else "-" for a in attributes],
                      number(r["agreement_with_fp32"], ".1%"), number(r.get("seconds_per_image"), ".2f")])
-    lines = [markdown(head, rows)]
+    lines = [f"{result['model']}, {result['captions']} captions, {result.get('steps', '?')} steps; "
+             f"{describe_provenance(result.get('measured'))}", "", markdown(head, rows)]
     if fp32_bytes:
         per_image = result.get("fp32_seconds_per_image")
         lines.append(f"\nfp32 denoiser: {fp32_bytes / 1e6:.2f} MB" + (f", {per_image:.2f} s/image" if per_image else "")

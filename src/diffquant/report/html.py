@@ -6,31 +6,26 @@ from __future__ import annotations
 import base64
 import html
 import json
-import platform
-from importlib import metadata
 from pathlib import Path
 
 from diffquant.core.artifacts import write_json, write_text
 from diffquant.core.results import Quality, RunResult
 from diffquant.core.cpu import decisions
+from diffquant.core.provenance import measured
 from diffquant.runtimes import get_runtime
 
 _PACKAGES = ("diffquant", "torch", "diffusers", "transformers", "amd-quark", "onnx", "onnxruntime", "torchmetrics")
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and the packages a result depends on, the CPU its times were measured on, and
-    whether ONNX Runtime computed int8 products exactly there (`diffquant.core.cpu`)."""
+    """The date, versions of Python and the packages a result depends on, the CPU its times were measured on,
+    and whether ONNX Runtime computed int8 products exactly there (`diffquant.core.cpu`)."""
 
     decided = decisions()
-    found = {"python": platform.python_version(), "cpu": decided.cpu.describe(),
+    now = measured(_PACKAGES)
+    found = {"date": now["date"], "python": now["versions"].pop("python"), "cpu": now["cpu"],
              "ort exact int8": f"{decided.ort_exact_int8.value} ({decided.ort_exact_int8.reason})"}
-    for name in _PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return found | {name: now["versions"].get(name, "not installed") for name in _PACKAGES}
 
 
 def write_results(out_dir: Path, results: RunResult) -> Path:
