@@ -141,7 +141,7 @@ def test_results_of_version_3_still_load(shapes_run):
 
 def test_terminal_and_report_show_adherence_per_attribute(shapes_run):
     from diffquant import RunResult
-    from diffquant.cli.main import summary_table
+    from diffquant.cli.run import summary_table
 
     table = summary_table(RunResult.load(shapes_run))
     for label in ("background (n=3)", "colour (n=3)", "shape (n=3)", "size (n=1)", "position (n=1)",
@@ -153,7 +153,7 @@ def test_terminal_and_report_show_adherence_per_attribute(shapes_run):
 
 def test_terminal_and_report_show_bits_per_weight(shapes_run):
     from diffquant import RunResult
-    from diffquant.cli.main import summary_table
+    from diffquant.cli.run import summary_table
 
     results = RunResult.load(shapes_run)
     table = summary_table(results).splitlines()
@@ -380,7 +380,8 @@ def test_run_on_the_embedded_transformer_model_end_to_end(tmp_path):
 
 
 def test_the_cli_offers_the_int4_compute_choices_export_knows():
-    from diffquant.cli.main import INT4_COMPUTE_CHOICES, build_parser
+    from diffquant.cli.main import build_parser
+    from diffquant.cli.options import INT4_COMPUTE_CHOICES
     from diffquant.export.onnx import INT4_COMPUTE
 
     assert INT4_COMPUTE_CHOICES == (*INT4_COMPUTE, "auto")  # auto: decided from the CPU (diffquant.core.cpu)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _compare_recipes(args, guidance: float) -> None:
     """`diffquant run` on the held-out captions and seeds, so recipe numbers are comparable with the above."""
-    from diffquant.cli.main import summary_table
+    from diffquant.cli.run import summary_table
     from diffquant.core.config import RunConfig
     from diffquant.workflow import run
 
