@@ -37,3 +37,27 @@ def test_a_dead_link_fails_the_build(tmp_path):
     result = _build(root, tmp_path / "site")
     assert result.returncode != 0
     assert "missing.md" in result.stderr
+
+
+def test_the_docs_tables_are_what_their_json_files_render():
+    from diffquant.cli.docs_tables import sync
+
+    assert sync(ROOT / "docs", check=True) == [], "run `diffquant docs-tables docs` after changing a result file"
+
+
+def test_a_changed_result_file_makes_its_table_stale_and_the_command_rewrites_it(tmp_path):
+    import json
+
+    from diffquant.cli.main import main
+
+    root = _copy(tmp_path)
+    source = root / "docs" / "results" / "peers-shapes-sd3-8bit.json"
+    data = json.loads(source.read_text())
+    data["rows"][0]["psnr_mean_db"] = 12.3456
+    source.write_text(json.dumps(data))
+    docs = str(root / "docs")
+    assert main(["docs-tables", docs, "--check"]) == 1
+    assert "12.35 dB" not in (root / "docs" / "quantization.md").read_text()
+    assert main(["docs-tables", docs]) == 0
+    assert "12.35 dB" in (root / "docs" / "quantization.md").read_text()
+    assert main(["docs-tables", docs, "--check"]) == 0
