@@ -374,7 +374,7 @@ def _export_stages(ctx: RunContext, quantized, recipe, records: list[dict],
     if main:
         with _timed(timings, f"export {recipe.name}"):
             exported = export_onnx(quantized, out_dir / "onnx" / recipe.name, inputs=_trace_inputs(family, records),
-                                   check_inputs=records)
+                                   check_inputs=records, runtime=config.runtime)
         entry = replace(entry, onnx=exported.to_dict() | {"path": str(exported.path.relative_to(out_dir))})
         path = exported.path
     path = Path(broadcast(state, str(path)))

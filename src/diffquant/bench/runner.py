@@ -270,6 +270,10 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         runtimes: the rows to run by runtime, a subset of `RUNTIME_CHOICES` (default: all).
         int4_compute: how ONNX Runtime multiplies a 4-bit recipe's Linears, "float" or "int8" (see
             `export_onnx`); OpenVINO reads the same graph and chooses its own kernels.
+
+    The OpenVINO rows read the file written for ONNX Runtime (one export per recipe): OpenVINO compiles it to
+    the same int8 kernels as the plain QDQ file `export_onnx(runtime="openvino")` writes
+    (tests/test_openvino.py checks the counts and outputs agree).
     """
     import tempfile
 

@@ -19,7 +19,8 @@ from diffquant.models.denoisers import Denoiser, denoiser_for, denoiser_of
 from diffquant.core.errors import DiffquantError
 from diffquant.core.cpu import resolve_int4_compute
 from diffquant.quantization.backends import backend_of
-from diffquant.runtimes.onnxruntime import OnnxRuntime, fuse_attention, prepare_for_ort_fusion, run_onnx as run
+from diffquant.runtimes import get_runtime
+from diffquant.runtimes.onnxruntime import fuse_attention, run_onnx as run
 
 logger = logging.getLogger(__name__)
 # ORT and Quark's torch fake-quant disagree by about one int8 step on a few values: Quark's symmetric
@@ -152,7 +153,7 @@ def _fuse_attention_in_file(path: Path) -> int:
 def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = None,
                 sequence_length: int | None = None, check: bool = True,
                 inputs: dict[str, torch.Tensor] | None = None, fuse_attention: bool = True,
-                int4_compute: str | None = None, check_inputs=None) -> OnnxExport:
+                int4_compute: str | None = None, check_inputs=None, runtime: str = "onnxruntime") -> OnnxExport:
     """Export a quantized denoiser to `out_dir/unet.onnx` or `out_dir/transformer.onnx` with Quark, then check it.
 
     The un-frozen model is exported (a frozen one would write fake-quantized float weights, as big
@@ -160,8 +161,9 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
     feeding DequantizeLinear, bit-exact with Quark's fake-quantized weights, between Quark's trace and
     its graph passes so that those never hold the float weights (int4 Linears become
     com.microsoft.MatMulNBits with the backend's codes, see `diffquant.passes.matmul_nbits`), and
-    `prepare_for_ort_fusion` puts the graph in the form ONNX Runtime fuses into integer kernels (and
-    each attention into one MultiHeadAttention).
+    the target runtime puts the graph in the form it fuses best (`Runtime.prepare_graph`: for ONNX Runtime,
+    `prepare_for_ort_fusion`, the form its fusions turn into integer kernels, each attention one
+    MultiHeadAttention; OpenVINO reads the plain QDQ graph and compiles it to the same int8 kernels).
 
     Args:
         pipe_or_module: a pipeline from `quantize` (its tokenizers give the text length) or a bare
@@ -185,6 +187,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
             picks int8 on a CPU with VNNI/AMX, float elsewhere; None (default) follows `cpu.decisions()`
             (DIFFQUANT_INT4_COMPUTE, else float).
 
+        runtime: the runtime the file is written for (`diffquant.runtimes`); its operator counts are reported.
         check_inputs: recorded denoiser calls (calibration records, forward-kwargs dicts) that the check runs
             too, besides the example inputs: real activations, at several timesteps, reach every quantizer
             the way generation does (random example inputs can sit outside the calibrated ranges). Up to
@@ -222,7 +225,8 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
                                           tmp, external, INT4_COMPUTE[int4_compute])
         model, nbits = traced.model, traced.nbits
         traced.model = None  # `del model` below frees it
-        fusion = prepare_for_ort_fusion(model, fuse_attention).to_dict()
+        target = get_runtime(runtime)
+        fusion = target.prepare_graph(model, fuse_attention)
         # Last, after every pass that may share constants: no quantization constant is shared between nodes.
         fusion["owned_constants"] = own_quantization_constants(model.graph)
         for leftover in tmp.iterdir():
@@ -242,7 +246,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
             inputs={k: list(v.shape) for k, v in inputs.items()}, op_counts=dict(ops.most_common()),
             max_abs_error=max_abs, relative_error=relative, export_seconds=seconds, weight_dtypes=dict(weight_dtypes),
             compression=traced.compression, fusion=fusion, relative_error_bound=relative_error_bound(module),
-            fused_ops=OnnxRuntime().optimized_ops(tmp / name), nbits=nbits, checked_calls=len(feeds),
+            fused_ops=target.optimized_ops(tmp / name), nbits=nbits, checked_calls=len(feeds),
         )
         if check and missing:
             raise DiffquantError(f"the ONNX graph {path} has no QuantizeLinear for {len(missing)} activation "

@@ -49,6 +49,12 @@ class Runtime(ABC):
     def runner(self, path: str | Path, threads: int | None = None) -> GraphRunner:
         """A loaded graph, ready to be called many times."""
 
+    def prepare_graph(self, model, fuse_attention: bool = True) -> dict:
+        """Rewrite an exported quantized graph (an onnx.ModelProto, in place) into the form this runtime
+        fuses best, and say what changed. The default leaves the plain QDQ graph as the backend traced it:
+        a runtime whose own transformations read QDQ needs nothing more."""
+        return {}
+
     @abstractmethod
     def optimized_ops(self, path: str | Path) -> dict[str, int]:
         """Operator counts of the graph as the runtime runs it, after its own fusions (most common first)."""

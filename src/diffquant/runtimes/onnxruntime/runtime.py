@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffquant.passes.qdq_fusion import prepare_for_ort_fusion
 from diffquant.runtimes.base import GraphRunner, Runtime, register
 from diffquant.runtimes.onnxruntime.session import session
 
@@ -63,6 +64,11 @@ class OnnxRuntime(Runtime):
 
     def runner(self, path, threads=None) -> OrtRunner:
         return OrtRunner(path, threads, self.providers)
+
+    def prepare_graph(self, model, fuse_attention: bool = True) -> dict:
+        """ONNX Runtime fuses QDQ into integer kernels only in the shapes its fusions expect
+        (`diffquant.passes.qdq_fusion`), and runs attention fastest as one MultiHeadAttention."""
+        return prepare_for_ort_fusion(model, fuse_attention).to_dict()
 
     def optimized_ops(self, path) -> dict[str, int]:
         stem = Path(path).stem
