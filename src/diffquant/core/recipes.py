@@ -7,15 +7,20 @@ from dataclasses import dataclass, field, replace
 
 from diffquant.core.errors import DiffquantError
 
-RECIPE_VERSION = 6
+RECIPE_VERSION = 7
 # version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback, 4 no algorithm,
 # 5 no SVDQuant "smooth" (it always smoothed)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 INT8, FP8, INT4, MXFP4 = "int8", "fp8_e4m3", "int4", "mxfp4"
 DTYPES = (INT8, FP8, INT4, MXFP4)
 FOUR_BIT = (INT4, MXFP4)  # per-group weights of Linear layers only
 GROUP_SIZES = (16, 32, 64, 128, 256)  # powers of two that ONNX Runtime's MatMulNBits takes as block_size
 MX_GROUP = 32  # OCP MX: one shared power-of-two scale per 32 elements
+GGUF_BLOCK = 32  # GGML's Q4_0 / Q8_0 block: 32 weights share one fp16 scale
+# Where a recipe's quantized denoiser is meant to run: "onnx" (ONNX Runtime / OpenVINO) or "gguf" (a GGUF file for
+# diffusers' and ComfyUI's GGUF loaders). A "gguf" recipe's block scales are fp16 values whose products with every
+# code are exact in fp16, the arithmetic those loaders dequantize in (`gguf_scale_bits`).
+FORMATS = ("onnx", "gguf")
 OBSERVERS = ("min_max", "percentile", "MSE")
 SVDQUANT_MODES = ("w4a16", "w4a4")
 
@@ -137,6 +142,7 @@ class Recipe:
     smoothing: Smoothing | None = None
     fallback: TensorQuant | None = None
     algorithm: SVDQuant | None = None
+    format: str = "onnx"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or any(c in self.name for c in "/\\") \
@@ -154,6 +160,11 @@ class Recipe:
                                  "cannot take; it needs a 4-bit (PerGroup) weight and an 8-bit fallback")
         if self.four_bit and self.activation is not None:
             raise DiffquantError(f"recipe {self.name}: 4-bit weights are weight-only here; drop the activation")
+        if self.format not in FORMATS:
+            raise DiffquantError(f"recipe {self.name}: format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.format == "gguf" and gguf_type(self) is None:
+            raise DiffquantError(f"recipe {self.name}: format gguf needs weights on a GGML block grid (int4 "
+                                 f"PerGroup({GGUF_BLOCK}), weight-only, no smoothing, branch or fallback)")
         if self.algorithm is not None:
             if not isinstance(self.algorithm, SVDQuant):
                 raise DiffquantError(f"recipe {self.name}: algorithm must be SVDQuant(rank, mode, gptq) or None, "
@@ -188,11 +199,40 @@ class Recipe:
                 "fallback": quant(self.fallback),
                 "algorithm": None if self.algorithm is None else {
                     "type": "SVDQuant", "rank": self.algorithm.rank, "mode": self.algorithm.mode,
-                    "gptq": self.algorithm.gptq, "smooth": self.algorithm.smooth}}
+                    "gptq": self.algorithm.gptq, "smooth": self.algorithm.smooth},
+                "format": self.format}
 
     def with_exclude(self, patterns: tuple[str, ...] | list[str]) -> Recipe:
         """A copy that also keeps the modules matching `patterns` in float."""
         return replace(self, exclude=tuple(dict.fromkeys(self.exclude + tuple(patterns))))
+
+
+def gguf_type(recipe: Recipe) -> str | None:
+    """The GGML block type whose grid is exactly this recipe's weights ("Q4_0"), or None: int4 codes in blocks
+    of `GGUF_BLOCK` along the input with one scale each (stored in fp16), weight-only, without a smoothing
+    divisor, a low-rank branch or an 8-bit fallback (none of which GGUF's Q4_0 can hold)."""
+    weight = recipe.weight
+    plain = recipe.activation is None and recipe.fallback is None and (
+        recipe.algorithm is None or (recipe.algorithm.rank == 0 and not recipe.algorithm.smooth
+                                     and recipe.algorithm.mode == "w4a16"))
+    if plain and weight.dtype == INT4 and isinstance(weight.granularity, PerGroup) \
+            and weight.granularity.size == GGUF_BLOCK:
+        return "Q4_0"
+    return None
+
+
+# The largest |code| of each GGML type diffquant writes: Q4_0 stores q - 8 in -8..7.
+GGUF_MAX_CODE = {"Q4_0": 8}
+
+
+def gguf_scale_bits(recipe: Recipe) -> int:
+    """Significant bits of the recipe's stored scales: 11 (any fp16 value) for every recipe but a "gguf" one,
+    whose scales keep 11 - (bits of its largest code less one) so that scale x code is exact in fp16: Q4_0's
+    scales take 8 (x7 needs 3 more bits), and the loaders' fp16 dequantization equals the fp32 fake
+    quantization bit for bit. A scale rounded to 8 bits moves by at most 2**-9 of itself."""
+    if recipe.format != "gguf":
+        return 11
+    return 11 - (GGUF_MAX_CODE[gguf_type(recipe)] - 1).bit_length()
 
 
 # int4 group size, measured on shapes-sd (16 held-out captions, 25 steps, image PSNR vs fp32 mean / worst;
@@ -268,6 +308,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int4-w-gptq-g128", TensorQuant(INT4, PerGroup(128)), algorithm=SVDQuant(rank=0, smooth=False),
            description="int4-w-gptq with one fp16 scale per 128 inputs (4.125 bits per weight); Conv2d and "
                        "Linears 128 does not divide stay float"),
+    # GGUF's Q4_0 grid exactly (int4 codes -8..7 in blocks of 32 weights, one fp16 scale each: 4.5 bits), the
+    # codes chosen by GPTQ instead of the round-to-nearest of the `gguf` package and llama.cpp; written as a GGUF
+    # file that diffusers and ComfyUI-GGUF load (`diffquant export --format gguf`, `diffquant.export.gguf`).
+    Recipe("q4_0", TensorQuant(INT4, PerGroup(GGUF_BLOCK)), algorithm=SVDQuant(rank=0, smooth=False), format="gguf",
+           description=f"GGUF Q4_0: int4 Linear weights in blocks of {GGUF_BLOCK} with one fp16 scale (4.5 bits per "
+                       "weight), rounded by GPTQ on the calibration inputs' Hessians (calibrated); Conv2d and "
+                       "Linears the block does not divide stay float; export --format gguf"),
     Recipe("svdquant-w4a16", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)), algorithm=SVDQuant(SVDQUANT_RANK),
            description=f"SVDQuant: smoothed int4 Linear weights (GPTQ, one scale per {SVDQUANT_GROUP} inputs) "
                        f"plus a float rank-{SVDQUANT_RANK} branch (calibrated); Conv2d and Linears the group "
@@ -281,7 +328,7 @@ DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
 
 RECIPE_FIELDS = ("type", "version", "name", "weight", "activation", "conv_output", "exclude", "description",
-                 "smoothing", "fallback", "algorithm")
+                 "smoothing", "fallback", "algorithm", "format")
 SVDQUANT_FIELDS = ("type", "rank", "mode", "gptq", "smooth")
 QUANT_FIELDS = ("dtype", "granularity", "observer", "axis", "group_size")
 
@@ -339,7 +386,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         _check_fields(algorithm, SVDQUANT_FIELDS, "the recipe's 'algorithm'")
         algorithm = SVDQuant(**{k: v for k, v in algorithm.items() if k != "type"})
     return Recipe(name, quant("weight"), quant("activation"), tuple(exclude), data.get("description", ""),
-                  quant("conv_output"), smoothing, quant("fallback"), algorithm)
+                  quant("conv_output"), smoothing, quant("fallback"), algorithm, data.get("format", "onnx"))
 
 
 def get_recipe(name: str | Recipe) -> Recipe:

@@ -41,8 +41,18 @@ class Denoiser(ABC):
     # Module-name patterns kept in float by default, where a measurement showed they hurt (see docs/quantization.md).
     default_exclusions: ClassVar[tuple[str, ...]] = ()
 
+    # The original checkpoint layout (`layout.py`): the key prefix its single-file checkpoints carry, and the
+    # architecture name GGUF files and ComfyUI-GGUF give it (None: the family has no original layout here).
+    original_prefix: ClassVar[str] = ""
+    gguf_arch: ClassVar[str | None] = None
+
     def __init__(self, module: torch.nn.Module):
         self.module = module
+
+    def original_layout(self, rows: dict[str, int]) -> dict[str, list[tuple[str, int, int]]]:
+        """Original checkpoint key -> the row ranges of diffusers tensors it stacks (`layout.Layout`), for a
+        state dict whose tensors have `rows` rows; raises ValueError for a key it has no name for."""
+        raise ValueError(f"{self.name} has no original checkpoint layout in diffquant")
 
     @property
     def config(self):

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from diffquant.models.denoisers.base import Denoiser, register
+from diffquant.models.denoisers.layout import Layout, stacked, swapped, whole
 
 
 def _rms_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +35,50 @@ class FluxDenoiser(Denoiser):
     unbatched_inputs = ("img_ids", "txt_ids")
     # ModelOpt keeps these in high precision for Flux; ours is a measured default (see docs/quantization.md).
     default_exclusions = ()
+
+    gguf_arch = "flux"
+
+    def original_layout(self, rows: dict[str, int]) -> Layout:
+        """Black Forest Labs' names (double_blocks / single_blocks, fused qkv, single blocks' linear1 of q, k,
+        v and the MLP input)."""
+        top = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+               "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+        double = 1 + max((int(k.split(".")[1]) for k in rows if k.startswith("transformer_blocks.")), default=-1)
+        single = 1 + max((int(k.split(".")[1]) for k in rows if k.startswith("single_transformer_blocks.")),
+                         default=-1)
+        layout: Layout = {}
+        for leaf in ("weight", "bias"):
+            layout |= {f"{o}.{leaf}": whole(f"{d}.{leaf}", rows) for d, o in top.items() if f"{d}.{leaf}" in rows}
+            layout[f"final_layer.adaLN_modulation.1.{leaf}"] = swapped(f"norm_out.linear.{leaf}", rows)
+            for i in range(double):
+                d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+                parts = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+                         "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+                         "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+                         "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}
+                layout |= {f"{o}{k}.{leaf}": whole(f"{d}{v}.{leaf}", rows) for k, v in parts.items()}
+                layout[f"{o}img_attn.qkv.{leaf}"] = stacked([f"{d}attn.to_{c}.{leaf}" for c in "qkv"], rows)
+                layout[f"{o}txt_attn.qkv.{leaf}"] = stacked([f"{d}attn.add_{c}_proj.{leaf}" for c in "qkv"], rows)
+            for i in range(single):
+                d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+                layout[f"{o}modulation.lin.{leaf}"] = whole(f"{d}norm.linear.{leaf}", rows)
+                layout[f"{o}linear1.{leaf}"] = stacked([f"{d}attn.to_{c}.{leaf}" for c in "qkv"]
+                                                       + [f"{d}proj_mlp.{leaf}"], rows)
+                layout[f"{o}linear2.{leaf}"] = whole(f"{d}proj_out.{leaf}", rows)
+        norms = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+                 "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
+        for i in range(double):
+            layout |= {f"double_blocks.{i}.{o}.scale": whole(f"transformer_blocks.{i}.{d}.weight", rows)
+                       for o, d in norms.items()}
+        for i in range(single):
+            layout |= {f"single_blocks.{i}.norm.{o}_norm.scale": whole(f"single_transformer_blocks.{i}.attn.norm_{o[0]}.weight", rows)
+                       for o in ("query", "key")}
+        return layout
 
     @property
     def guidance_distilled(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from diffquant.models.denoisers.base import Denoiser, register
+from diffquant.models.denoisers.layout import Layout, stacked, swapped, whole
 
 
 @register
@@ -17,6 +18,48 @@ class SD3Denoiser(Denoiser):
     pipeline_attribute = "transformer"
     positional = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
     capture_keys = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+    gguf_arch = "sd3"
+
+    def original_layout(self, rows: dict[str, int]) -> Layout:
+        """Stability's MMDiT names (joint_blocks.N.x_block / context_block, fused qkv)."""
+        layout: Layout = {"pos_embed": whole("pos_embed.pos_embed", rows)}
+        top = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+               "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+               "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+               "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+               "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}
+        blocks = 1 + max(int(k.split(".")[1]) for k in rows if k.startswith("transformer_blocks."))
+        for leaf in ("weight", "bias"):
+            layout |= {f"{o}.{leaf}": whole(f"{d}.{leaf}", rows) for d, o in top.items()}
+            layout[f"final_layer.adaLN_modulation.1.{leaf}"] = swapped(f"norm_out.linear.{leaf}", rows)
+            for i in range(blocks):
+                d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+                last = f"{d}attn.to_add_out.weight" not in rows  # context_pre_only: no context output
+                parts = {f"x_block.attn.qkv.{leaf}": stacked([f"{d}attn.to_{c}.{leaf}" for c in "qkv"], rows),
+                         f"context_block.attn.qkv.{leaf}": stacked([f"{d}attn.add_{c}_proj.{leaf}" for c in "qkv"],
+                                                                   rows),
+                         f"x_block.attn.proj.{leaf}": whole(f"{d}attn.to_out.0.{leaf}", rows),
+                         f"x_block.adaLN_modulation.1.{leaf}": whole(f"{d}norm1.linear.{leaf}", rows),
+                         f"context_block.adaLN_modulation.1.{leaf}": (swapped if last else whole)(
+                             f"{d}norm1_context.linear.{leaf}", rows),
+                         f"x_block.mlp.fc1.{leaf}": whole(f"{d}ff.net.0.proj.{leaf}", rows),
+                         f"x_block.mlp.fc2.{leaf}": whole(f"{d}ff.net.2.{leaf}", rows)}
+                if not last:
+                    parts |= {f"context_block.attn.proj.{leaf}": whole(f"{d}attn.to_add_out.{leaf}", rows),
+                              f"context_block.mlp.fc1.{leaf}": whole(f"{d}ff_context.net.0.proj.{leaf}", rows),
+                              f"context_block.mlp.fc2.{leaf}": whole(f"{d}ff_context.net.2.{leaf}", rows)}
+                if f"{d}attn2.to_q.{leaf}" in rows:  # SD3.5's second image attention (MMDiT-X)
+                    parts |= {f"x_block.attn2.qkv.{leaf}": stacked([f"{d}attn2.to_{c}.{leaf}" for c in "qkv"], rows),
+                              f"x_block.attn2.proj.{leaf}": whole(f"{d}attn2.to_out.0.{leaf}", rows)}
+                layout |= {o + k: v for k, v in parts.items()}
+        norms = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+                 "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+                 "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
+        for i in range(blocks):  # SD3.5's RMS norms of queries and keys
+            layout |= {f"joint_blocks.{i}.{o}.weight": whole(f"transformer_blocks.{i}.{d}.weight", rows)
+                       for d, o in norms.items() if f"transformer_blocks.{i}.{d}.weight" in rows}
+        return layout
 
     def sequence_length(self, pipe=None) -> int:
         """CLIP tokens plus T5 tokens: the pipeline concatenates them along the sequence."""

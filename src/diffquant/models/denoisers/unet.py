@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from diffquant.models.denoisers.base import Denoiser, register
+from diffquant.models.denoisers.layout import Layout, whole
+
+# LDM names of a ResNet's parts, and of the layers outside the blocks.
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 @register
@@ -14,9 +24,53 @@ class UNetDenoiser(Denoiser):
     positional = ("sample", "timestep", "encoder_hidden_states")
     capture_keys = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")
 
+    original_prefix = "model.diffusion_model."  # diffusers' LDM converter reads only keys under it
+
     @property
     def sdxl(self) -> bool:
         return self.config.addition_embed_type == "text_time"
+
+    @property
+    def gguf_arch(self) -> str:
+        return "sdxl" if self.sdxl else "sd1"
+
+    def original_layout(self, rows: dict[str, int]) -> Layout:
+        """LDM names (input_blocks / middle_block / output_blocks); transformer internals keep their names."""
+        per_block = self.config.layers_per_block
+        per_block = per_block[0] if isinstance(per_block, (list, tuple)) else per_block
+        span = per_block + 1  # LDM blocks per diffusers down or up block: its ResNets and one sampler
+        up_attentions = {int(m[1]) for k in rows if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+
+        def resnet(rest: str) -> str:
+            part, _, leaf = rest.partition(".")
+            return f"{_RESNET[part]}.{leaf}"
+
+        layout = {}
+        for key in rows:
+            head, _, leaf = key.rpartition(".")
+            if head in _TOP:
+                name = f"{_TOP[head]}.{leaf}"
+            elif m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
+                name = f"input_blocks.{span * int(m[1]) + int(m[2]) + 1}.0.{resnet(m[3])}"
+            elif m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", key):
+                name = f"input_blocks.{span * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
+            elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
+                name = f"input_blocks.{span * (int(m[1]) + 1)}.0.op.{m[2]}"
+            elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)$", key):
+                name = f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
+            elif m := re.match(r"mid_block\.attentions\.0\.(.+)$", key):
+                name = f"middle_block.1.{m[1]}"
+            elif m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
+                name = f"output_blocks.{span * int(m[1]) + int(m[2])}.0.{resnet(m[3])}"
+            elif m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", key):
+                name = f"output_blocks.{span * int(m[1]) + int(m[2])}.1.{m[3]}"
+            elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", key):
+                i = int(m[1])
+                name = f"output_blocks.{span * i + span - 1}.{2 if i in up_attentions else 1}.conv.{m[2]}"
+            else:
+                raise ValueError(f"no LDM name for the UNet tensor {key}")
+            layout[name] = whole(key, rows)
+        return layout
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0) -> dict[str, torch.Tensor]:

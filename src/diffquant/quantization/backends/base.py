@@ -133,6 +133,12 @@ class QuantBackend(ABC):
 
     # --- what the rest of diffquant asks of a quantized module; the defaults fit a backend that cannot ---
 
+    def plain_state(self, module: torch.nn.Module) -> dict:
+        """The quantized `module` under its float parameter names: each int4 per-group Linear weight as its
+        codes (`diffquant.passes.codes.WeightCodes`), every other tensor as it is; what block formats such as
+        GGUF are written from. A backend without that form raises DiffquantError."""
+        raise DiffquantError(f"the {self.name} backend has no plain form of a quantized module")
+
     def check_recipes(self, recipes: Iterable[Recipe]) -> None:
         """Refuse, before any slow work, recipes this backend cannot export (DiffquantError naming them)."""
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from diffquant.core.errors import DiffquantError
-from diffquant.core.recipes import Recipe
+from diffquant.core.recipes import Recipe, gguf_scale_bits
 from diffquant.quantization.backends.base import QUANTIZABLE, LayerReport, QuantBackend, Storage, TracedGraph, register
 from diffquant.quantization.backends.quark import fourbit, internals, svdquant
 from diffquant.quantization.backends.quark.config import to_quark_config
@@ -73,7 +73,7 @@ class QuarkBackend(QuantBackend):
         started = time.perf_counter()
         with torch.no_grad():
             module = quantizer.quantize_model(module, calibration if recipe.needs_calibration else None)
-        fourbit.round_scales_fp16(module)  # int4 scales as stored (fp16); other layers untouched
+        fourbit.round_scales_fp16(module, gguf_scale_bits(recipe))  # int4 scales as stored (fp16); others untouched
         logger.info("quantized %s with %s in %.1f s", type(module).__name__, recipe.name, time.perf_counter() - started)
         return module
 
@@ -88,10 +88,16 @@ class QuarkBackend(QuantBackend):
                                  f"{recipe.weight.granularity.size} divides: use a recipe with a smaller group")
         return svdquant.apply_svdquant(module, calibration, layers, mode=algorithm.mode, rank=algorithm.rank,
                                        group_size=recipe.weight.granularity.size, gptq=algorithm.gptq,
-                                       alphas=svdquant.ALPHAS if algorithm.smooth else (None,))
+                                       alphas=svdquant.ALPHAS if algorithm.smooth else (None,),
+                                       scale_bits=gguf_scale_bits(recipe))
 
     def activation_scales(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return internals.activation_scales(module)
+
+    def plain_state(self, module: torch.nn.Module) -> dict:
+        from diffquant.quantization.backends.quark import export
+
+        return export.plain_state(module)
 
     def check_recipes(self, recipes) -> None:
         from diffquant.quantization.backends.quark.export import check_recipes_exportable

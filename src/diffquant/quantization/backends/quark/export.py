@@ -61,6 +61,36 @@ def weight_codes(layer: torch.nn.Module) -> WeightCodes:
     return WeightCodes(codes, scale, kind, exact, layer.weight.dtype)
 
 
+def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor | WeightCodes]:
+    """The quantized denoiser under the parameter names of its float module: each int4 per-group Linear's
+    weight as its codes (`group_codes`), every other tensor as it is (float layers, biases, norms). An
+    SVDQuant layer without branch or smoothing (GPTQ alone) is its residual Linear; one with either, or an
+    8-bit / MXFP4 weight, has no plain form here and is refused in one line."""
+    from diffquant.quantization.backends.quark import svdquant
+
+    codes, renamed = {}, {}
+    for name, layer in module.named_modules():
+        if svdquant.is_error_corrected(layer):
+            if layer.correction is not None or layer.smooth_factor is not None:
+                raise DiffquantError(f"{name}: an SVDQuant layer with a low-rank branch or smoothing has no plain "
+                                     "int4 form (GGUF holds codes and scales only): use q4_0 or int4-w")
+            renamed[f"{name}.layer."] = f"{name}."
+        kind = fourbit.weight_kind(layer)
+        if kind == "int4":
+            plain = name[: -len(".layer")] if name.endswith(".layer") and f"{name}." in renamed else name
+            codes[f"{plain}.weight"] = group_codes(layer)
+        elif kind is not None:
+            raise DiffquantError(f"{name}: its {kind} weight has no plain int4 block form: use q4_0 or int4-w")
+    state = {}
+    for key, tensor in module.state_dict().items():
+        if any(f"._{part}_quantizer." in key for part in ("weight", "input", "output")):
+            continue
+        prefix = next((p for p in renamed if key.startswith(p)), None)
+        key = key if prefix is None else renamed[prefix] + key[len(prefix):]
+        state[key] = codes.get(key, tensor)
+    return state
+
+
 def group_codes(layer: torch.nn.Module) -> WeightCodes:
     """The int4 nibbles and group scales of a Linear, checked against Quark's fake-quantized weight."""
     nibbles, scale, _ = fourbit.group_codes(layer)

@@ -30,11 +30,18 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 _FP16_TINY = 2.0 ** -24  # the smallest positive float16 (subnormal): a scale rounded to fp16 stays above 0
 
 
-def fp16_grid(tensor: torch.Tensor, positive: bool = False) -> torch.Tensor:
+def fp16_grid(tensor: torch.Tensor, positive: bool = False, bits: int = 11) -> torch.Tensor:
     """`tensor` rounded to the nearest float16 value (clamped into its range; at least the smallest
-    positive float16 when `positive`, as a scale or divisor must be), kept in its own dtype."""
+    positive float16 when `positive`, as a scale or divisor must be), kept in its own dtype. `bits` < 11
+    keeps that many significant bits of each value (a GGUF recipe's scales, `recipes.gguf_scale_bits`),
+    so that its product with a small integer code is exact in fp16."""
     clamped = tensor.clamp(_FP16_TINY if positive else -_FP16_MAX, _FP16_MAX)
-    return clamped.to(torch.float16).to(tensor.dtype)
+    rounded = clamped.to(torch.float16)
+    if bits < 11:
+        mantissa, exponent = torch.frexp(rounded.float())  # mantissa in [0.5, 1)
+        trimmed = torch.ldexp(torch.round(mantissa * 2.0 ** bits) / 2.0 ** bits, exponent)
+        rounded = trimmed.clamp(_FP16_TINY if positive else -_FP16_MAX, _FP16_MAX).to(torch.float16)
+    return rounded.to(tensor.dtype)
 
 
 def fits_fp16(tensor: torch.Tensor) -> bool:
@@ -48,12 +55,12 @@ def stored_bits(tensor: torch.Tensor) -> int:
     return (16 if fits_fp16(tensor) else 8 * tensor.element_size()) * tensor.numel()
 
 
-def round_scales_fp16(module: torch.nn.Module) -> None:
-    """Give every int4 weight quantizer of `module` its scale rounded to fp16 (observing the weight first
-    where it has not yet), so that its codes are taken on the scale that is stored."""
+def round_scales_fp16(module: torch.nn.Module, bits: int = 11) -> None:
+    """Give every int4 weight quantizer of `module` its scale rounded to fp16 (with `bits` significant bits;
+    observing the weight first where it has not yet), so that its codes are taken on the scale that is stored."""
     for layer in module.modules():
         if weight_kind(layer) == "int4":
-            internals.set_weight_scale(layer, fp16_grid(internals.observe_weight(layer), positive=True))
+            internals.set_weight_scale(layer, fp16_grid(internals.observe_weight(layer), positive=True, bits=bits))
 
 
 def unfit_reason(layer: torch.nn.Module, recipe: Recipe) -> str | None:

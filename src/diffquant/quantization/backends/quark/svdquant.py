@@ -98,7 +98,8 @@ def _collect(module: torch.nn.Module, calibration, names: set[str], gptq: bool):
     return internals.svdquant_statistics(module, calibration, names, gptq, SEARCH_RECORDS)
 
 
-def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None, group_size: int):
+def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None, group_size: int,
+          scale_bits: int = 11):
     """Quark's GPTQ of the residual on the Hessian of the input it really reads (x / s), and the per-group
     scales it rounded to, (out, groups), rounded to fp16 (the codes GPTQ chose, times the stored scales).
     Quark's int4 quantizer takes those scales (its own would be max|w| / 7.5, not GPTQ's max|w| / 7, and
@@ -114,7 +115,7 @@ def _gptq(residual: torch.Tensor, hessian: torch.Tensor, s: torch.Tensor | None,
     start[:, torch.diag(hessian) == 0] = 0  # as GPTQ zeroes dead columns before taking its scales
     scales = start.reshape(start.shape[0], -1, group_size).abs().amax(dim=-1).clamp(min=1e-10) / 7
     codes = torch.round(rounded / scales.repeat_interleave(group_size, dim=1)).clamp(-8, 7)
-    scales = fourbit.fp16_grid(scales, positive=True)
+    scales = fourbit.fp16_grid(scales, positive=True, bits=scale_bits)
     return codes * scales.repeat_interleave(group_size, dim=1), scales
 
 
@@ -259,7 +260,8 @@ def rebuild(module: torch.nn.Module, layers: dict[str, tuple[int, bool]], mode: 
 
 def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers: Sequence[str],
                    mode: str = "w4a16", rank: int = 32, group_size: int = 64,
-                   alphas: Sequence[float | None] = ALPHAS, gptq: bool = False) -> torch.nn.Module:
+                   alphas: Sequence[float | None] = ALPHAS, gptq: bool = False,
+                   scale_bits: int = 11) -> torch.nn.Module:
     """Quantize the Linear `layers` of a bare denoiser (UNet or transformer) with SVDQuant, in place.
 
     Every other layer stays float. Each named Linear becomes Quark's `ErrorCorrectedModule`: its input
@@ -280,6 +282,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         alphas: the smoothing exponents tried per layer (None: no smoothing). A layer the calibration
             records never reach is not smoothed (and its residual is rounded to nearest).
         gptq: round the residual with Quark's GPTQ (on the Hessian of x / s) instead of to nearest.
+        scale_bits: significant bits of the fp16 scales (11: any fp16 value; a GGUF recipe's fewer, see
+            `recipes.gguf_scale_bits`).
 
     Returns:
         The quantized module; its record's `algorithm` dict (`record_of(module).algorithm`) holds each layer's alpha and the relative
@@ -309,7 +313,7 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
                 logger.warning("SVDQuant: %s never ran on the calibration records; not smoothed", name)
                 alpha, error, (s, l1, l2, r) = None, None, _candidate(weight, None, None, rank)
             if gptq and name in hessians:
-                r, scales[name] = _gptq(r, hessians.pop(name).to(r.device), s, group_size)
+                r, scales[name] = _gptq(r, hessians.pop(name).to(r.device), s, group_size, scale_bits)
             dtype = layer.weight.dtype
             layer.weight = torch.nn.Parameter(r.to(dtype), requires_grad=False)
             branch = _wrap(module, name, layer, l1.shape[0], None if s is None else s.to(dtype))
@@ -323,7 +327,7 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         module = ModelQuantizer(qconfig).quantize_model(module, None)
         for name, scale in scales.items():
             internals.set_weight_scale(module.get_submodule(f"{name}.layer"), scale)
-        fourbit.round_scales_fp16(module)  # the residuals rounded to nearest (GPTQ's scales are fp16 already)
+        fourbit.round_scales_fp16(module, scale_bits)  # the residuals rounded to nearest (GPTQ's are on the grid)
     note(module, algorithm={"mode": mode, "rank": rank, "group_size": group_size, "gptq": gptq, "layers": report})
     smoothed = sum(v["alpha"] is not None for v in report.values())
     logger.info("SVDQuant %s rank %d: %d layers (%d smoothed) in %.1f s", mode, rank, len(report), smoothed,

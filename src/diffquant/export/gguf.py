@@ -1,0 +1,223 @@
+"""GGUF export: a quantized denoiser as a GGUF file that unmodified diffusers (`from_single_file` with
+`GGUFQuantizationConfig`) and ComfyUI-GGUF load, in the model's original checkpoint names
+(`models/denoisers/layout.py`), its int4 Linears in GGML Q4_0 blocks holding diffquant's codes (GPTQ's for
+the `q4_0` recipe) instead of the round-to-nearest ones of the `gguf` package and llama.cpp.
+
+Q4_0 is exactly diffquant's int4 grid at group 32: a block of 32 weights is one fp16 scale d and 32 codes q in
+0..15, each weight d x (q - 8). The loaders dequantize in fp16; a `q4_0` recipe's scales keep 8 significant
+bits (`recipes.gguf_scale_bits`), so every d x (q - 8) is exact in fp16 and the file's weights are the fake-
+quantized ones bit for bit. Every other tensor (Conv2d, norms, biases, Linears a block does not divide, the
+layers the plan keeps float) is F32, as diffusers' GGUF loader replaces Linears only.
+
+Hand-packed: the `gguf` package writes the file (`GGUFWriter`) but quantizes only from float weights with
+its own rounding; the block layout is GGML's (byte j of a block's 16 code bytes holds code j in its low
+nibble and code j + 16 in its high nibble)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffquant.core.artifacts import atomic_dir
+from diffquant.core.errors import DiffquantError
+from diffquant.core.recipes import GGUF_BLOCK, gguf_type
+from diffquant.core.record import record_of
+from diffquant.models.denoisers import Denoiser, denoiser_for, denoiser_of
+from diffquant.models.denoisers.layout import check_covers
+from diffquant.passes.codes import WeightCodes
+from diffquant.quantization.backends import backend_of
+
+logger = logging.getLogger(__name__)
+GGUF_VERSION = 1
+
+
+@dataclass
+class GgufExport:
+    """What was written: the file, its GGML type, how many tensors are blocks and how many float, the Linear
+    and Conv2d weights left float (by name), and the check of the file in diffusers' loader."""
+
+    path: Path
+    size_bytes: int
+    gguf_type: str
+    arch: str
+    block_tensors: int
+    float_tensors: int
+    float_weights: list[str] = field(default_factory=list)
+    loaded_layers: int = 0  # Linears diffusers loaded as GGUF blocks
+    exact_layers: int = 0  # of those, dequantized to the fake-quantized weight bit for bit
+    max_abs_difference: float | None = None  # over every loaded block weight vs the fake-quantized one
+    export_seconds: float = 0.0
+    version: int = GGUF_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"path": str(self.path), "type": "GgufExport"}
+
+
+def file_name(family: Denoiser) -> str:
+    return f"{family.pipeline_attribute}.gguf"
+
+
+def pack_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """GGML Q4_0 blocks of (N, K) nibbles (int4 code + 8) and their (N, K / 32) fp16-valued scales: an
+    (N, K / 32 * 18) uint8 array, each block its scale's two bytes then 16 bytes of codes."""
+    n, k = codes.shape
+    if k % GGUF_BLOCK or scale.shape != (n, k // GGUF_BLOCK):
+        raise ValueError(f"Q4_0 takes blocks of {GGUF_BLOCK} along the input: codes {tuple(codes.shape)}, "
+                         f"scales {tuple(scale.shape)}")
+    half = scale.to(torch.float16)
+    if not torch.equal(half.float(), scale.float()):
+        raise ValueError("Q4_0 stores fp16 scales: these are not fp16 values")
+    blocks = codes.to(torch.uint8).reshape(n, k // GGUF_BLOCK, GGUF_BLOCK).numpy()
+    packed = blocks[..., :16] | (blocks[..., 16:] << 4)
+    d = half.numpy().view(np.uint8).reshape(n, k // GGUF_BLOCK, 2)
+    return np.concatenate([d, packed], axis=-1).reshape(n, -1)
+
+
+def _rows(value) -> int:
+    tensor = value.codes if isinstance(value, WeightCodes) else value
+    return tensor.shape[0] if tensor.dim() else 1
+
+
+def original_state(module: torch.nn.Module) -> tuple[Denoiser, dict[str, torch.Tensor | WeightCodes]]:
+    """The quantized denoiser's tensors under its original checkpoint names (with the family's prefix): float
+    tensors, and `WeightCodes` for the int4 block weights (fused qkv stacked row-wise, halves swapped)."""
+    family = denoiser_for(module)
+    state = backend_of(module).plain_state(module)
+    rows = {k: _rows(v) for k, v in state.items()}
+    try:
+        layout = family.original_layout(rows)
+        check_covers(layout, rows, family.name)
+    except (ValueError, KeyError) as error:
+        raise DiffquantError(f"this {family.name} has no original checkpoint layout diffquant can write: {error}") \
+            from None
+    out = {}
+    for name, parts in layout.items():
+        values = [state[key] for key, _, _ in parts]
+        blocks = [isinstance(v, WeightCodes) for v in values]
+        if any(blocks) and not all(blocks):
+            raise DiffquantError(f"{name} stacks quantized and float tensors ({', '.join(k for k, _, _ in parts)}): "
+                                 "quantize all of them or none (exclude the others with the same pattern)")
+        if all(blocks):
+            out[family.original_prefix + name] = WeightCodes(
+                torch.cat([v.codes[s:e] for v, (_, s, e) in zip(values, parts)]),
+                torch.cat([v.scale[s:e] for v, (_, s, e) in zip(values, parts)]), "int4",
+                all(v.exact for v in values), values[0].float_dtype)
+        else:
+            out[family.original_prefix + name] = torch.cat([v.detach()[s:e] for v, (_, s, e) in zip(values, parts)])
+    return family, out
+
+
+def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> GgufExport:
+    """Write the quantized denoiser of a pipeline (or a bare quantized denoiser) to `out_dir/<unet|transformer>.gguf`
+    (the folder replaced atomically) and, given a pipeline whose folder holds the model's config and `check`,
+    load it back with diffusers' GGUF loader and compare every block weight with the fake-quantized one.
+
+    Raises:
+        DiffquantError: the recipe's grid is no GGML type (use `q4_0` or `int4-w`), the family has no original
+            layout, or (`check`) the loaded weights differ from the fake-quantized ones.
+    """
+    import gguf
+
+    module = pipe_or_module if isinstance(pipe_or_module, torch.nn.Module) else denoiser_of(pipe_or_module).module
+    record = record_of(module)
+    if record.recipe is None:
+        raise DiffquantError("this denoiser was not quantized by diffquant.quantize: nothing to export as GGUF")
+    qtype = gguf_type(record.recipe)
+    if qtype is None:
+        raise DiffquantError(f"recipe {record.recipe.name}: its weights are on no GGML block grid, so GGUF cannot hold "
+                             "them exactly: quantize with q4_0 (GPTQ) or int4-w (round to nearest)")
+    started = time.perf_counter()
+    family, state = original_state(module)
+    if family.gguf_arch is None:
+        raise DiffquantError(f"{family.name} has no GGUF architecture name: GGUF export covers "
+                             "UNet2DConditionModel, SD3Transformer2DModel and FluxTransformer2DModel")
+    out_dir = Path(out_dir)
+    path = out_dir / file_name(family)
+    float_weights = sorted(k for k, v in state.items() if not isinstance(v, WeightCodes) and k.endswith(".weight")
+                           and v.dim() >= 2)
+    with atomic_dir(out_dir) as tmp:
+        writer = gguf.GGUFWriter(str(tmp / path.name), arch=family.gguf_arch)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+        writer.add_string("general.name", f"{family.module_class} {record.recipe.name} (diffquant)")
+        writer.add_string("diffquant.recipe", json.dumps(record.recipe.to_dict()))
+        if record.plan is not None:
+            writer.add_string("diffquant.plan", record.plan.summary())
+        blocks = 0
+        for name, value in state.items():
+            if isinstance(value, WeightCodes):
+                writer.add_tensor(name, pack_q4_0(value.codes, value.scale),
+                                  raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+                blocks += 1
+            else:
+                writer.add_tensor(name, value.float().contiguous().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        result = GgufExport(path=path, size_bytes=(tmp / path.name).stat().st_size, gguf_type=qtype,
+                            arch=family.gguf_arch, block_tensors=blocks, float_tensors=len(state) - blocks,
+                            float_weights=float_weights)
+        if check and not isinstance(pipe_or_module, torch.nn.Module):
+            _check_loaded(result, load_gguf(pipe_or_module, tmp / path.name), module)
+        result.export_seconds = time.perf_counter() - started
+    logger.info("GGUF %s: %s (%.2f MB), %d %s tensors, %d float; diffusers loaded %d block Linears, %d bit-exact",
+                qtype, path, result.size_bytes / 1e6, blocks, qtype, result.float_tensors, result.loaded_layers,
+                result.exact_layers)
+    return result
+
+
+def load_gguf(pipe, path: str | Path) -> torch.nn.Module:
+    """The pipeline's denoiser class loaded from a GGUF file by diffusers' own single-file loader (its config
+    from the pipeline's folder or Hub id, float32 compute), as a user of the file would load it."""
+    from diffusers import GGUFQuantizationConfig
+
+    family = denoiser_of(pipe)
+    local = Path(str(pipe.name_or_path)).is_dir()
+    return type(family.module).from_single_file(
+        str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=str(pipe.name_or_path), subfolder=family.pipeline_attribute, torch_dtype=torch.float32,
+        local_files_only=local).eval()
+
+
+# The loaders multiply scale x code in fp16: with any fp16 scale (a recipe not made for GGUF, such as int4-w) the
+# product is rounded to fp16, at most half an fp16 step of the weight away from the fake-quantized one.
+FP16_PRODUCT_BOUND = 2.0 ** -11
+
+
+def _check_loaded(result: GgufExport, loaded: torch.nn.Module, module: torch.nn.Module) -> None:
+    """Every Linear diffusers loaded as blocks dequantizes to the plain state's codes x scales (the fake-
+    quantized weight): bit for bit for a "gguf" recipe, within `FP16_PRODUCT_BOUND` of each weight for any other;
+    counted into `result`, raised when one is off or the loaded Linears are not the quantized ones."""
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    plain = backend_of(module).plain_state(module)
+    bit_exact = record_of(module).recipe.format == "gguf"
+    worst, exact, count, first = 0.0, 0, 0, None
+    for name, layer in loaded.named_modules():
+        weight = getattr(layer, "weight", None)
+        if weight is None or not hasattr(weight, "quant_type"):
+            continue
+        count += 1
+        stored = plain.get(f"{name}.weight")
+        if not isinstance(stored, WeightCodes):
+            raise DiffquantError(f"diffusers loaded {name} from the GGUF file as blocks, but it is not quantized")
+        expected = (stored.codes.float() - 8) * stored.scale.repeat_interleave(stored.group, dim=1)
+        got = dequantize_gguf_tensor(weight).float()
+        worst = max(worst, float((got - expected).abs().max()))
+        same = torch.equal(got, expected) and stored.exact
+        exact += same
+        close = bool(((got - expected).abs() <= expected.abs() * FP16_PRODUCT_BOUND).all()) and stored.exact
+        first = first or (None if (same or (close and not bit_exact)) else name)
+    result.loaded_layers, result.exact_layers, result.max_abs_difference = count, exact, worst
+    quantized = sum(isinstance(v, WeightCodes) for v in plain.values())
+    if count != quantized or first is not None:
+        raise DiffquantError(f"diffusers' GGUF loader gave {count} block Linears ({exact} equal to the fake-quantized "
+                             f"weights, max difference {worst:.3g}; first that differs: {first}) for {quantized} "
+                             "quantized Linears: the file is wrong")
