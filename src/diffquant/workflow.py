@@ -63,6 +63,31 @@ def calibration_overlap(prompts: list[str], calibration_prompts: list[str]) -> l
     return overlap
 
 
+def _gguf_stages(ctx: RunContext, quantized, recipe, entry: RecipeResult | None) -> RecipeResult | None:
+    """A "gguf" recipe's GGUF file (main process), then every process's share of its images with the file
+    loaded by diffusers' own GGUF loader, measured against the torch fake-quant images and the baseline."""
+    from diffquant.export.gguf import export_gguf, load_gguf
+    from diffquant.quantization.api import with_denoiser
+
+    state, out_dir, prompts, main = ctx.state, ctx.out_dir, ctx.prompts, ctx.main
+    path = None
+    if main:
+        with _timed(ctx.timings, f"export {recipe.name} (GGUF)"):
+            written = export_gguf(quantized, out_dir / "gguf" / recipe.name)
+        entry = replace(entry, gguf=written.to_dict() | {"path": str(written.path.relative_to(out_dir))})
+        path = written.path
+    path = Path(broadcast(state, str(path)))
+    label = f"{recipe.name}-gguf"
+    with _timed(ctx.timings, f"generate {recipe.name} (GGUF in diffusers)"):
+        loaded = with_denoiser(ctx.pipe, ctx.family.pipeline_attribute, load_gguf(ctx.pipe, path))
+        ctx.throughput.extend(generate_set(state, loaded, prompts, out_dir, label, ctx.gen, ctx.config.batch_size))
+    if not main:
+        return None
+    vs_baseline, _ = ctx.scorer.image_set(label, scores=False)
+    vs_torch, _ = ctx.scorer.image_set(label, reference=recipe.name, scores=False)
+    return replace(entry, gguf_images=OrtImages(_paths(label, prompts), vs_torch=vs_torch, vs_baseline=vs_baseline))
+
+
 def _plan_fields(record) -> dict:
     """What results.json says of why layers stayed float: the profile's reason, and each reason of the
     layer plan with the layers it kept float (or gave the recipe's fallback)."""
@@ -337,6 +362,9 @@ def _stages(ctx: RunContext, recipes) -> None:
         if config.export:
             entry = _export_stages(ctx, quantized, recipe, records, entry)
             labels.append(f"{recipe.name}-{get_runtime(config.runtime).tag}")
+            if recipe.format == "gguf":
+                entry = _gguf_stages(ctx, quantized, recipe, entry)
+                labels.append(f"{recipe.name}-gguf")
         if main:
             saved.set(replace(saved.results.with_recipe(recipe.name, entry), evaluation=evaluation()))
         del quantized, q_module

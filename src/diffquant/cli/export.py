@@ -1,4 +1,5 @@
-"""`diffquant export`: export a quantized denoiser to ONNX and check it in ONNX Runtime."""
+"""`diffquant export`: export a quantized denoiser to ONNX (checked in ONNX Runtime) or to GGUF (checked in
+diffusers' GGUF loader)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 
 from diffquant.cli.base import Command
 from diffquant.cli.options import add_int4_compute
+from diffquant.core.errors import DiffquantError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", action="store_true",
                    help="write the whole pipeline (text encoder, VAE, scheduler, tokenizer, quantized UNet) in the "
                         "folder layout that Optimum's ORTDiffusionPipeline loads")
+    p.add_argument("--format", choices=("onnx", "gguf"), default="onnx",
+                   help="onnx (default): ONNX Runtime / OpenVINO; gguf: one GGUF file in the model's original "
+                        "checkpoint names, for diffusers' and ComfyUI's GGUF loaders (recipes on GGML's Q4_0 grid: "
+                        "q4_0, int4-w)")
     add_int4_compute(p)
     p.add_argument("--out", required=True)
 
@@ -25,6 +31,17 @@ def main(args: argparse.Namespace) -> int:
 
     with output_folder(args.out) as out:
         quantized = load_quantized(args.quantized, args.device, "auto")
+        if args.format == "gguf":
+            from diffquant.export.gguf import export_gguf
+
+            if args.pipeline:
+                raise DiffquantError("--pipeline writes Optimum's ONNX folder: leave it out with --format gguf")
+            written = export_gguf(quantized, out)
+            print(f"wrote {written.path} ({written.size_bytes / 1e6:.1f} MB, {written.gguf_type}, "
+                  f"{written.block_tensors} block tensors, {written.float_tensors} float); diffusers' GGUF loader "
+                  f"read {written.loaded_layers} Linears, {written.exact_layers} equal to the fake-quantized weights "
+                  "bit for bit")
+            return 0
         if args.pipeline:
             from diffquant.export.optimum import export_pipeline
 
@@ -38,4 +55,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = Command("export", "export a quantized denoiser to ONNX and check it in ONNX Runtime", add_arguments, main)
+COMMAND = Command("export", "export a quantized denoiser to ONNX (checked in ONNX Runtime) or GGUF (checked in "
+                  "diffusers)", add_arguments, main)

@@ -78,6 +78,13 @@ def summary_table(results) -> str:
         p10, worst = (f"{v:.2f}" if v is not None else "-" for v in (q.psnr_p10_db, q.psnr_worst_db))
         lines.append(f"{name:<16} {q.psnr_db:>8.2f} {p10:>6} {worst:>6} {q.ssim:>7.4f} {score:>9} {r.sqnr_db:>8.2f} "
                      f"{bits:>6} {onnx_mb:>8} {gen:>7.1f}")
+        if r.gguf:
+            g = r.gguf
+            vs_torch = r.gguf_images.vs_torch.psnr_db if r.gguf_images else None
+            drawn = "-" if vs_torch is None else ("identical" if vs_torch >= 100 else f"{vs_torch:.2f} dB")
+            lines.append(f"  {name} GGUF {g['gguf_type']}: {g['path']} {g['size_bytes'] / 1e6:.1f} MB; diffusers' loader "
+                         f"read {g['loaded_layers']} block Linears ({g['exact_layers']} bit-exact); its images vs "
+                         f"torch: {drawn}")
     lines.append("* quantized generation runs Quark fake-quant (simulated): no speedup is claimed. "
                  "p10 / worst: the 10th-percentile and lowest image PSNR. Baseline 'ONNX MB' is the fp32 parameter size. bits/w: stored bits per Linear/Conv2d weight, "
                  "scales and low-rank branch included.")

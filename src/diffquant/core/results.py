@@ -128,6 +128,8 @@ class RecipeResult:
     ort: OrtImages | None = None
     pipeline: dict | None = None  # the deployable ONNX pipeline folder, when asked
     scores: ImageSetScores | None = None
+    gguf: dict | None = None  # GgufExport.to_dict() of a "gguf" recipe, path relative to the run folder
+    gguf_images: OrtImages | None = None  # its images, the GGUF file loaded by diffusers' GGUF loader
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,12 @@ class RunResult:
                 ort = OrtImages(tuple(ort["images"]), Quality.from_dict(ort["vs_torch"]),
                                 Quality.from_dict(ort["vs_baseline"]))
             scores = r.pop("scores", None)
+            gguf_images = r.pop("gguf_images", None)
+            if gguf_images is not None:
+                gguf_images = OrtImages(tuple(gguf_images["images"]), Quality.from_dict(gguf_images["vs_torch"]),
+                                        Quality.from_dict(gguf_images["vs_baseline"]))
             recipes[name] = RecipeResult(**{**r, "images": tuple(r["images"]), "quality": Quality.from_dict(r["quality"]),
-                                            "notes": tuple(r["notes"]), "ort": ort,
+                                            "notes": tuple(r["notes"]), "ort": ort, "gguf_images": gguf_images,
                                             "scores": None if scores is None else ImageSetScores(**scores)})
         baseline_scores = values.pop("baseline_scores", None)
         evaluation = values.pop("evaluation", None)

@@ -122,7 +122,10 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
         DiffquantError: the recipe's grid is no GGML type (use `q4_0` or `int4-w`), the family has no original
             layout, or (`check`) the loaded weights differ from the fake-quantized ones.
     """
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise DiffquantError("GGUF export needs the gguf package: pip install 'diffquant[gguf]'") from None
 
     module = pipe_or_module if isinstance(pipe_or_module, torch.nn.Module) else denoiser_of(pipe_or_module).module
     record = record_of(module)

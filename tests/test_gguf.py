@@ -1,0 +1,159 @@
+"""GGUF export: the original checkpoint layouts round-trip through diffusers' own converters, Q4_0 blocks are
+GGML's layout, and a q4_0 file loads in unmodified diffusers with its weights bit-exact and its images equal to
+diffquant's torch images; what GGUF cannot hold is refused in one line."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+
+from diffquant.core.errors import DiffquantError
+from diffquant.models.denoisers import denoiser_for, denoiser_of
+from diffquant.models.denoisers.layout import apply, check_covers, rows_of
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'diffquant[gguf]')")
+
+
+@pytest.mark.parametrize("build", [build_tiny_sd, build_tiny_sdxl, build_tiny_sd3], ids=["sd1", "sdxl", "sd3"])
+def test_the_original_layout_converts_back_to_every_diffusers_tensor(build):
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+
+    family = denoiser_of(build())
+    state = family.module.state_dict()
+    layout = family.original_layout(rows_of(state))
+    check_covers(layout, rows_of(state), family.name)
+    original = {family.original_prefix + k: v for k, v in apply(layout, state).items()}
+    if family.module_class == "UNet2DConditionModel":
+        back = convert_ldm_unet_checkpoint(original, family.module.config)
+    else:
+        back = convert_sd3_transformer_checkpoint_to_diffusers(original)
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert any(len(parts) > 1 for parts in layout.values()) == (family.module_class != "UNet2DConditionModel")
+
+
+def test_flux_layout_converts_back_at_flux_width():
+    """diffusers' FLUX.1 converter is written for FLUX.1's width (3072): checked on the meta device at that width,
+    names and shapes (the values were checked once at that width, 546 M parameters, with random weights)."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    state = model.state_dict()
+    layout = denoiser_for(model).original_layout(rows_of(state))
+    back = convert_flux_transformer_checkpoint_to_diffusers(apply(layout, state))
+    assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state)
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"} <= set(layout)
+
+
+def test_q4_0_blocks_are_ggmls():
+    from diffquant.export.gguf import pack_q4_0
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (6, 64), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(6, 2, generator=gen) + 0.01).half().float()
+    packed = pack_q4_0(codes, scale)
+    assert packed.shape == (6, 2 * 18) and packed.dtype == np.uint8
+    values = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q4_0)
+    expected = (codes.float() - 8) * scale.repeat_interleave(32, dim=1)
+    assert np.array_equal(values, expected.numpy())
+    with pytest.raises(ValueError, match="not fp16 values"):
+        pack_q4_0(codes, scale + 1e-5)
+
+
+@pytest.fixture(scope="module")
+def shapes_q4_0(shapes_pipe, shapes_calibration):
+    import diffquant as dq
+
+    return dq.quantize(shapes_pipe, "q4_0", calibration=shapes_calibration)
+
+
+def test_a_q4_0_file_loads_in_diffusers_bit_exact_and_draws_the_same_images(shapes_pipe, shapes_q4_0, tmp_path):
+    import diffquant as dq
+    from diffquant.export.gguf import export_gguf, load_gguf
+    from diffquant.models.shapes.dataset import sample_captions
+    from diffquant.quantization.api import with_denoiser
+
+    result = export_gguf(shapes_q4_0, tmp_path / "gguf")
+    assert result.gguf_type == "Q4_0" and result.arch == "sd1"
+    assert result.loaded_layers == result.exact_layers == result.block_tensors == 83  # every Linear of shapes-sd
+    assert result.max_abs_difference == 0.0
+    assert len(result.float_weights) == 50  # every Conv2d stays F32 (diffusers' GGUF loader replaces Linears)
+    reader = gguf.GGUFReader(str(result.path))
+    names = [t.name for t in reader.tensors]
+    assert all(n.startswith("model.diffusion_model.") for n in names)
+    assert "model.diffusion_model.input_blocks.1.1.proj_in.weight" in names  # LDM names, as ComfyUI reads them
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "sd1"
+    assert sum(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for t in reader.tensors) == 83
+
+    gguf_pipe = with_denoiser(shapes_pipe, "unet", load_gguf(shapes_pipe, result.path))
+    prompts = sample_captions(2, seed=17)
+    torch_images = dq.generate(shapes_q4_0, prompts, seed=3, steps=6)
+    gguf_images = dq.generate(gguf_pipe, prompts, seed=3, steps=6)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(torch_images, gguf_images))
+
+
+def test_round_to_nearest_int4_loads_within_an_fp16_step(shapes_pipe, tmp_path):
+    """int4-w is on the same grid with any fp16 scale: the loaders' fp16 multiply rounds some products, within
+    half an fp16 step of each weight (checked by the export), so its file is close but not bit-exact."""
+    import diffquant as dq
+    from diffquant.export.gguf import export_gguf
+
+    result = export_gguf(dq.quantize(shapes_pipe, "int4-w"), tmp_path / "gguf")
+    assert result.loaded_layers == 83 and result.exact_layers < 83
+    assert 0 < result.max_abs_difference < 1e-3
+
+
+def test_the_transformer_file_loads_through_diffusers_sd3_converter(tiny_sd3, tmp_path):
+    import diffquant as dq
+    from diffquant.export.gguf import export_gguf
+    from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
+
+    calibration = capture_denoiser_inputs(tiny_sd3, ["a red circle"], CalibrationConfig(size=1, batch_size=1, steps=2))
+    result = export_gguf(dq.quantize(tiny_sd3, "q4_0", calibration=calibration), tmp_path / "gguf")
+    assert result.arch == "sd3" and result.exact_layers == result.loaded_layers > 0
+    names = {t.name for t in gguf.GGUFReader(str(result.path)).tensors}
+    assert "joint_blocks.0.x_block.attn.qkv.weight" in names  # q, k and v stacked, as SD3's own checkpoints
+
+
+@pytest.mark.parametrize(("recipe", "message"), [("w8a8-int8", "no GGML block grid"),
+                                                 ("int8-w", "no GGML block grid")])
+def test_what_gguf_cannot_hold_is_refused_in_one_line(tiny_sd, tiny_calibration, recipe, message, tmp_path):
+    import diffquant as dq
+    from diffquant.export.gguf import export_gguf
+
+    quantized = dq.quantize(tiny_sd, recipe, calibration=tiny_calibration)
+    with pytest.raises(DiffquantError, match=message):
+        export_gguf(quantized, tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_export_command_writes_the_gguf_file_of_a_saved_quantized_model(tiny_sd, tiny_sd_dir, tmp_path, capsys):
+    import diffquant as dq
+    from diffquant.cli.main import main
+
+    dq.save_quantized(dq.quantize(tiny_sd, "int4-w"), tmp_path / "q", model=str(tiny_sd_dir))
+    assert main(["--quiet", "export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "g")]) == 0
+    assert "Q4_0" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "unet.gguf"))
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for t in reader.tensors)
+    assert main(["--quiet", "export", str(tmp_path / "q"), "--format", "gguf", "--pipeline",
+                 "--out", str(tmp_path / "g2")]) == 2  # Optimum's folder is ONNX: one line, no traceback
+    assert "leave it out with --format gguf" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_with_a_gguf_recipe_draws_the_file_in_diffusers_and_records_it(tmp_path):
+    import json
+
+    from diffquant.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["--quiet", "run", "--recipes", "q4_0", "--num-images", "2", "--calib-size", "4", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())["recipes"]["q4_0"]
+    assert data["gguf"]["exact_layers"] == data["gguf"]["loaded_layers"] == 83
+    assert (out / data["gguf"]["path"]).is_file() and len(data["gguf_images"]["images"]) == 2
+    assert data["gguf_images"]["vs_torch"]["psnr_db"] >= 100  # the same images as diffquant's torch run
