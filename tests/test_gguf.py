@@ -157,3 +157,25 @@ def test_run_with_a_gguf_recipe_draws_the_file_in_diffusers_and_records_it(tmp_p
     assert data["gguf"]["exact_layers"] == data["gguf"]["loaded_layers"] == 83
     assert (out / data["gguf"]["path"]).is_file() and len(data["gguf_images"]["images"]) == 2
     assert data["gguf_images"]["vs_torch"]["psnr_db"] >= 100  # the same images as diffquant's torch run
+    card = (out / data["gguf"]["path"]).with_name("README.md").read_text()
+    assert "| the GGUF file in diffusers | 2 |" in card and "image k uses seed 1024 + k" in card
+
+
+def test_every_exported_folder_carries_a_model_card(shapes_pipe, shapes_q4_0, tmp_path):
+    """The Hub's card form: front matter huggingface_hub reads, the recipe, which layers stay float and why, bits
+    and bytes, and the loading snippet of the format; a run adds the fidelity table (test_run_with_a_gguf_recipe)."""
+    from huggingface_hub import ModelCard
+
+    from diffquant.export.gguf import export_gguf
+    from diffquant.export.onnx import export_onnx
+
+    for folder, export, fmt in ((tmp_path / "gguf", export_gguf, "gguf"), (tmp_path / "onnx", export_onnx, "onnx")):
+        export(shapes_q4_0, folder)
+        card = ModelCard.load(folder / "README.md")
+        assert {"diffquant", "q4_0", fmt} <= set(card.data.tags)
+        assert card.data.library_name == ("diffusers" if fmt == "gguf" else "onnx")
+        text = card.text
+        assert "83 layers take the recipe's weights" in text and "50 stay float" in text
+        assert "Conv2d" in text and "4.50 bits per weight" in text
+        assert ("from_single_file" in text) == (fmt == "gguf") and ("InferenceSession" in text) == (fmt == "onnx")
+        assert "Not measured by the command that wrote this folder" in text

@@ -28,6 +28,7 @@ from diffquant.core.artifacts import atomic_dir
 from diffquant.core.errors import DiffquantError
 from diffquant.core.recipes import GGUF_BLOCK, gguf_type
 from diffquant.core.record import record_of
+from diffquant.export.model_card import base_model_of, facts_for, write_model_card
 from diffquant.models.denoisers import Denoiser, denoiser_for, denoiser_of
 from diffquant.models.denoisers.layout import check_covers
 from diffquant.passes.codes import WeightCodes
@@ -169,6 +170,7 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
                             float_weights=float_weights)
         if check and not isinstance(pipe_or_module, torch.nn.Module):
             _check_loaded(result, load_gguf(pipe_or_module, tmp / path.name), module)
+        write_model_card(tmp, facts_for(module, base_model_of(pipe_or_module), "gguf", path.name, result.size_bytes))
         result.export_seconds = time.perf_counter() - started
     logger.info("GGUF %s: %s (%.2f MB), %d %s tensors, %d float; diffusers loaded %d block Linears, %d bit-exact",
                 qtype, path, result.size_bytes / 1e6, blocks, qtype, result.float_tensors, result.loaded_layers,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from diffquant.core.artifacts import atomic_dir
+from diffquant.export.model_card import base_model_of, facts_for, write_model_card
 from diffquant.models.denoisers import Denoiser, denoiser_for, denoiser_of
 from diffquant.core.errors import DiffquantError
 from diffquant.core.cpu import resolve_int4_compute
@@ -252,6 +253,7 @@ def export_onnx(pipe_or_module, out_dir: str | Path, batch_size: int | None = No
             raise DiffquantError(f"the ONNX graph {path} has no QuantizeLinear for {len(missing)} activation "
                                  f"quantizer(s) of the torch {family.name} (first: {missing[0]}): the export "
                                  "bypassed them")
+        write_model_card(tmp, facts_for(module, base_model_of(pipe_or_module), "onnx", name, result.size_bytes))
         if check and not (math.isfinite(relative) and relative <= result.relative_error_bound):
             raise DiffquantError(f"ONNX Runtime output of {path} differs from the torch quantized {family.name} by "
                                  f"{relative:.1%} on {len(feeds)} call(s) (bound {result.relative_error_bound:.0%}, "

@@ -152,6 +152,30 @@ class DiffquantPeer(Peer):
 
 
 @register
+class DiffquantGgufPeer(DiffquantPeer):
+    """A diffquant recipe on GGML's Q4_0 grid (`q4_0`: GPTQ; `int4-w`: round to nearest) written as a GGUF file
+    (`diffquant.export.gguf`) and loaded by diffusers' own GGUF loader, as a diffusers or ComfyUI user loads it:
+    the row beside the `gguf` package's files of the same type (`gguf:q4_0`)."""
+
+    libraries = ("diffquant-gguf",)
+    required_packages = ("gguf",)
+
+    def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        from diffquant.export.gguf import export_gguf, load_gguf
+        from diffquant.quantization.api import with_denoiser
+
+        made = super().quantize(run, kind, group)
+        written = export_gguf(made.pipe, run.work_dir / f"diffquant-gguf-{get_recipe(kind).name}")
+        family = denoiser_of(run.pipe)
+        module = load_gguf(run.pipe, written.path)
+        notes = [*made.notes, f"file {written.size_bytes} bytes ({written.gguf_type}, {written.block_tensors} block "
+                 f"tensors); diffusers' GGUF loader: {written.exact_layers} of {written.loaded_layers} Linears equal "
+                 "to the fake-quantized weights bit for bit"]
+        return Quantized(with_denoiser(run.pipe, family.pipeline_attribute, module), made.layers,
+                         torch_storage(module), notes)
+
+
+@register
 class ModelOptPeer(Peer):
     """NVIDIA ModelOpt as its `examples/diffusers/quantization` runs it: `mtq.quantize` with a forward loop over
     the whole pipeline on the calibration captions, then its default filter."""
