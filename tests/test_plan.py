@@ -62,3 +62,12 @@ def test_the_quantized_module_follows_its_plan_and_a_save_keeps_it(tiny_sd, tmp_
 def test_a_caller_pattern_that_matches_nothing_is_refused(tiny_sd):
     with pytest.raises(DiffquantError, match="matches no module"):
         quantize_module(tiny_sd.unet, "int8-w", exclude=("no_such_block",))
+
+
+def test_a_layer_the_caller_keeps_float_stays_float_even_where_the_recipe_has_a_fallback(tiny_sd):
+    quantized = quantize_module(tiny_sd.unet, "int4-w-conv8", exclude=("conv_in",))
+    report = layer_report(quantized)
+    assert "conv_in" in report.float_layers  # not given the int8 fallback the other Conv2d take
+    assert "conv_out" in report.quantized
+    plan = record_of(quantized).plan
+    assert dict((e.name, e.action) for e in plan.layers)["conv_in"] == FLOAT

@@ -13,7 +13,7 @@ import torch
 from diffquant.quantization.backends import DEFAULT_BACKEND, LayerReport, backend_of, get_backend
 from diffquant.models.denoisers import DENOISERS, denoiser_of
 from diffquant.core.errors import DiffquantError
-from diffquant.core.plan import LayerPlan
+from diffquant.core.plan import FLOAT, LayerPlan
 from diffquant.core.recipes import Recipe, get_recipe
 from diffquant.core.record import note, record_of
 from diffquant.core.artifacts import atomic_dir, write_json
@@ -46,7 +46,9 @@ def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: 
         raise DiffquantError(f"recipe {recipe.name} needs calibration data ({reads}), got "
                              f"{'an empty list' if calibration is not None else 'none'}: pass calibrate(pipe, prompts)")
     quantizer = get_backend(backend)
-    excluded = plan.float_layers
+    # The backend is told the layers kept float by choice; those its weight cannot take it finds (and logs) itself.
+    unfit = quantizer.unfit_layers(module, recipe, [])
+    excluded = [e.name for e in plan.layers if e.action == FLOAT and unfit.get(e.name) != e.reason]
     if excluded:
         logger.info("%s", plan.summary())
     work = module if in_place else copy.deepcopy(module)
