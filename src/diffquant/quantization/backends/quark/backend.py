@@ -89,7 +89,7 @@ class QuarkBackend(QuantBackend):
         return svdquant.apply_svdquant(module, calibration, layers, mode=algorithm.mode, rank=algorithm.rank,
                                        group_size=recipe.weight.granularity.size, gptq=algorithm.gptq,
                                        alphas=svdquant.ALPHAS if algorithm.smooth else (None,),
-                                       scale_bits=gguf_scale_bits(recipe))
+                                       scale_bits=gguf_scale_bits(recipe), choose_scales=recipe.format == "gguf")
 
     def activation_scales(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return internals.activation_scales(module)

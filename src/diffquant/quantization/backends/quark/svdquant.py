@@ -37,7 +37,7 @@ import torch
 
 from diffquant.core.errors import DiffquantError
 from diffquant.core.progress import progress
-from diffquant.quantization.backends.quark import fourbit, internals
+from diffquant.quantization.backends.quark import block_gptq, fourbit, internals
 from diffquant.core.record import note
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def rebuild(module: torch.nn.Module, layers: dict[str, tuple[int, bool]], mode: 
 def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers: Sequence[str],
                    mode: str = "w4a16", rank: int = 32, group_size: int = 64,
                    alphas: Sequence[float | None] = ALPHAS, gptq: bool = False,
-                   scale_bits: int = 11) -> torch.nn.Module:
+                   scale_bits: int = 11, choose_scales: bool = False) -> torch.nn.Module:
     """Quantize the Linear `layers` of a bare denoiser (UNet or transformer) with SVDQuant, in place.
 
     Every other layer stays float. Each named Linear becomes Quark's `ErrorCorrectedModule`: its input
@@ -284,6 +284,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         gptq: round the residual with Quark's GPTQ (on the Hessian of x / s) instead of to nearest.
         scale_bits: significant bits of the fp16 scales (11: any fp16 value; a GGUF recipe's fewer, see
             `recipes.gguf_scale_bits`).
+        choose_scales: GPTQ chooses each group's scale as it reaches it (`block_gptq`, for GGML's grid) instead
+            of Quark's GPTQ with max|w| / 7.
 
     Returns:
         The quantized module; its record's `algorithm` dict (`record_of(module).algorithm`) holds each layer's alpha and the relative
@@ -313,7 +315,12 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
                 logger.warning("SVDQuant: %s never ran on the calibration records; not smoothed", name)
                 alpha, error, (s, l1, l2, r) = None, None, _candidate(weight, None, None, rank)
             if gptq and name in hessians:
-                r, scales[name] = _gptq(r, hessians.pop(name).to(r.device), s, group_size, scale_bits)
+                hessian = hessians.pop(name).to(r.device)
+                if choose_scales:  # H of x / s, as in _gptq
+                    hessian = hessian if s is None else hessian / s.unsqueeze(0) / s.unsqueeze(1)
+                    r, scales[name] = block_gptq.block_gptq(r, hessian, group_size, scale_bits)
+                else:
+                    r, scales[name] = _gptq(r, hessian, s, group_size, scale_bits)
             dtype = layer.weight.dtype
             layer.weight = torch.nn.Parameter(r.to(dtype), requires_grad=False)
             branch = _wrap(module, name, layer, l1.shape[0], None if s is None else s.to(dtype))
