@@ -4,12 +4,10 @@ Markdown table of bench.json files."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from diffquant.cli.base import Command
 from diffquant.cli.options import add_int4_compute
-from diffquant.core.errors import DiffquantError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,14 +62,11 @@ def add_table_arguments(p: argparse.ArgumentParser) -> None:
 def table(args: argparse.Namespace) -> int:
     from diffquant.bench.runner import BenchResult
 
+    from diffquant.core.artifacts import read_json
+
     for name in args.bench_json:
-        path = Path(name)
-        if not path.is_file():
-            raise DiffquantError(f"no bench.json at {path}: pass the file `diffquant bench --out DIR` wrote")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DiffquantError(f"{path} is not a bench.json ({error}): pass the file `diffquant bench` wrote") from None
+        data = read_json(Path(name), f"no bench.json at {name}: pass the file `diffquant bench --out DIR` wrote",
+                         "a bench.json: pass the file `diffquant bench` wrote")
         print(BenchResult.from_dict(data).markdown() + "\n")
     return 0
 

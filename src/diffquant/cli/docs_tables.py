@@ -15,7 +15,6 @@ runs it on docs/)."""
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -31,12 +30,10 @@ def render(path: Path) -> str:
     from diffquant.peers.eight import table as peers_table
     from diffquant.report.tables import run_markdown
 
-    if not path.is_file():
-        raise DiffquantError(f"{path} is missing: a docs table names it; write it with the command that measures it")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DiffquantError(f"{path} is not JSON ({error}): restore the file the command wrote") from None
+    from diffquant.core.artifacts import read_json
+
+    data = read_json(path, f"{path} is missing: a docs table names it; write it with the command that measures it",
+                     "JSON: restore the file the command wrote")
     if isinstance(data, dict) and data.get("type") == "RunResult":
         return run_markdown(data)
     if isinstance(data, dict) and "rows" in data and "captions" in data:

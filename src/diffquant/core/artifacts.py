@@ -84,6 +84,18 @@ def write_json(target: Path, data) -> Path:
     return write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
+def read_json(path: Path, missing: str, what: str):
+    """The JSON a diffquant command wrote at `path`, or one line: `missing` when there is no file, `what` it
+    should be when it is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffquantError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiffquantError(f"{path} is not {what} ({error})") from None
+
+
 def save_image(image: Image.Image, target: Path) -> Path:
     with atomic_path(target) as tmp:
         image.save(tmp, format="PNG")

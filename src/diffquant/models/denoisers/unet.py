@@ -45,29 +45,28 @@ class UNetDenoiser(Denoiser):
             part, _, leaf = rest.partition(".")
             return f"{_RESNET[part]}.{leaf}"
 
+        # (diffusers pattern, its LDM name from the match) for the tensors inside the down, mid and up blocks.
+        blocks = (
+            (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$",
+             lambda m: f"input_blocks.{span * int(m[1]) + int(m[2]) + 1}.0.{resnet(m[3])}"),
+            (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$",
+             lambda m: f"input_blocks.{span * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"),
+            (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", lambda m: f"input_blocks.{span * (int(m[1]) + 1)}.0.op.{m[2]}"),
+            (r"mid_block\.resnets\.(\d+)\.(.+)$", lambda m: f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"),
+            (r"mid_block\.attentions\.0\.(.+)$", lambda m: f"middle_block.1.{m[1]}"),
+            (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$",
+             lambda m: f"output_blocks.{span * int(m[1]) + int(m[2])}.0.{resnet(m[3])}"),
+            (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$",
+             lambda m: f"output_blocks.{span * int(m[1]) + int(m[2])}.1.{m[3]}"),
+            (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$",
+             lambda m: f"output_blocks.{span * int(m[1]) + span - 1}.{2 if int(m[1]) in up_attentions else 1}.conv.{m[2]}"),
+        )
         layout = {}
         for key in rows:
             head, _, leaf = key.rpartition(".")
-            if head in _TOP:
-                name = f"{_TOP[head]}.{leaf}"
-            elif m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
-                name = f"input_blocks.{span * int(m[1]) + int(m[2]) + 1}.0.{resnet(m[3])}"
-            elif m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", key):
-                name = f"input_blocks.{span * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
-            elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
-                name = f"input_blocks.{span * (int(m[1]) + 1)}.0.op.{m[2]}"
-            elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)$", key):
-                name = f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
-            elif m := re.match(r"mid_block\.attentions\.0\.(.+)$", key):
-                name = f"middle_block.1.{m[1]}"
-            elif m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
-                name = f"output_blocks.{span * int(m[1]) + int(m[2])}.0.{resnet(m[3])}"
-            elif m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", key):
-                name = f"output_blocks.{span * int(m[1]) + int(m[2])}.1.{m[3]}"
-            elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", key):
-                i = int(m[1])
-                name = f"output_blocks.{span * i + span - 1}.{2 if i in up_attentions else 1}.conv.{m[2]}"
-            else:
+            name = f"{_TOP[head]}.{leaf}" if head in _TOP else next(
+                (rename(m) for pattern, rename in blocks if (m := re.match(pattern, key))), None)
+            if name is None:
                 raise ValueError(f"no LDM name for the UNet tensor {key}")
             layout[name] = whole(key, rows)
         return layout
