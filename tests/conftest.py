@@ -11,6 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
 os.environ.setdefault("QUARK_DISABLE_COMPILE", "1")
 os.environ.setdefault("QUARK_LOG_LEVEL", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers (`pytest -n N`) share the cores: one thread each, so N workers do not oversubscribe them.
+    torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER = FIXTURES / "tokenizer"

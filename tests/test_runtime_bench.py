@@ -73,7 +73,7 @@ def test_large_models_are_saved_with_external_data(tiny_int8_w, tmp_path, monkey
     monkeypatch.setattr(quark_export, "export_onnx_model_optimization", spy)
     result = export_onnx(tiny_int8_w, tmp_path / "big")
     files = sorted(p.name for p in (tmp_path / "big").iterdir())
-    assert files == ["unet.onnx", "unet.onnx.data"]
+    assert files == ["README.md", "unet.onnx", "unet.onnx.data"]  # the graph, its weights, its model card
     model = onnx.load(str(tmp_path / "big" / "unet.onnx"), load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) >= 5
