@@ -66,7 +66,7 @@ def table(args: argparse.Namespace) -> int:
 
     for name in args.bench_json:
         data = read_json(Path(name), f"no bench.json at {name}: pass the file `diffquant bench --out DIR` wrote",
-                         "a bench.json: pass the file `diffquant bench` wrote")
+                         "a bench.json", "pass the file `diffquant bench` wrote")
         print(BenchResult.from_dict(data).markdown() + "\n")
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from diffquant.cli.base import Command
@@ -34,15 +33,12 @@ def main(args: argparse.Namespace) -> int:
 def _load_generated(folder: str):
     from PIL import UnidentifiedImageError
 
+    from diffquant.core.artifacts import read_json
     from diffquant.evaluate.scoring import read_images
 
     meta_file = Path(folder) / "prompts.json"
-    if not meta_file.is_file():
-        raise DiffquantError(f"{folder} has no prompts.json: pass a folder written by `diffquant generate`")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as error:
-        raise DiffquantError(f"{meta_file} is not valid JSON ({error}): generate the folder again") from None
+    meta = read_json(meta_file, f"{folder} has no prompts.json: pass a folder written by `diffquant generate`",
+                     fix="generate the folder again")
     if not isinstance(meta, dict) or not isinstance(meta.get("prompts"), list) or "seed" not in meta:
         raise DiffquantError(f"{meta_file} lacks its prompts or seed: pass a folder written by `diffquant generate`")
     paths = [Path(folder) / "images" / f"{k:03d}.png" for k in range(len(meta["prompts"]))]

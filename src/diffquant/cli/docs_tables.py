@@ -33,7 +33,7 @@ def render(path: Path) -> str:
     from diffquant.core.artifacts import read_json
 
     data = read_json(path, f"{path} is missing: a docs table names it; write it with the command that measures it",
-                     "JSON: restore the file the command wrote")
+                     "JSON", "restore the file the command wrote")
     if isinstance(data, dict) and data.get("type") == "RunResult":
         return run_markdown(data)
     if isinstance(data, dict) and "rows" in data and "captions" in data:

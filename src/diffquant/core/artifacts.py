@@ -84,16 +84,16 @@ def write_json(target: Path, data) -> Path:
     return write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: Path, missing: str, what: str):
-    """The JSON a diffquant command wrote at `path`, or one line: `missing` when there is no file, `what` it
-    should be when it is not JSON."""
+def read_json(path: Path, missing: str, what: str = "valid JSON", fix: str = ""):
+    """The JSON at `path`, or one line: `missing` when there is no file; "<path> is not <what> (<error>): <fix>"
+    when it does not parse."""
     path = Path(path)
     if not path.is_file():
         raise DiffquantError(missing)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DiffquantError(f"{path} is not {what} ({error})") from None
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both
+        raise DiffquantError(f"{path} is not {what} ({error})" + (f": {fix}" if fix else "")) from None
 
 
 def save_image(image: Image.Image, target: Path) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from diffquant.core.artifacts import read_json
 from diffquant.core.errors import DiffquantError
 from diffquant.core.progress import is_quiet
 
@@ -61,12 +62,8 @@ def _model_index(model: str) -> tuple[dict, str]:
     path = Path(model).expanduser()
     if path.is_dir():
         index = path / "model_index.json"
-        if not index.is_file():
-            raise DiffquantError(f"{path} has no model_index.json: pass a diffusers pipeline folder (save_pretrained layout)")
-        try:
-            data = json.loads(index.read_text())
-        except ValueError as error:
-            raise DiffquantError(f"{index} is not valid JSON ({error}): re-save the pipeline with save_pretrained") from None
+        data = read_json(index, f"{path} has no model_index.json: pass a diffusers pipeline folder (save_pretrained "
+                         "layout)", fix="re-save the pipeline with save_pretrained")
         if not isinstance(data, dict):
             raise DiffquantError(f"{index} holds a {type(data).__name__}, not a pipeline description: re-save the "
                                  "pipeline with save_pretrained")

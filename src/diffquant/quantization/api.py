@@ -16,7 +16,7 @@ from diffquant.core.errors import DiffquantError
 from diffquant.core.plan import FLOAT, LayerPlan
 from diffquant.core.recipes import Recipe, get_recipe
 from diffquant.core.record import note, record_of
-from diffquant.core.artifacts import atomic_dir, write_json
+from diffquant.core.artifacts import atomic_dir, read_json, write_json
 from diffquant.core.recipes import recipe_from_dict
 from diffquant.models.profiles import profile_of
 from diffquant.quantization.plan import plan_layers
@@ -154,17 +154,11 @@ def save_quantized(quantized_pipe, out_dir: str | Path, model: str | None = None
 
 def _read_artifact(path: Path) -> tuple[dict, Recipe]:
     """The checked contents of `path`/diffquant_quantized.json and its recipe."""
-    import json
 
     meta_file = path / ARTIFACT_FILE
-    if not meta_file.is_file():
-        raise DiffquantError(f"{path} holds no quantized denoiser ({ARTIFACT_FILE} missing): run "
-                             f"`diffquant quantize --out {path}` first")
     fix = "quantize again with `diffquant quantize`"
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as error:
-        raise DiffquantError(f"{meta_file} is not valid JSON ({error}): {fix}") from None
+    meta = read_json(meta_file, f"{path} holds no quantized denoiser ({ARTIFACT_FILE} missing): run "
+                     f"`diffquant quantize --out {path}` first", fix=fix)
     if not isinstance(meta, dict) or (meta.get("type"), meta.get("version")) not in _READABLE:
         found = f"{meta.get('type')} v{meta.get('version')}" if isinstance(meta, dict) else type(meta).__name__
         raise DiffquantError(f"{meta_file} is not a diffquant quantized UNet or transformer ({ARTIFACT_TYPE} "
