@@ -85,11 +85,13 @@ def _gguf_stages(ctx: RunContext, quantized, recipe, entry: RecipeResult | None)
         return None
     vs_baseline, _ = ctx.scorer.image_set(label, scores=False)
     vs_torch, _ = ctx.scorer.image_set(label, reference=recipe.name, scores=False)
-    _write_card(ctx, quantized, path, "gguf", entry, ("the GGUF file in diffusers", vs_baseline))
+    _write_card(ctx, quantized, path, "gguf", entry.gguf["size_bytes"], entry,
+                ("the GGUF file in diffusers", vs_baseline))
     return replace(entry, gguf_images=OrtImages(_paths(label, prompts), vs_torch=vs_torch, vs_baseline=vs_baseline))
 
 
-def _write_card(ctx: RunContext, quantized, path: Path, fmt: str, entry: RecipeResult, drawn) -> None:
+def _write_card(ctx: RunContext, quantized, path: Path, fmt: str, size_bytes: int, entry: RecipeResult,
+                drawn) -> None:
     """The exported folder's model card again, now with the run's fidelity: the torch fake-quant images and the
     images the exported file drew (`drawn`: (what drew them, Quality)), each against the fp32 images."""
     from diffquant.export.model_card import Fidelity, base_model_of, facts_for, write_model_card
@@ -97,9 +99,8 @@ def _write_card(ctx: RunContext, quantized, path: Path, fmt: str, entry: RecipeR
     rows = tuple(Fidelity(label, q.n or len(ctx.prompts), q.psnr_db, q.psnr_p10_db, q.psnr_worst_db, q.ssim)
                  for label, q in (("torch fake-quant", entry.quality), drawn) if q is not None)
     module = denoiser_of(quantized).module
-    write_model_card(path.parent, facts_for(module, base_model_of(ctx.pipe), fmt, path.name,
-                                            sum(f.stat().st_size for f in path.parent.glob(path.name + "*")),
-                                            rows, ctx.gen))
+    write_model_card(path.parent, facts_for(module, base_model_of(ctx.pipe), fmt, path.name, size_bytes, rows,
+                                            ctx.gen))
 
 
 def _plan_fields(record) -> dict:
@@ -431,7 +432,7 @@ def _export_stages(ctx: RunContext, quantized, recipe, records: list[dict],
         return None
     vs_baseline, _ = scorer.image_set(f"{recipe.name}-{tag}", scores=False)
     vs_torch, _ = scorer.image_set(f"{recipe.name}-{tag}", reference=recipe.name, scores=False)
-    _write_card(ctx, quantized, path, "onnx", entry, (f"{runtime.title}", vs_baseline))
+    _write_card(ctx, quantized, path, "onnx", entry.onnx["size_bytes"], entry, (runtime.title, vs_baseline))
     entry = replace(entry, ort=OrtImages(_paths(f"{recipe.name}-{tag}", prompts), vs_torch=vs_torch,
                                          vs_baseline=vs_baseline))
     if config.export_pipeline:

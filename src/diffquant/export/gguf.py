@@ -85,11 +85,10 @@ def _rows(value) -> int:
     return tensor.shape[0] if tensor.dim() else 1
 
 
-def original_state(module: torch.nn.Module) -> tuple[Denoiser, dict[str, torch.Tensor | WeightCodes]]:
-    """The quantized denoiser's tensors under its original checkpoint names (with the family's prefix): float
-    tensors, and `WeightCodes` for the int4 block weights (fused qkv stacked row-wise, halves swapped)."""
-    family = denoiser_for(module)
-    state = backend_of(module).plain_state(module)
+def original_state(family: Denoiser, state: dict) -> dict[str, torch.Tensor | WeightCodes]:
+    """The quantized denoiser's plain state (`QuantBackend.plain_state`) under its original checkpoint names (with
+    the family's prefix): float tensors, and `WeightCodes` for the int4 block weights (fused qkv stacked
+    row-wise, halves swapped)."""
     rows = {k: _rows(v) for k, v in state.items()}
     try:
         layout = family.original_layout(rows)
@@ -111,7 +110,7 @@ def original_state(module: torch.nn.Module) -> tuple[Denoiser, dict[str, torch.T
                 all(v.exact for v in values), values[0].float_dtype)
         else:
             out[family.original_prefix + name] = torch.cat([v.detach()[s:e] for v, (_, s, e) in zip(values, parts)])
-    return family, out
+    return out
 
 
 def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> GgufExport:
@@ -137,7 +136,9 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
         raise DiffquantError(f"recipe {record.recipe.name}: its weights are on no GGML block grid, so GGUF cannot hold "
                              "them exactly: quantize with q4_0 (GPTQ) or int4-w (round to nearest)")
     started = time.perf_counter()
-    family, state = original_state(module)
+    family = denoiser_for(module)
+    plain = backend_of(module).plain_state(module)  # each layer's codes, checked against the fake quant once
+    state = original_state(family, plain)
     if family.gguf_arch is None:
         raise DiffquantError(f"{family.name} has no GGUF architecture name: GGUF export covers "
                              "UNet2DConditionModel, SD3Transformer2DModel and FluxTransformer2DModel")
@@ -169,7 +170,7 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
                             arch=family.gguf_arch, block_tensors=blocks, float_tensors=len(state) - blocks,
                             float_weights=float_weights)
         if check and not isinstance(pipe_or_module, torch.nn.Module):
-            _check_loaded(result, load_gguf(pipe_or_module, tmp / path.name), module)
+            _check_loaded(result, load_gguf(pipe_or_module, tmp / path.name), plain, record.recipe.format == "gguf")
         write_model_card(tmp, facts_for(module, base_model_of(pipe_or_module), "gguf", path.name, result.size_bytes))
         result.export_seconds = time.perf_counter() - started
     logger.info("GGUF %s: %s (%.2f MB), %d %s tensors, %d float; diffusers loaded %d block Linears, %d bit-exact",
@@ -196,14 +197,12 @@ def load_gguf(pipe, path: str | Path) -> torch.nn.Module:
 FP16_PRODUCT_BOUND = 2.0 ** -11
 
 
-def _check_loaded(result: GgufExport, loaded: torch.nn.Module, module: torch.nn.Module) -> None:
+def _check_loaded(result: GgufExport, loaded: torch.nn.Module, plain: dict, bit_exact: bool) -> None:
     """Every Linear diffusers loaded as blocks dequantizes to the plain state's codes x scales (the fake-
-    quantized weight): bit for bit for a "gguf" recipe, within `FP16_PRODUCT_BOUND` of each weight for any other;
-    counted into `result`, raised when one is off or the loaded Linears are not the quantized ones."""
+    quantized weight): bit for bit when `bit_exact` (a "gguf" recipe), within `FP16_PRODUCT_BOUND` of each weight
+    for any other; counted into `result`, raised when one is off or the loaded Linears are not the quantized ones."""
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-    plain = backend_of(module).plain_state(module)
-    bit_exact = record_of(module).recipe.format == "gguf"
     worst, exact, count, first = 0.0, 0, 0, None
     for name, layer in loaded.named_modules():
         weight = getattr(layer, "weight", None)

@@ -12,6 +12,8 @@ from diffquant.core.artifacts import write_text
 from diffquant.core.plan import FALLBACK, FLOAT, LayerPlan
 from diffquant.core.provenance import describe, measured
 from diffquant.core.recipes import Recipe
+from diffquant.core.record import record_of
+from diffquant.quantization.backends import backend_of
 
 CARD_FILE = "README.md"
 LISTED = 8  # layer names listed per reason; the rest are counted
@@ -129,9 +131,6 @@ def write_model_card(folder: str | Path, facts: CardFacts) -> Path:
 def facts_for(module, base_model: str, format: str, file_name: str, file_bytes: int,
               fidelity: tuple[Fidelity, ...] = (), settings: dict | None = None) -> CardFacts:
     """The card's facts of a quantized denoiser module (its record, its backend's storage), for a file just written."""
-    from diffquant.core.record import record_of
-    from diffquant.quantization.backends import backend_of
-
     record = record_of(module)
     storage = backend_of(module).storage(module)
     fp32 = sum(p.numel() for p in module.parameters()) * 4  # parameters as fp32 (codes count one per weight)
