@@ -53,7 +53,7 @@ def deployed(shapes_pipe, tmp_path_factory):
     quantized = quantize(shapes_pipe, "int8-w")
     unet = export_onnx(quantized, root / "unet-export")
     text_config = dict(vars(shapes_pipe.text_encoder.config))
-    folder = export_pipeline(quantized, root / "pipeline", unet_onnx=unet.path)
+    folder = export_pipeline(quantized, root / "pipeline", denoiser_onnx=unet.path)
     return {"quantized": quantized, "unet_onnx": unet.path, "result": folder, "folder": folder.path,
             "text_config_before": text_config}
 
@@ -163,7 +163,7 @@ def test_sdxl_folder_runs_in_optimums_xl_pipeline_with_the_added_conditioning(ti
 
     quantized = quantize(load_pipeline(str(tiny_sdxl_dir), device="cpu"), "int8-w")
     result = export_pipeline(quantized, tmp_path / "sdxl")  # the UNet is exported (and checked) here
-    assert result.unet["relative_error"] <= result.unet["relative_error_bound"]
+    assert result.denoiser["relative_error"] <= result.denoiser["relative_error_bound"]
     unet_inputs, _ = _signature(_session(tmp_path / "sdxl" / "unet" / "model.onnx"))
     assert list(unet_inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     inputs, outputs = _signature(_session(tmp_path / "sdxl" / "text_encoder_2" / "model.onnx"))
@@ -210,6 +210,8 @@ def test_export_command_and_run_option_write_folders_optimum_runs(tiny_sd_dir, t
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     from_run = tmp_path / "run" / results["recipes"]["int8-w"]["pipeline"]["path"]
     assert from_run == tmp_path / "run" / "pipeline" / "int8-w"
+    card = (from_run / "README.md").read_text()  # the run's fidelity of the graph in the folder
+    assert "| ONNX Runtime | 1 |" in card and "ORTDiffusionPipeline.from_pretrained" in card
     for folder in (tmp_path / "deploy", from_run):
         pipe = ORTDiffusionPipeline.from_pretrained(folder)
         image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]

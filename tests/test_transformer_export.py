@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import tiny_images
+from conftest import FAMILY_CALLS, FAMILY_PROMPTS, tiny_images
 
 from diffquant.models.denoisers import denoiser_of
 from diffquant.core.errors import DiffquantError
@@ -91,9 +91,64 @@ def test_a_fixed_batch_graph_refuses_a_batch_it_cannot_split(tiny):
         stand_in(**record)
 
 
-def test_the_optimum_pipeline_layout_refuses_transformers_with_the_fix(tiny, tmp_path):
+def test_optimum_runs_the_exported_pipeline_with_diffquants_onnx_runtime_images(tiny, tmp_path):
+    """The folder `export_pipeline` writes loads in Optimum's own pipeline class (ORTStableDiffusion3Pipeline,
+    ORTFluxPipeline) and draws the images diffquant's ONNX Runtime pipeline draws from the same graph."""
+    import json
+
+    from optimum.onnxruntime import ORTDiffusionPipeline
+
     from diffquant.export.optimum import export_pipeline
 
-    with pytest.raises(DiffquantError, match="export the transformer with export_onnx"):
-        export_pipeline(tiny.pipe, tmp_path / "folder")
-    assert not (tmp_path / "folder").exists()
+    pytest.importorskip("optimum.onnxruntime", reason="the deploy extra: pip install -e '.[deploy]'")
+    quantized, result = tiny.export("w8a8-int8")
+    folder = export_pipeline(quantized, tmp_path / "folder", denoiser_onnx=result.path)
+    info = json.loads((tmp_path / "folder" / "diffquant_pipeline.json").read_text())
+    calls = {k: v for k, v in FAMILY_CALLS[tiny.name].items()}
+    # What the graph fixes, which the caller must pass: the T5 length and the image size (16x16 for both tiny
+    # models); FLUX.1 also batch 1.
+    fixed = info["fixed_shape"]
+    assert (fixed["max_sequence_length"], fixed["height"], fixed["width"]) == (calls["max_sequence_length"], 16, 16)
+    assert fixed.get("batch") == (None if tiny.family.dynamic_batch else 1)
+    # diffquant's graph itself (int8 codes; only its output renamed), plus the transformer's config.json.
+    config_bytes = (tmp_path / "folder" / "transformer" / "config.json").stat().st_size
+    assert abs(folder.components["transformer"] - config_bytes - result.size_bytes) < 64
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "folder" / "README.md")  # its snippet passes what the graph fixes
+    assert card.data.library_name == "optimum" and "ORTDiffusionPipeline.from_pretrained" in card.text
+    assert f"max_sequence_length={calls['max_sequence_length']}" in card.text
+    assert "height=16, width=16" in card.text
+    assert ("one prompt at a time" in card.text) == (not tiny.family.dynamic_batch)
+    pipe = ORTDiffusionPipeline.from_pretrained(tmp_path / "folder")
+    assert type(pipe).__name__ == {"sd3": "ORTStableDiffusion3Pipeline", "flux": "ORTFluxPipeline"}[tiny.name]
+    pipe.set_progress_bar_config(disable=True)
+    # FLUX.1's graph takes one sample: one prompt per call.
+    groups = [FAMILY_PROMPTS] if tiny.family.dynamic_batch else [[p] for p in FAMILY_PROMPTS]
+    optimum_images = np.concatenate([
+        pipe(prompt=group, num_inference_steps=2, output_type="np", **calls,
+             generator=[torch.Generator().manual_seed(7 + FAMILY_PROMPTS.index(p)) for p in group]).images
+        for group in groups])
+    ours = _images(ort_pipeline(quantized, result.path), tiny.name)
+    # The same transformer graph in the same ONNX Runtime: only the text encoders and the VAE differ (ONNX
+    # Runtime vs torch). Measured max 3.6e-7 (SD3) and 3.3e-7 (FLUX.1) on [0, 1] images, far below the 2e-3 of
+    # half an 8-bit step: pixel-identical once saved as PNG.
+    assert np.abs(optimum_images - ours).max() <= 1e-4
+
+
+def test_export_command_writes_a_flux_folder_at_the_size_asked(tiny_flux_dir, tmp_path, capsys):
+    """`export --pipeline --height --width`: FLUX.1's fixed graph traced at that size (the profile's default,
+    1024x1024, would take minutes on the tiny model), and the fixed call printed."""
+    import json
+
+    from diffquant.cli.main import main
+
+    assert main(["--quiet", "quantize", "--model", str(tiny_flux_dir), "--recipe", "int8-w",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert main(["--quiet", "export", str(tmp_path / "q"), "--height", "16", "--out", str(tmp_path / "x")]) == 2
+    assert "add --pipeline or leave them out" in capsys.readouterr().err
+    assert main(["--quiet", "export", str(tmp_path / "q"), "--pipeline", "--height", "32", "--width", "32",
+                 "--out", str(tmp_path / "deploy")]) == 0
+    assert "call the pipeline with height=32, width=32" in capsys.readouterr().out
+    fixed = json.loads((tmp_path / "deploy" / "diffquant_pipeline.json").read_text())["fixed_shape"]
+    assert (fixed["height"], fixed["width"], fixed["batch"]) == (32, 32, 1)

@@ -94,13 +94,29 @@ def _write_card(ctx: RunContext, quantized, path: Path, fmt: str, size_bytes: in
                 drawn) -> None:
     """The exported folder's model card again, now with the run's fidelity: the torch fake-quant images and the
     images the exported file drew (`drawn`: (what drew them, Quality)), each against the fp32 images."""
-    from diffquant.export.model_card import Fidelity, base_model_of, facts_for, write_model_card
+    from diffquant.export.model_card import base_model_of, facts_for, write_model_card
 
-    rows = tuple(Fidelity(label, q.n or len(ctx.prompts), q.psnr_db, q.psnr_p10_db, q.psnr_worst_db, q.ssim)
-                 for label, q in (("torch fake-quant", entry.quality), drawn) if q is not None)
     module = denoiser_of(quantized).module
-    write_model_card(path.parent, facts_for(module, base_model_of(ctx.pipe), fmt, path.name, size_bytes, rows,
-                                            ctx.gen))
+    write_model_card(path.parent, facts_for(module, base_model_of(ctx.pipe), fmt, path.name, size_bytes,
+                                            _fidelity_rows(ctx, entry, drawn), ctx.gen))
+
+
+def _fidelity_rows(ctx: RunContext, entry: RecipeResult, drawn) -> tuple:
+    """A card's fidelity rows: the torch fake-quant images and `drawn` ((what drew them, Quality)) vs fp32."""
+    from diffquant.export.model_card import Fidelity
+
+    return tuple(Fidelity(label, q.n or len(ctx.prompts), q.psnr_db, q.psnr_p10_db, q.psnr_worst_db, q.ssim)
+                 for label, q in (("torch fake-quant", entry.quality), drawn) if q is not None)
+
+
+def _write_pipeline_card(ctx: RunContext, quantized, deployed, entry: RecipeResult, drawn) -> None:
+    """The Optimum folder's model card again, with the run's fidelity (its denoiser graph is the one whose
+    images `drawn` measured)."""
+    from diffquant.export.model_card import base_model_of, write_model_card
+    from diffquant.export.optimum import card_facts
+
+    write_model_card(deployed.path, card_facts(deployed, denoiser_of(quantized), base_model_of(ctx.pipe),
+                                               _fidelity_rows(ctx, entry, drawn), ctx.gen))
 
 
 def _plan_fields(record) -> dict:
@@ -439,7 +455,8 @@ def _export_stages(ctx: RunContext, quantized, recipe, records: list[dict],
         from diffquant.export.optimum import export_pipeline
 
         with _timed(timings, f"export pipeline {recipe.name}"):
-            deployed = export_pipeline(quantized, out_dir / "pipeline" / recipe.name, unet_onnx=path)
+            deployed = export_pipeline(quantized, out_dir / "pipeline" / recipe.name, denoiser_onnx=path)
         entry = replace(entry, pipeline=deployed.to_dict() | {"path": str(deployed.path.relative_to(out_dir))})
+        _write_pipeline_card(ctx, quantized, deployed, entry, (runtime.title, vs_baseline))
     return entry
 

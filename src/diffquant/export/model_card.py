@@ -36,7 +36,7 @@ class CardFacts:
     base_model: str
     denoiser: str  # the diffusers class
     recipe: Recipe
-    format: str  # "gguf" or "onnx"
+    format: str  # "gguf", "onnx" or "onnx-pipeline" (Optimum's folder layout)
     file_name: str  # the exported file, relative to the folder
     file_bytes: int
     fp32_bytes: int | None = None
@@ -44,6 +44,7 @@ class CardFacts:
     plan: LayerPlan | None = None
     fidelity: tuple[Fidelity, ...] = ()
     settings: dict = field(default_factory=dict)  # seed, steps, guidance of the fidelity images
+    call: dict = field(default_factory=dict)  # pipeline call arguments a fixed-shape graph needs (onnx-pipeline)
 
 
 def _snippet(facts: CardFacts) -> str:
@@ -57,6 +58,13 @@ def _snippet(facts: CardFacts) -> str:
                 f"pipe = DiffusionPipeline.from_pretrained(\"{facts.base_model}\", {attribute}={attribute})\n```\n\n"
                 "ComfyUI: put the file in `models/unet` and load it with ComfyUI-GGUF's Unet Loader (GGUF); its "
                 "keys are the original checkpoint's.")
+    if facts.format == "onnx-pipeline":
+        call = "".join(f", {k}={v!r}" for k, v in facts.call.items() if k != "batch")
+        note = (f"\n\nThe {attribute} graph has fixed shapes: call the pipeline with{call[1:]}"
+                + (" and one prompt at a time." if facts.call.get("batch") == 1 else ".") if facts.call else "")
+        return ("```python\nfrom optimum.onnxruntime import ORTDiffusionPipeline\n\n"
+                "pipe = ORTDiffusionPipeline.from_pretrained(\".\")  # this folder; needs optimum-onnx[onnxruntime]\n"
+                f"image = pipe(\"a photo of a cat\"{call}).images[0]\n```" + note)
     return ("```python\nimport onnxruntime as ort\n\n"
             f"session = ort.InferenceSession(\"{facts.file_name}\", providers=[\"CPUExecutionProvider\"])\n```\n\n"
             "In a pipeline without diffquant: `diffquant export --pipeline` writes the folder Optimum's "
@@ -106,8 +114,9 @@ def render(facts: CardFacts) -> str:
     tags = ["diffquant", "quantized", facts.format, facts.recipe.name, facts.denoiser]
     if facts.format == "gguf":
         tags.append("gguf-q4_0" if facts.recipe.weight.dtype == "int4" else "gguf")
+    library = {"gguf": "diffusers", "onnx-pipeline": "optimum"}.get(facts.format, "onnx")
     data = ModelCardData(base_model=facts.base_model if "/" in facts.base_model else None,
-                         library_name="diffusers" if facts.format == "gguf" else "onnx", tags=tags)
+                         library_name=library, tags=tags)
     size = f"{facts.file_bytes / 1e6:.2f} MB"
     if facts.fp32_bytes:
         size += f" ({facts.file_bytes / facts.fp32_bytes:.0%} of the fp32 denoiser's {facts.fp32_bytes / 1e6:.2f} MB)"
