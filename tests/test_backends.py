@@ -60,7 +60,7 @@ def _scheme(q: TensorQuant) -> str:
     return f"{q.dtype} {'per_tensor' if isinstance(q.granularity, PerTensor) else 'per_channel'}"
 
 
-@pytest.mark.parametrize("name", [n for n, r in RECIPES.items() if not r.four_bit])  # 4-bit: test_fourbit.py
+@pytest.mark.parametrize("name", [n for n, r in RECIPES.items() if not r.per_group])  # per group: test_fourbit.py, test_gguf.py
 def test_every_recipe_quantizes_every_linear_of_the_transformer(tiny, name):
     pipe, calibration = tiny
     recipe = get_recipe(name)

@@ -46,7 +46,7 @@ def _export(family, recipe: str):
 def test_every_exportable_recipe_is_covered():
     assert {"int8-w", "w8a8-int8", "w8a8-int8-ort", "w8a8-fp8", "int4-w", "int4-w-gptq"} <= set(EXPORTABLE)
     assert set(TRANSFORMER_RECIPES) <= set(EXPORTABLE)
-    assert "mxfp4-w" not in EXPORTABLE and "svdquant-w4a4" not in EXPORTABLE
+    assert "mxfp4-w" not in EXPORTABLE and "svdquant-w4a4" not in EXPORTABLE and "q8_0" not in EXPORTABLE
 
 
 # The transformers take one recipe per export path (int8 weights per tensor and per channel, W8A8 activation

@@ -17,7 +17,7 @@ from diffquant.passes.matmul_nbits import MAX_RELATIVE_ERROR_NBITS
 from diffquant.core.errors import DiffquantError
 from diffquant.export.onnx import example_inputs
 from diffquant.evaluate.metrics import sqnr_db
-from diffquant.core.recipes import PerChannel, PerGroup, Recipe, TensorQuant
+from diffquant.core.recipes import PerChannel, PerGroup, Recipe, SVDQuant, TensorQuant
 from diffquant.core.record import record_of
 
 pytestmark = pytest.mark.slow  # exports, full runs or benchmarks: `pytest -m 'not slow'` leaves them out
@@ -87,8 +87,12 @@ def test_bad_4bit_recipes_are_one_clear_line():
         PerGroup(48)
     with pytest.raises(DiffquantError, match="take PerGroup"):
         TensorQuant("int4", PerChannel())
-    with pytest.raises(DiffquantError, match="take PerGroup"):
-        TensorQuant("int8", PerGroup(64))
+    with pytest.raises(DiffquantError, match="groups are for 4-bit dtypes and int8"):
+        TensorQuant("fp8_e4m3", PerGroup(64))
+    with pytest.raises(DiffquantError, match="GGUF's Q8_0 blocks: weight-only, format gguf"):
+        Recipe("x", TensorQuant("int8", PerGroup(32)))  # int8 blocks exist for GGUF's Q8_0 only
+    with pytest.raises(DiffquantError, match="needs weights on a GGML block grid"):  # a branch GGUF cannot hold
+        Recipe("x", TensorQuant("int8", PerGroup(32)), algorithm=SVDQuant(rank=16), format="gguf")
     with pytest.raises(DiffquantError, match="PerGroup\\(32\\)"):
         TensorQuant("mxfp4", PerGroup(64))
     with pytest.raises(DiffquantError, match="fallback"):

@@ -121,3 +121,19 @@ def test_an_unknown_peer_method_is_one_line_before_any_work(tmp_path, capsys):
     assert main(["peers", "--model", "/no/such/model", "--methods", "modelopt:int9", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown method modelopt:int9: use one of" in err[0] and "gguf:q4_0" in err[0]
+
+
+def test_q8_0_rows_put_diffquants_gguf_file_beside_the_gguf_packages(tiny_sd_dir, tmp_path):
+    """`--bits 8`: diffquant's Q8_0 file (GPTQ codes) and the `gguf` package's (round to nearest), each loaded by
+    diffusers' GGUF loader, in one table at the same 8.5 bits per weight."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from diffquant.peers.eight import main
+
+    assert main(["--model", str(tiny_sd_dir), "--bits", "8", "--n", "2", "--steps", "2", "--calib-size", "2",
+                 "--methods", "diffquant-gguf:q8_0,gguf:q8_0", "--out", str(tmp_path / "peers")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "peers" / "peers.json").read_text())["rows"]}
+    for method in ("diffquant-gguf:q8_0", "gguf:q8_0"):
+        assert rows[method]["layers_quantized"] > 0 and rows[method]["bits_per_weight"] == pytest.approx(8.5)
+        assert rows[method]["psnr_mean_db"] is not None
+    assert rows["diffquant-gguf:q8_0"]["layers_quantized"] == rows["gguf:q8_0"]["layers_quantized"]
+    assert "Q8_0" in " ".join(rows["diffquant-gguf:q8_0"]["notes"])

@@ -160,7 +160,7 @@ def run(config: RunConfig | None = None, **overrides) -> RunResult:
     if config.export:
         from diffquant.quantization.backends import get_backend
 
-        get_backend().check_recipes(recipes)
+        get_backend().check_recipes([r for r in recipes if r.has_onnx_form])  # GGUF-only ones skip ONNX
     if config.runtime == "openvino" and config.export:
         from diffquant.runtimes.openvino.runtime import import_openvino
 
@@ -390,12 +390,12 @@ def _stages(ctx: RunContext, recipes) -> None:
                                  notes=tuple(scorer.notes), sqnr_db=denoiser_output_sqnr(family.module, q_module, records),
                                  layers=layer_report(q_module).to_dict() | _plan_fields(record_of(q_module)),
                                  scores=scores)
-        if config.export:
+        if config.export and recipe.has_onnx_form:
             entry = _export_stages(ctx, quantized, recipe, records, entry)
             labels.append(f"{recipe.name}-{get_runtime(config.runtime).tag}")
-            if recipe.format == "gguf":
-                entry = _gguf_stages(ctx, quantized, recipe, entry)
-                labels.append(f"{recipe.name}-gguf")
+        if config.export and recipe.format == "gguf":
+            entry = _gguf_stages(ctx, quantized, recipe, entry)
+            labels.append(f"{recipe.name}-gguf")
         if main:
             saved.set(replace(saved.results.with_recipe(recipe.name, entry), evaluation=evaluation()))
         del quantized, q_module

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, replace
 
 from diffquant.core.errors import DiffquantError
 
-RECIPE_VERSION = 7
+RECIPE_VERSION = 8
 # version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback, 4 no algorithm,
-# 5 no SVDQuant "smooth" (it always smoothed)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+# 5 no SVDQuant "smooth" (it always smoothed), 6 no "format", 7 no int8 PerGroup (GGUF Q8_0) weights
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 INT8, FP8, INT4, MXFP4 = "int8", "fp8_e4m3", "int4", "mxfp4"
 DTYPES = (INT8, FP8, INT4, MXFP4)
 FOUR_BIT = (INT4, MXFP4)  # per-group weights of Linear layers only
@@ -111,9 +111,12 @@ class TensorQuant:
         if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
             raise DiffquantError(f"granularity must be PerTensor(), PerChannel() or PerGroup(size), "
                                  f"not {self.granularity!r}")
-        if (self.dtype in FOUR_BIT) != isinstance(self.granularity, PerGroup):
+        if self.dtype in FOUR_BIT and not isinstance(self.granularity, PerGroup):
             raise DiffquantError(f"dtype {self.dtype} with {type(self.granularity).__name__}(): 4-bit dtypes "
-                                 f"({', '.join(FOUR_BIT)}) take PerGroup(size) and only they do")
+                                 f"({', '.join(FOUR_BIT)}) take PerGroup(size)")
+        if isinstance(self.granularity, PerGroup) and self.dtype not in (*FOUR_BIT, INT8):
+            raise DiffquantError(f"dtype {self.dtype} with PerGroup(): groups are for 4-bit dtypes and int8 "
+                                 "(GGUF's Q8_0 blocks)")
         if self.dtype == MXFP4 and self.granularity.size != MX_GROUP:
             raise DiffquantError(f"mxfp4 shares one scale per {MX_GROUP} elements (OCP MX), got "
                                  f"PerGroup({self.granularity.size}): use PerGroup({MX_GROUP})")
@@ -155,6 +158,9 @@ class Recipe:
         if self.smoothing is not None and self.activation is None:
             raise DiffquantError(f"recipe {self.name}: smoothing moves activation outliers into the weights and "
                                  "needs activation quantization as well")
+        if self.per_group and not self.four_bit and (self.activation is not None or self.format != "gguf"):
+            raise DiffquantError(f"recipe {self.name}: int8 PerGroup weights are GGUF's Q8_0 blocks: weight-only, "
+                                 "format gguf")
         if self.fallback is not None and (not self.four_bit or self.fallback.dtype in FOUR_BIT):
             raise DiffquantError(f"recipe {self.name}: fallback is the 8-bit weight of the layers a 4-bit weight "
                                  "cannot take; it needs a 4-bit (PerGroup) weight and an 8-bit fallback")
@@ -164,12 +170,12 @@ class Recipe:
             raise DiffquantError(f"recipe {self.name}: format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.format == "gguf" and gguf_type(self) is None:
             raise DiffquantError(f"recipe {self.name}: format gguf needs weights on a GGML block grid (int4 "
-                                 f"PerGroup({GGUF_BLOCK}), weight-only, no smoothing, branch or fallback)")
+                                 f"or int8 PerGroup({GGUF_BLOCK}), weight-only, no smoothing, branch or fallback)")
         if self.algorithm is not None:
             if not isinstance(self.algorithm, SVDQuant):
                 raise DiffquantError(f"recipe {self.name}: algorithm must be SVDQuant(rank, mode, gptq) or None, "
                                      f"not {self.algorithm!r}")
-            if self.weight.dtype != INT4 or self.fallback is not None:
+            if not self.per_group or self.weight.dtype not in (INT4, INT8) or self.fallback is not None:
                 raise DiffquantError(f"recipe {self.name}: SVDQuant takes an int4 PerGroup weight and no fallback, "
                                      f"got {self.weight.dtype}{' with a fallback' if self.fallback else ''}")
 
@@ -177,6 +183,17 @@ class Recipe:
     def four_bit(self) -> bool:
         """True when the Linear weights are 4-bit per group (int4 or mxfp4)."""
         return self.weight.dtype in FOUR_BIT
+
+    @property
+    def per_group(self) -> bool:
+        """True when the Linear weights have one scale per group of inputs (4-bit, or int8 GGUF Q8_0 blocks):
+        Conv2d and the Linears the group does not divide take the fallback or stay float."""
+        return isinstance(self.weight.granularity, PerGroup)
+
+    @property
+    def has_onnx_form(self) -> bool:
+        """False for a recipe whose weights diffquant writes as GGUF only (int8 blocks, GGUF's Q8_0)."""
+        return not (self.per_group and self.weight.dtype == INT8)
 
     @property
     def needs_calibration(self) -> bool:
@@ -208,21 +225,24 @@ class Recipe:
 
 
 def gguf_type(recipe: Recipe) -> str | None:
-    """The GGML block type whose grid is exactly this recipe's weights ("Q4_0"), or None: int4 codes in blocks
-    of `GGUF_BLOCK` along the input with one scale each (stored in fp16), weight-only, without a smoothing
-    divisor, a low-rank branch or an 8-bit fallback (none of which GGUF's Q4_0 can hold)."""
+    """The GGML block type whose grid is exactly this recipe's weights ("Q4_0", "Q8_0"), or None: int4 / int8
+    codes in blocks of `GGUF_BLOCK` along the input with one scale each (stored in fp16), weight-only, without a
+    smoothing divisor, a low-rank branch or an 8-bit fallback (none of which GGUF's blocks can hold)."""
     weight = recipe.weight
     plain = recipe.activation is None and recipe.fallback is None and (
         recipe.algorithm is None or (recipe.algorithm.rank == 0 and not recipe.algorithm.smooth
                                      and recipe.algorithm.mode == "w4a16"))
-    if plain and weight.dtype == INT4 and isinstance(weight.granularity, PerGroup) \
-            and weight.granularity.size == GGUF_BLOCK:
-        return "Q4_0"
+    if plain and isinstance(weight.granularity, PerGroup) and weight.granularity.size == GGUF_BLOCK:
+        return {INT4: "Q4_0", INT8: "Q8_0"}.get(weight.dtype)
     return None
 
 
-# The largest |code| of each GGML type diffquant writes: Q4_0 stores q - 8 in -8..7.
-GGUF_MAX_CODE = {"Q4_0": 8}
+# The largest |code| of each GGML type diffquant writes: Q4_0 stores q - 8 in -8..7, Q8_0 int8 (-128..127).
+GGUF_MAX_CODE = {"Q4_0": 8, "Q8_0": 128}
+# The types whose scales are trimmed so that the loaders' fp16 products are exact (`gguf_scale_bits`). Q8_0's
+# would keep 4 bits (x127 takes 7 more), a step of up to 2**-5 of a scale, coarser than the rounding it saves:
+# its scales are any fp16 value and the loaded weight is within half an fp16 step of the fake-quantized one.
+GGUF_EXACT = ("Q4_0",)
 
 
 def gguf_scale_bits(recipe: Recipe) -> int:
@@ -230,7 +250,7 @@ def gguf_scale_bits(recipe: Recipe) -> int:
     whose scales keep 11 - (bits of its largest code less one) so that scale x code is exact in fp16: Q4_0's
     scales take 8 (x7 needs 3 more bits), and the loaders' fp16 dequantization equals the fp32 fake
     quantization bit for bit. A scale rounded to 8 bits moves by at most 2**-9 of itself."""
-    if recipe.format != "gguf":
+    if recipe.format != "gguf" or gguf_type(recipe) not in GGUF_EXACT:
         return 11
     return 11 - (GGUF_MAX_CODE[gguf_type(recipe)] - 1).bit_length()
 
@@ -315,6 +335,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            description=f"GGUF Q4_0: int4 Linear weights in blocks of {GGUF_BLOCK} with one fp16 scale (4.5 bits per "
                        "weight), rounded by GPTQ on the calibration inputs' Hessians (calibrated); Conv2d and "
                        "Linears the block does not divide stay float; export --format gguf"),
+    # GGUF's Q8_0 grid (int8 codes in blocks of 32 weights, one fp16 scale each: 8.5 bits), codes by GPTQ.
+    Recipe("q8_0", TensorQuant(INT8, PerGroup(GGUF_BLOCK)), algorithm=SVDQuant(rank=0, smooth=False), format="gguf",
+           description=f"GGUF Q8_0: int8 Linear weights in blocks of {GGUF_BLOCK} with one fp16 scale (8.5 bits per "
+                       "weight), rounded by GPTQ on the calibration inputs' Hessians (calibrated); Conv2d and "
+                       "Linears the block does not divide stay float; export --format gguf (no ONNX form)"),
     Recipe("svdquant-w4a16", TensorQuant(INT4, PerGroup(SVDQUANT_GROUP)), algorithm=SVDQuant(SVDQUANT_RANK),
            description=f"SVDQuant: smoothed int4 Linear weights (GPTQ, one scale per {SVDQUANT_GROUP} inputs) "
                        f"plus a float rank-{SVDQUANT_RANK} branch (calibrated); Conv2d and Linears the group "

@@ -1,12 +1,15 @@
 """GGUF export: a quantized denoiser as a GGUF file that unmodified diffusers (`from_single_file` with
 `GGUFQuantizationConfig`) and ComfyUI-GGUF load, in the model's original checkpoint names
-(`models/denoisers/layout.py`), its int4 Linears in GGML Q4_0 blocks holding diffquant's codes (GPTQ's for
-the `q4_0` recipe) instead of the round-to-nearest ones of the `gguf` package and llama.cpp.
+(`models/denoisers/layout.py`), its int4 Linears in GGML Q4_0 blocks (int8 ones in Q8_0 blocks) holding
+diffquant's codes (GPTQ's for the `q4_0` / `q8_0` recipes) instead of the round-to-nearest ones of the `gguf`
+package and llama.cpp.
 
 Q4_0 is exactly diffquant's int4 grid at group 32: a block of 32 weights is one fp16 scale d and 32 codes q in
 0..15, each weight d x (q - 8). The loaders dequantize in fp16; a `q4_0` recipe's scales keep 8 significant
 bits (`recipes.gguf_scale_bits`), so every d x (q - 8) is exact in fp16 and the file's weights are the fake-
-quantized ones bit for bit. Every other tensor (Conv2d, norms, biases, Linears a block does not divide, the
+quantized ones bit for bit. Q8_0 is int8 codes in blocks of 32 with one fp16 scale; its scales keep all 11
+bits, and the loaders' fp16 product d x q is within half an fp16 step of the fake-quantized weight
+(`FP16_PRODUCT_BOUND`). Every other tensor (Conv2d, norms, biases, Linears a block does not divide, the
 layers the plan keeps float) is F32, as diffusers' GGUF loader replaces Linears only.
 
 Hand-packed: the `gguf` package writes the file (`GGUFWriter`) but quantizes only from float weights with
@@ -26,7 +29,7 @@ import torch
 
 from diffquant.core.artifacts import atomic_dir
 from diffquant.core.errors import DiffquantError
-from diffquant.core.recipes import GGUF_BLOCK, gguf_type
+from diffquant.core.recipes import GGUF_BLOCK, GGUF_EXACT, gguf_type
 from diffquant.core.record import record_of
 from diffquant.export.model_card import base_model_of, facts_for, write_model_card
 from diffquant.models.denoisers import Denoiser, denoiser_for, denoiser_of
@@ -80,6 +83,24 @@ def pack_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     return np.concatenate([d, packed], axis=-1).reshape(n, -1)
 
 
+def pack_q8_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """GGML Q8_0 blocks of (N, K) int8 codes and their (N, K / 32) fp16-valued scales: an (N, K / 32 * 34) uint8
+    array, each block its scale's two bytes then its 32 codes."""
+    n, k = codes.shape
+    if codes.dtype != torch.int8 or k % GGUF_BLOCK or scale.shape != (n, k // GGUF_BLOCK):
+        raise ValueError(f"Q8_0 takes int8 codes in blocks of {GGUF_BLOCK} along the input: codes "
+                         f"{tuple(codes.shape)} {codes.dtype}, scales {tuple(scale.shape)}")
+    half = scale.to(torch.float16)
+    if not torch.equal(half.float(), scale.float()):
+        raise ValueError("Q8_0 stores fp16 scales: these are not fp16 values")
+    d = half.numpy().view(np.uint8).reshape(n, k // GGUF_BLOCK, 2)
+    q = codes.numpy().view(np.uint8).reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
+    return np.concatenate([d, q], axis=-1).reshape(n, -1)
+
+
+PACKERS = {"Q4_0": pack_q4_0, "Q8_0": pack_q8_0}
+
+
 def _rows(value) -> int:
     tensor = value.codes if isinstance(value, WeightCodes) else value
     return tensor.shape[0] if tensor.dim() else 1
@@ -87,8 +108,8 @@ def _rows(value) -> int:
 
 def original_state(family: Denoiser, state: dict) -> dict[str, torch.Tensor | WeightCodes]:
     """The quantized denoiser's plain state (`QuantBackend.plain_state`) under its original checkpoint names (with
-    the family's prefix): float tensors, and `WeightCodes` for the int4 block weights (fused qkv stacked
-    row-wise, halves swapped)."""
+    the family's prefix): float tensors, and `WeightCodes` for the block weights (fused qkv stacked row-wise,
+    halves swapped)."""
     rows = {k: _rows(v) for k, v in state.items()}
     try:
         layout = family.original_layout(rows)
@@ -106,7 +127,7 @@ def original_state(family: Denoiser, state: dict) -> dict[str, torch.Tensor | We
         if all(blocks):
             out[family.original_prefix + name] = WeightCodes(
                 torch.cat([v.codes[s:e] for v, (_, s, e) in zip(values, parts)]),
-                torch.cat([v.scale[s:e] for v, (_, s, e) in zip(values, parts)]), "int4",
+                torch.cat([v.scale[s:e] for v, (_, s, e) in zip(values, parts)]), values[0].kind,
                 all(v.exact for v in values), values[0].float_dtype)
         else:
             out[family.original_prefix + name] = torch.cat([v.detach()[s:e] for v, (_, s, e) in zip(values, parts)])
@@ -134,7 +155,7 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
     qtype = gguf_type(record.recipe)
     if qtype is None:
         raise DiffquantError(f"recipe {record.recipe.name}: its weights are on no GGML block grid, so GGUF cannot hold "
-                             "them exactly: quantize with q4_0 (GPTQ) or int4-w (round to nearest)")
+                             "them exactly: quantize with q4_0 or q8_0 (GPTQ) or int4-w (round to nearest)")
     started = time.perf_counter()
     family = denoiser_for(module)
     plain = backend_of(module).plain_state(module)  # each layer's codes, checked against the fake quant once
@@ -149,7 +170,7 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
     with atomic_dir(out_dir) as tmp:
         writer = gguf.GGUFWriter(str(tmp / path.name), arch=family.gguf_arch)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+        writer.add_file_type({"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
         writer.add_string("general.name", f"{family.module_class} {record.recipe.name} (diffquant)")
         writer.add_string("diffquant.recipe", json.dumps(record.recipe.to_dict()))
         if record.plan is not None:
@@ -157,8 +178,8 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
         blocks = 0
         for name, value in state.items():
             if isinstance(value, WeightCodes):
-                writer.add_tensor(name, pack_q4_0(value.codes, value.scale),
-                                  raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+                writer.add_tensor(name, PACKERS[qtype](value.codes, value.scale),
+                                  raw_dtype=gguf.GGMLQuantizationType[qtype])
                 blocks += 1
             else:
                 writer.add_tensor(name, value.float().contiguous().numpy())
@@ -170,7 +191,8 @@ def export_gguf(pipe_or_module, out_dir: str | Path, check: bool = True) -> Gguf
                             arch=family.gguf_arch, block_tensors=blocks, float_tensors=len(state) - blocks,
                             float_weights=float_weights)
         if check and not isinstance(pipe_or_module, torch.nn.Module):
-            _check_loaded(result, load_gguf(pipe_or_module, tmp / path.name), plain, record.recipe.format == "gguf")
+            _check_loaded(result, load_gguf(pipe_or_module, tmp / path.name), plain,
+                          record.recipe.format == "gguf" and qtype in GGUF_EXACT)
         write_model_card(tmp, facts_for(module, base_model_of(pipe_or_module), "gguf", path.name, result.size_bytes))
         result.export_seconds = time.perf_counter() - started
     logger.info("GGUF %s: %s (%.2f MB), %d %s tensors, %d float; diffusers loaded %d block Linears, %d bit-exact",
@@ -212,7 +234,8 @@ def _check_loaded(result: GgufExport, loaded: torch.nn.Module, plain: dict, bit_
         stored = plain.get(f"{name}.weight")
         if not isinstance(stored, WeightCodes):
             raise DiffquantError(f"diffusers loaded {name} from the GGUF file as blocks, but it is not quantized")
-        expected = (stored.codes.float() - 8) * stored.scale.repeat_interleave(stored.group, dim=1)
+        values = stored.codes.float() - 8 if stored.kind == "int4" else stored.codes.float()
+        expected = values * stored.scale.repeat_interleave(stored.group, dim=1)
         got = dequantize_gguf_tensor(weight).float()
         worst = max(worst, float((got - expected).abs().max()))
         same = torch.equal(got, expected) and stored.exact

@@ -16,6 +16,7 @@ class WeightCodes:
     - `kind` "int8" / "fp8": `codes` int8 / float8_e4m3fn shaped like the weight, `scale` broadcastable to it
       (one value, or one per output channel).
     - `kind` "int4": `codes` (N, K) uint8 nibbles, each the int4 code + 8; `scale` (N, K / group).
+    - `kind` "int8" with `scale` (N, K / group) (GGUF's Q8_0 blocks): `codes` (N, K) int8.
 
     `exact`: the backend checked that the codes dequantize to the weight its forward multiplies by, bit for
     bit. `float_dtype`: the layer's weight dtype (a MatMulNBits' scales take the type of its input).
@@ -29,7 +30,7 @@ class WeightCodes:
 
     @property
     def group(self) -> int:
-        """Weights per scale along K (int4 codes only)."""
+        """Weights per scale along K (codes with one scale per group)."""
         return self.codes.shape[1] // self.scale.shape[1]
 
 

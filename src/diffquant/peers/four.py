@@ -320,7 +320,7 @@ class GgufPeer(Peer):
     """The `gguf` package's Python quantizer into a GGUF file that diffusers' single-file loader reads."""
 
     libraries = ("gguf",)
-    kinds = {"q4_0": 4, "q4_1": 4, "q4_k": 4}
+    kinds = {"q4_0": 4, "q4_1": 4, "q4_k": 4, "q8_0": 8}
     required_packages = ("gguf",)
 
     def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:

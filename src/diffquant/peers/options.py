@@ -8,7 +8,7 @@ from pathlib import Path
 
 DEFAULT_METHODS = ("diffquant:w8a8-int8-sq", "diffquant:w8a8-int8-ort-sq", "diffquant:w8a8-int8",
                    "diffquant:w8a8-int8-ort", "diffquant-all:w8a8-int8-sq", "diffquant:w8a8-fp8", "modelopt:int8",
-                   "modelopt:int8-sq", "modelopt:fp8", "quanto:w8a8")
+                   "modelopt:int8-sq", "modelopt:fp8", "quanto:w8a8", "diffquant-gguf:q8_0", "gguf:q8_0")
 
 DEFAULT_4BIT_METHODS = ("bnb:nf4", "diffquant-gguf:q4_0", "gguf:q4_0", "gguf:q4_1", "gguf:q4_k", "quanto:w4", "torchao:int4",
                         "nncf:int4")

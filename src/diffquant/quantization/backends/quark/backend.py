@@ -89,7 +89,8 @@ class QuarkBackend(QuantBackend):
         return svdquant.apply_svdquant(module, calibration, layers, mode=algorithm.mode, rank=algorithm.rank,
                                        group_size=recipe.weight.granularity.size, gptq=algorithm.gptq,
                                        alphas=svdquant.ALPHAS if algorithm.smooth else (None,),
-                                       scale_bits=gguf_scale_bits(recipe), choose_scales=recipe.format == "gguf")
+                                       scale_bits=gguf_scale_bits(recipe), choose_scales=recipe.format == "gguf",
+                                       bits=4 if recipe.four_bit else 8)
 
     def activation_scales(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return internals.activation_scales(module)
@@ -178,7 +179,8 @@ class QuarkBackend(QuantBackend):
         internals.import_quark(module.device)
         if recipe.algorithm is not None:
             module, qconfig = svdquant.rebuild(module, svdquant.saved_layers(state, type(module).__name__),
-                                               recipe.algorithm.mode, recipe.weight.granularity.size)
+                                               recipe.algorithm.mode, recipe.weight.granularity.size,
+                                               4 if recipe.four_bit else 8)
         else:
             qconfig = to_quark_config(recipe, excluded, list(fourbit.unfit_layers(module, recipe, excluded)))
             module = internals.transform(module, qconfig)

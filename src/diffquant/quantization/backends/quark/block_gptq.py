@@ -24,15 +24,16 @@ PERCDAMP = 0.01
 BLOCK = 128  # columns per lazy batch update
 
 
-def _choose_scales(weights: torch.Tensor, h: torch.Tensor, scale_bits: int) -> torch.Tensor:
+def _choose_scales(weights: torch.Tensor, h: torch.Tensor, scale_bits: int, bits: int = 4) -> torch.Tensor:
     """Per row of `weights` (rows, group): the candidate scale of least diag(H)-weighted rounding error."""
+    top = 2 ** (bits - 1) - 1  # 7 for int4, 127 for int8
     amax = weights.abs().amax(dim=1).clamp(min=1e-10)
     negative = weights.gather(1, weights.abs().argmax(dim=1, keepdim=True)).squeeze(1) < 0
-    candidates = [amax / 7, torch.where(negative, amax / 8, amax / 7), *(a * amax / 7 for a in SHRINK)]
+    candidates = [amax / top, torch.where(negative, amax / (top + 1), amax / top), *(a * amax / top for a in SHRINK)]
     best, best_error = None, None
     for candidate in candidates:
         candidate = fp16_grid(candidate, positive=True, bits=scale_bits)
-        codes = torch.clamp(torch.round(weights / candidate[:, None]), -8, 7)
+        codes = torch.clamp(torch.round(weights / candidate[:, None]), -top - 1, top)
         error = ((weights - codes * candidate[:, None]) ** 2 * h).sum(dim=1)
         if best is None:
             best, best_error = candidate, error
@@ -43,10 +44,11 @@ def _choose_scales(weights: torch.Tensor, h: torch.Tensor, scale_bits: int) -> t
 
 
 def block_gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int,
-               scale_bits: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the weight rounded to codes -8..7 times its scales, the scales (rows, columns / group_size)), scales on
-    the fp16 grid of `scale_bits` significant bits, so that Quark's int4 quantizer given those scales returns
-    the same weight."""
+               scale_bits: int = 11, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight rounded to codes -8..7 (`bits` 4; -128..127 for 8) times its scales, the scales (rows,
+    columns / group_size)), scales on the fp16 grid of `scale_bits` significant bits, so that Quark's int4 /
+    int8 quantizer given those scales returns the same weight."""
+    top = 2 ** (bits - 1) - 1
     W = weight.float().clone()
     H = hessian.float().clone()
     rows, columns = W.shape
@@ -69,9 +71,9 @@ def block_gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int,
                 end = min(i + group_size, i2 - i1)
                 group = torch.cat([W1[:, i:end], W[:, i1 + end:column + group_size]], dim=1)
                 scales[:, column // group_size] = _choose_scales(group, weights_of_error[column:column + group_size],
-                                                                 scale_bits)
+                                                                 scale_bits, bits)
             scale = scales[:, column // group_size]
-            q = torch.clamp(torch.round(W1[:, i] / scale), -8, 7) * scale
+            q = torch.clamp(torch.round(W1[:, i] / scale), -top - 1, top) * scale
             rounded[:, column] = q
             error = (W1[:, i] - q) / Hinv1[i, i]
             W1[:, i:] -= error.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffquant.core.errors import DiffquantError
-from diffquant.core.recipes import INT4, INT8, MXFP4, PerTensor, Recipe, TensorQuant
+from diffquant.core.recipes import INT4, INT8, MXFP4, PerGroup, PerTensor, Recipe, TensorQuant
 
 
 def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: list[str] | tuple[str, ...] = ()):
@@ -23,7 +23,8 @@ def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: lis
         unfit: for a 4-bit recipe, the layers its weight cannot take (see `fourbit.unfit_layers`).
     """
     from quark.torch.quantization.config.config import (
-        FP8E4M3PerChannelSpec, FP8E4M3PerTensorSpec, Int4PerGroupSpec, Int8PerChannelSpec, Int8PerTensorSpec,
+        FP8E4M3PerChannelSpec, FP8E4M3PerTensorSpec, Int4PerGroupSpec, Int8PerChannelSpec, Int8PerGroupSpec,
+        Int8PerTensorSpec,
         OCP_MXFP4Spec, QConfig, QLayerConfig,
     )
 
@@ -35,6 +36,9 @@ def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: lis
                                     round_method="half_even", is_dynamic=False)
         elif q.dtype == MXFP4:
             made = OCP_MXFP4Spec(ch_axis=-1, is_dynamic=False)
+        elif q.dtype == INT8 and isinstance(q.granularity, PerGroup):  # GGUF's Q8_0 blocks
+            made = Int8PerGroupSpec(ch_axis=-1, group_size=q.granularity.size, symmetric=True, scale_type="float",
+                                    round_method="half_even", is_dynamic=False)
         elif q.dtype == INT8 and isinstance(q.granularity, PerTensor):
             made = Int8PerTensorSpec(observer_method=q.observer, symmetric=True, scale_type="float",
                                      round_method="half_even", is_dynamic=False)
@@ -48,7 +52,7 @@ def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: lis
         return made.to_quantization_spec()
 
     weight = spec(recipe.weight, is_weight=True)
-    if recipe.four_bit:
+    if recipe.per_group:
         linear = QLayerConfig(weight=weight)
         if recipe.fallback is None:
             return QConfig(global_quant_config=linear, exclude=list(exclude or []) + list(unfit))

@@ -76,11 +76,12 @@ def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor | WeightCodes
                                      "int4 form (GGUF holds codes and scales only): use q4_0 or int4-w")
             renamed[f"{name}.layer."] = f"{name}."
         kind = fourbit.weight_kind(layer)
-        if kind == "int4":
+        if kind == "int4" or fourbit.is_int8_blocks(layer):
             plain = name[: -len(".layer")] if name.endswith(".layer") and f"{name}." in renamed else name
             codes[f"{plain}.weight"] = group_codes(layer)
         elif kind is not None:
-            raise DiffquantError(f"{name}: its {kind} weight has no plain int4 block form: use q4_0 or int4-w")
+            raise DiffquantError(f"{name}: its {kind} weight has no plain block form (GGUF blocks hold int4 or int8 "
+                                 "codes with one scale per group): use q4_0, int4-w or q8_0")
     state = {}
     for key, tensor in module.state_dict().items():
         if any(f"._{part}_quantizer." in key for part in ("weight", "input", "output")):
@@ -92,7 +93,13 @@ def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor | WeightCodes
 
 
 def group_codes(layer: torch.nn.Module) -> WeightCodes:
-    """The int4 nibbles and group scales of a Linear, checked against Quark's fake-quantized weight."""
+    """The int4 nibbles (or int8 block codes) and group scales of a Linear, checked against Quark's fake-quantized
+    weight."""
+    if fourbit.is_int8_blocks(layer):
+        codes, scale, _ = internals.weight_codes(layer)
+        exact = torch.equal(codes.float() * scale, internals.fake_quantized_weight(layer))
+        groups = internals.weight_quantizer(layer).scale.detach().float()  # (N, K / group)
+        return WeightCodes(codes, groups, "int8", exact, layer.weight.dtype)
     nibbles, scale, _ = fourbit.group_codes(layer)
     exact = torch.equal(fourbit.dequantize_groups(nibbles, scale, "int4"), internals.fake_quantized_weight(layer))
     return WeightCodes(nibbles, scale, "int4", exact, layer.weight.dtype)
@@ -114,6 +121,10 @@ def check_recipes_exportable(recipes) -> None:
     if a4:
         raise DiffquantError(f"{', '.join(a4)}: int4 activations have no ONNX Runtime kernel, so they cannot be "
                              "exported; run them with --no-export (torch only) or export svdquant-w4a16")
+    blocks = [r.name for r in recipes if not r.has_onnx_form]
+    if blocks:
+        raise DiffquantError(f"{', '.join(blocks)}: int8 blocks are GGUF's Q8_0, which diffquant writes as GGUF only: "
+                             "export them with --format gguf, or use an ONNX recipe (int8-w-pc)")
 
 
 def check_exportable(module: torch.nn.Module) -> None:
@@ -125,6 +136,10 @@ def check_exportable(module: torch.nn.Module) -> None:
         raise DiffquantError(f"{len(mx)} layers have MXFP4 weights, which ONNX Runtime's CPU provider has no kernel "
                              "for (MatMulNBits takes integer codes): export an int4 recipe (int4-w, int4-w-conv8) "
                              "or run mxfp4-w in torch (--no-export)")
+    blocks = [name for name, layer in module.named_modules() if fourbit.is_int8_blocks(layer)]
+    if blocks:
+        raise DiffquantError(f"{len(blocks)} Linears have int8 block weights (GGUF's Q8_0), which diffquant writes as "
+                             "GGUF only: export them with --format gguf, or quantize with int8-w-pc for ONNX")
     a4 = [name for name, layer in int4_linears(module).items() if internals.input_quantizer(layer) is not None]
     if a4:
         raise DiffquantError(f"{len(a4)} int4 Linears also quantize their inputs to int4 (SVDQuant w4a4), which "

@@ -55,21 +55,29 @@ def stored_bits(tensor: torch.Tensor) -> int:
     return (16 if fits_fp16(tensor) else 8 * tensor.element_size()) * tensor.numel()
 
 
+def is_int8_blocks(layer: torch.nn.Module) -> bool:
+    """True for an int8 weight with one scale per group of inputs (GGUF's Q8_0 blocks)."""
+    quantizer = internals.weight_quantizer(layer)
+    return weight_kind(layer) == "int8" and getattr(quantizer, "group_size", None) not in (None, 0, -1)
+
+
 def round_scales_fp16(module: torch.nn.Module, bits: int = 11) -> None:
-    """Give every int4 weight quantizer of `module` its scale rounded to fp16 (with `bits` significant bits;
-    observing the weight first where it has not yet), so that its codes are taken on the scale that is stored."""
+    """Give every int4 (and int8 block) weight quantizer of `module` its scale rounded to fp16 (with `bits`
+    significant bits; observing the weight first where it has not yet), so that its codes are taken on the
+    scale that is stored."""
     for layer in module.modules():
-        if weight_kind(layer) == "int4":
+        if weight_kind(layer) == "int4" or is_int8_blocks(layer):
             internals.set_weight_scale(layer, fp16_grid(internals.observe_weight(layer), positive=True, bits=bits))
 
 
 def unfit_reason(layer: torch.nn.Module, recipe: Recipe) -> str | None:
-    """Why the 4-bit weight of `recipe` cannot take `layer` (a float or Quark Linear/Conv2d), else None."""
-    if not recipe.four_bit:
+    """Why the per-group (4-bit, or GGUF Q8_0) weight of `recipe` cannot take `layer` (a float or Quark
+    Linear/Conv2d), else None."""
+    if not recipe.per_group:
         return None
     weight = layer.weight
     if weight.dim() != 2:
-        return "Conv2d: 4-bit per-group weights are for Linear layers"
+        return f"Conv2d: {'4-bit' if recipe.four_bit else 'int8 block'} per-group weights are for Linear layers"
     group = recipe.weight.granularity.size
     if weight.shape[1] % group:
         return f"input width {weight.shape[1]} is not a multiple of the group size {group}"
@@ -78,8 +86,8 @@ def unfit_reason(layer: torch.nn.Module, recipe: Recipe) -> str | None:
 
 def unfit_layers(module: torch.nn.Module, recipe: Recipe, excluded: list[str]) -> dict[str, str]:
     """name -> reason for each Linear/Conv2d of the float `module` (outside `excluded`) that the recipe's
-    4-bit weight cannot take; they take the recipe's fallback or stay float. Empty for 8-bit recipes."""
-    if not recipe.four_bit:
+    per-group weight cannot take; they take the recipe's fallback or stay float. Empty for other recipes."""
+    if not recipe.per_group:
         return {}
     skip = set(excluded)
     return {name: reason for name, layer in module.named_modules()
@@ -104,7 +112,8 @@ def weight_bits(layer: torch.nn.Module) -> int:
     if kind is None:
         return 32 * elements
     scale = internals.weight_quantizer(layer).scale.detach()
-    scale_bits = {"mxfp4": 8 * scale.numel(), "int4": stored_bits(scale)}.get(kind, 32 * scale.numel())
+    scale_bits = 8 * scale.numel() if kind == "mxfp4" else (
+        stored_bits(scale) if kind == "int4" or is_int8_blocks(layer) else 32 * scale.numel())
     return (4 if kind in ("int4", "mxfp4") else 8) * elements + scale_bits
 
 
@@ -183,6 +192,8 @@ def pack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
             if _exact(codes.float() * scale, layer):
                 del packed[f"{name}.weight"]
                 packed[name + _INT8] = codes.contiguous()
+                if is_int8_blocks(layer) and fits_fp16(packed[name + _SCALE]):
+                    packed[name + _SCALE] = packed[name + _SCALE].to(torch.float16)
     return packed
 
 
@@ -205,6 +216,8 @@ def unpack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dic
                 shape = [1] * codes.dim()
                 shape[internals.weight_quantizer(layer).ch_axis or 0] = -1
                 scale = scale.reshape(shape)
+            elif scale.dim() == 2 and scale.shape != codes.shape:  # int8 blocks: one scale per group of inputs
+                scale = scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
             weight = codes.float() * scale
         else:
             kind = weight_kind(layer)

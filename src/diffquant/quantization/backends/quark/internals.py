@@ -157,6 +157,8 @@ def weight_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, st
         shape = [1] * fake.dim()
         shape[quantizer.ch_axis or 0] = -1
         scale = scale.reshape(shape)
+    elif scale.dim() == 2 and scale.shape != fake.shape:  # (N, K / group): one scale per group of inputs
+        scale = scale.repeat_interleave(fake.shape[1] // scale.shape[1], dim=1)
     kind = "fp8" if "fp8" in str(quantizer.dtype) else "int8"
     if kind == "int8":
         codes = torch.round(fake / scale).clamp(-128, 127).to(torch.int8)
