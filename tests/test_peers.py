@@ -137,3 +137,22 @@ def test_q8_0_rows_put_diffquants_gguf_file_beside_the_gguf_packages(tiny_sd_dir
         assert rows[method]["psnr_mean_db"] is not None
     assert rows["diffquant-gguf:q8_0"]["layers_quantized"] == rows["gguf:q8_0"]["layers_quantized"]
     assert "Q8_0" in " ".join(rows["diffquant-gguf:q8_0"]["notes"])
+
+
+def test_cpu_8bit_peers_run_in_their_runtimes_on_the_same_calibration(tiny_sd_dir, tmp_path):
+    """What a CPU user picks instead: NNCF's full and hybrid int8 in OpenVINO and ONNX Runtime's quantize_static,
+    each on diffquant's fp32 export checked against torch's fp32 images, calibrated on diffquant's captured calls."""
+    pytest.importorskip("nncf", reason="nncf is not installed")
+    from diffquant.peers.eight import main
+
+    methods = ["ort:static-int8", "nncf:int8", "nncf:int8-hybrid"]
+    assert main(["--model", str(tiny_sd_dir), "--bits", "8", "--n", "2", "--steps", "2", "--calib-size", "2",
+                 "--methods", ",".join(methods), "--out", str(tmp_path / "peers")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "peers" / "peers.json").read_text())["rows"]}
+    assert list(rows) == methods
+    for method, row in rows.items():
+        # every Linear and Conv2d of the tiny UNet (83) holds int8 codes: codes plus scales (and zero points)
+        assert row["layers_quantized"] == 83 and 8.0 < row["bits_per_weight"] < 10.0, (method, row)
+        assert row["psnr_worst_db"] <= row["psnr_mean_db"] < 100
+        assert "fp32 vs torch fp32: pixel-identical" in row["notes"][0]  # the peer's float graph is checked first
+        assert "2 calibration calls" in row["notes"][1]

@@ -112,3 +112,14 @@ def methods(bits: int | None = None) -> list[str]:
     """Every `library:kind` the registered peers offer (of `bits` bits, when given)."""
     return [f"{library}:{kind}" for library, cls in PEERS.items() for kind, b in cls.kinds.items()
             if bits is None or b == bits]
+
+
+def shared_calibration(run: PeerRun):
+    """diffquant's calibration set of this comparison (the denoiser calls captured while the pipeline draws the
+    calibration captions), made once and shared by every method that calibrates: the peers read the same calls."""
+    from diffquant.quantization.calibration import calibrate
+
+    if "calibration" not in run.cache:
+        run.cache["calibration"] = calibrate(run.pipe, run.calib_prompts, steps=run.settings["steps"],
+                                             timesteps=run.calib_timesteps, guidance=run.settings["guidance"])
+    return run.cache["calibration"]

@@ -42,8 +42,9 @@ from diffquant.core.errors import DiffquantError
 from diffquant.core.record import record_of
 from diffquant.report.tables import markdown
 from diffquant.quantization.backends import backend_of
-from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, peer_for, register
+from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, peer_for, register, shared_calibration
 from diffquant.peers.options import DEFAULT_4BIT_METHODS, DEFAULT_METHODS, add_arguments
+from diffquant.peers import cpu as _cpu  # noqa: F401  (registers ort:static-int8)
 from diffquant.peers.four import checked_copy, quanto_w4, torch_storage
 from diffquant.core.artifacts import write_json, write_text
 from diffquant.core.recipes import get_recipe
@@ -130,15 +131,11 @@ class DiffquantPeer(Peer):
         return get_recipe(kind).name if not kind.endswith(".json") else kind, None
 
     def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
-        from diffquant import calibrate, layer_report, quantize
+        from diffquant import layer_report, quantize
 
         recipe = get_recipe(kind)
-        calibration = None
-        if recipe.needs_calibration:  # weight-only recipes read no calibration; the set is made once per run
-            if "calibration" not in run.cache:
-                run.cache["calibration"] = calibrate(run.pipe, run.calib_prompts, steps=run.settings["steps"],
-                                                     timesteps=run.calib_timesteps, guidance=run.settings["guidance"])
-            calibration = run.cache["calibration"]
+        # weight-only recipes read no calibration; the set is made once per run
+        calibration = shared_calibration(run) if recipe.needs_calibration else None
         quantized = quantize(run.pipe, recipe, calibration=calibration, profile_exclusions=self.library == "diffquant")
         module = denoiser_of(quantized).module
         reason = record_of(module).float_reason

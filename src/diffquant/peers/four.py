@@ -227,7 +227,7 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     xml = out_dir / "int4" / "denoiser.xml"
     xml.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(compressed, str(xml), compress_to_fp16=False)
-    storage, int4_layers, int8_layers = _ov_storage(compressed)
+    storage, int4_layers, int8_layers = ov_storage(compressed)
     notes = [f"group {group}; OpenVINO runtime (its seconds are not torch's)"]
     if int8_layers:
         notes.append(f"{int8_layers} more layers int8 per channel (NNCF's backup precision: convolutions and "
@@ -240,9 +240,9 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     return get_runtime("openvino").pipeline(pipe, xml, torch.get_num_threads()), int4_layers, storage, notes, onnx_file
 
 
-def _ov_storage(model) -> tuple[Storage, int, int]:
-    """Storage of NNCF's int4 weights (their codes plus the scale constants of their decompression
-    subgraph; its int8 backup layers count in the bytes only), the int4 and the int8 layer counts."""
+def ov_storage(model, bits_counted: int = 4) -> tuple[Storage, int, int]:
+    """Storage of NNCF's `bits_counted`-bit weights (their codes plus the scale and zero-point constants of
+    their decompression subgraph; the other layers count in the bytes only), the int4 and the int8 layer counts."""
     low = {"i4": 4, "u4": 4, "i8": 8, "u8": 8}
     candidates = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
                   and op.get_output_element_type(0).get_type_name() in low]
@@ -254,8 +254,8 @@ def _ov_storage(model) -> tuple[Storage, int, int]:
             continue
         bits = low[op.get_output_element_type(0).get_type_name()]
         int8 += bits == 8
-        if bits == 4:
-            int4 += 1
+        int4 += bits == 4
+        if bits == bits_counted:
             weights += math.prod(op.get_output_shape(0))
             stored += _constant_bytes(op) + sum(_constant_bytes(c) for c in attached[op.get_friendly_name()])
     return Storage(weights, stored, 0), int4, int8
@@ -341,14 +341,19 @@ class GgufPeer(Peer):
 
 @register
 class NncfPeer(Peer):
-    """NNCF int4 weight compression of the fp32 ONNX export, run in OpenVINO (see `nncf_int4`)."""
+    """NNCF on the fp32 ONNX export, run in OpenVINO: int4 weight compression (`nncf_int4`), and the 8-bit
+    quantization a CPU user picks (`int8`, `int8-hybrid`: see `diffquant.peers.cpu`)."""
 
     libraries = ("nncf",)
-    kinds = {"int4": 4}
+    kinds = {"int4": 4, "int8": 8, "int8-hybrid": 8}
     required_packages = ("nncf", "openvino")
     group_size = 128
 
     def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
+        if kind.startswith("int8"):
+            from diffquant.peers.cpu import nncf_int8
+
+            return nncf_int8(run, kind == "int8-hybrid", run.work_dir / f"nncf-{kind}")
         peer, layers, storage, notes, onnx_file = nncf_int4(run.pipe, group, run.work_dir / f"nncf-{kind}-g{group}")
         try:
             fidelity = run.check(get_runtime("openvino").pipeline(run.pipe, onnx_file, torch.get_num_threads()),
