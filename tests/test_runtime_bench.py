@@ -252,3 +252,26 @@ def test_a_row_process_reports_its_own_peak_memory_not_its_parents(tiny_int8_w_e
     measured = _run_in_own_process(spec, tmp_path / "spec.json")
     assert peak_rss_mb() >= 400 + ballast[0]  # this process's peak counts its 400 MB
     assert 0 < measured["peak_rss_mb"] < peak_rss_mb() - 300
+
+
+def test_bench_measures_the_cpu_peers_as_rows_of_their_runtimes(tiny_sd, tmp_path, monkeypatch):
+    """--peers: NNCF's int8 (full and hybrid) in OpenVINO and ORT's quantize_static in ONNX Runtime, made from the
+    bench's own fp32 export and calibration, each a row of its runtime with the kernels it ran counted."""
+    pytest.importorskip("nncf", reason="nncf is not installed")
+    from diffquant.bench.runner import benchmark
+    from diffquant.models import architectures
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny",
+                        architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
+    with pytest.raises(DiffquantError, match="unknown peer\\(s\\) tensorrt:int8: choose from nncf:int8"):
+        benchmark(arch="tiny", recipe="int8-w", peers="tensorrt:int8", out=tmp_path / "bad")
+    result = benchmark(arch="tiny", recipe="int8-w", iterations=1, warmup=0, out=tmp_path / "peers",
+                       runtimes="onnxruntime,openvino", peers="nncf:int8,nncf:int8-hybrid,ort:static-int8")
+    rows = {r.name: r for r in result.rows}
+    for name in ("OpenVINO nncf:int8", "OpenVINO nncf:int8-hybrid", "ORT ort:static-int8"):
+        # (sizes are measured, not compared: the tiny UNet's IR/graph text outweighs its 0.3 MB of weights)
+        assert rows[name].precision == "int8" and rows[name].kernels.startswith("int8") and rows[name].artifact_mb > 0
+    # the peers' graphs really run integer kernels, as their profiles say
+    ort_ops = result.optimized_ops["ORT ort:static-int8"]
+    assert any(op.startswith("QLinear") or op in ("MatMulIntegerToFloat", "ConvInteger") for op in ort_ops), ort_ops
+    assert "OpenVINO nncf:int8" in result.profiles

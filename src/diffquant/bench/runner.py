@@ -8,6 +8,7 @@ row of the run (torch fp32 unless filtered out)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import statistics
 import threading
@@ -193,6 +194,37 @@ def build_arch(arch: str):
     return build(arch)
 
 
+def _nncf(hybrid: bool):
+    def make(fp32_onnx, feeds, out_dir):
+        from diffquant.runtimes.openvino.nncf_int8 import nncf_int8
+
+        return nncf_int8(fp32_onnx, feeds, hybrid, out_dir)
+    return make
+
+
+def _ort_static(fp32_onnx, feeds, out_dir):
+    from diffquant.runtimes.onnxruntime.static import quantize_static_int8
+
+    return quantize_static_int8(fp32_onnx, feeds, out_dir)
+
+
+# What a CPU user picks instead of diffquant, as bench rows: name -> (runtime, maker(fp32 onnx, feeds, folder) -> file).
+PEER_QUANTIZERS = {"nncf:int8": ("openvino", _nncf(False)), "nncf:int8-hybrid": ("openvino", _nncf(True)),
+                   "ort:static-int8": ("onnxruntime", _ort_static)}
+
+
+def _parse_peers(peers) -> tuple[str, ...]:
+    chosen = tuple(p for p in (peers.split(",") if isinstance(peers, str) else peers) if p)
+    unknown = [p for p in chosen if p not in PEER_QUANTIZERS]
+    if unknown:
+        raise DiffquantError(f"unknown peer(s) {', '.join(unknown)}: choose from {', '.join(PEER_QUANTIZERS)} "
+                             "(comma-separated)")
+    if any(p.startswith("nncf") for p in chosen) and importlib.util.find_spec("nncf") is None:
+        raise DiffquantError("the nncf peers need NNCF: pip install nncf (or diffquant's extra: pip install -e "
+                             "'.[peers]')")
+    return chosen
+
+
 def _parse_runtimes(runtimes) -> tuple[str, ...]:
     if runtimes is None:
         return RUNTIME_CHOICES
@@ -250,7 +282,8 @@ def _run_in_own_process(spec: bench_row.RowSpec, spec_path: Path) -> dict:
 def benchmark(model: str | None = None, arch: str | None = None, recipe: str | tuple[str, ...] = DEFAULT_RECIPE,
               iterations: int = 10, warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
               fake_quant_compiled: bool = True, profile: bool = True,
-              runtimes: str | tuple[str, ...] | None = None, int4_compute: str = "float") -> BenchResult:
+              runtimes: str | tuple[str, ...] | None = None, int4_compute: str = "float",
+              peers: str | tuple[str, ...] = ()) -> BenchResult:
     """Measure every configuration side by side, each real row in its own process on the same inputs.
 
     Args:
@@ -270,6 +303,9 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         runtimes: the rows to run by runtime, a subset of `RUNTIME_CHOICES` (default: all).
         int4_compute: how ONNX Runtime multiplies a 4-bit recipe's Linears, "float" or "int8" (see
             `export_onnx`); OpenVINO reads the same graph and chooses its own kernels.
+        peers: the 8-bit quantizers a CPU user picks instead (`PEER_QUANTIZERS`: nncf:int8, nncf:int8-hybrid in
+            OpenVINO, ort:static-int8 in ONNX Runtime), each made from the same fp32 export and calibration as the
+            recipes' rows and measured as a row of its runtime.
 
     The OpenVINO rows read the file written for ONNX Runtime (one export per recipe): OpenVINO compiles it to
     the same int8 kernels as the plain QDQ file `export_onnx(runtime="openvino")` writes
@@ -283,12 +319,14 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
             raise DiffquantError(f"--{label} must be a whole number of at least {least}, got {value!r}")
     chosen = _parse_runtimes(runtimes)
     recipes = parse_recipes(list(recipe) if isinstance(recipe, tuple) else recipe)
+    peers = _parse_peers(peers)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     bench = _Bench(model, arch, iterations, warmup, batch, images, out, chosen, resolve_int4_compute(int4_compute))
     bench.float_rows()
-    graphs = bench.quantized_graphs(recipes, fake_quant_compiled)
+    graphs = bench.quantized_graphs(recipes, fake_quant_compiled, peers)
     profiled = bench.runtime_rows(graphs)
+    profiled += bench.peer_rows()
     if profile:
         bench.profile(profiled)
     return bench.finish()
@@ -377,10 +415,11 @@ class _Bench:
             if self.decided.measure_bf16:
                 self.own_process("torch bf16", "torch", "bf16", None, self.fp32_mb / 2)
 
-    def _calibration(self, recipes) -> list[dict] | None:
-        """Denoiser inputs for activation recipes: the model's own calibration captions (drawn apart from its
-        evaluation prompts), its default prompts where it has none, random inputs for an architecture."""
-        if not any(r.needs_calibration for r in recipes):
+    def _calibration(self, recipes, force: bool = False) -> list[dict] | None:
+        """Denoiser inputs for activation recipes (and peers, `force`): the model's own calibration captions
+        (drawn apart from its evaluation prompts), its default prompts where it has none, random inputs for an
+        architecture."""
+        if not force and not any(r.needs_calibration for r in recipes):
             return None
 
         if self.pipe is None:
@@ -398,14 +437,16 @@ class _Bench:
         fresh = load_pipeline(self.model, device="cpu")
         return fresh, denoiser_of(fresh).module
 
-    def quantized_graphs(self, recipes, fake_quant_compiled: bool) -> list[tuple]:
-        """Export the float denoiser, then quantize each recipe (timing its fake-quant rows) and export it.
+    def quantized_graphs(self, recipes, fake_quant_compiled: bool, peers: tuple[str, ...] = ()) -> list[tuple]:
+        """Export the float denoiser, make the `peers`' graphs of it, then quantize each recipe (timing its
+        fake-quant rows) and export it.
 
         Returns (fp32 file, [(recipe, graph form, weight precision, file, MB)]) of the graphs to measure."""
 
-        calibration = self._calibration(recipes)
+        calibration = self._calibration(recipes, force=bool(peers))
         self.fp32_onnx = export_fp32_onnx(self.module, self.out / "onnx-fp32", inputs=self.inputs)
         _release_freed_memory()  # the float export's copy of the weights
+        self.peer_graphs = [(name, *self._peer_graph(name, calibration)) for name in peers]
         pipe, module = self.pipe, self.module
         self.pipe = self.module = None
         exports = {}
@@ -470,6 +511,33 @@ class _Bench:
                 if measure_bf16:
                     self.own_process(f"OpenVINO {name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
                                      weights=weights)
+        return profiled
+
+    def _peer_graph(self, name: str, calibration: list[dict]) -> tuple[str, Path, float]:
+        """(runtime, file, MB) of a peer's int8 graph made from the fp32 export, calibrated on `calibration`."""
+        runtime, make = PEER_QUANTIZERS[name]
+        family = denoiser_for(self.module)
+        runner = get_runtime(runtime).runner(self.fp32_onnx)
+        unbatched = set(family.unbatched_inputs)
+        feeds = []
+        for record in calibration:
+            flat = family.graph_inputs(record)
+            if not family.dynamic_batch:
+                flat = {k: v if k in unbatched else v[:1] for k, v in flat.items()}
+            feeds.append(runner.feed(flat))
+        folder = self.out / f"peer-{name.replace(':', '-')}"
+        path = make(self.fp32_onnx, feeds, folder)
+        return runtime, path, _dir_mb(path.parent)
+
+    def peer_rows(self) -> list[tuple]:
+        """The peers' rows, each in its runtime (int8 weights and activations); returns the rows to profile."""
+        profiled = []
+        for name, runtime, path, mb in getattr(self, "peer_graphs", []):
+            if runtime not in self.chosen:
+                continue
+            label = f"{get_runtime(runtime).short_name} {name}"
+            if self.own_process(label, runtime, "f32", path, mb, weights="int8"):
+                profiled.append((label, runtime, path))
         return profiled
 
     def profile(self, profiled: list[tuple]) -> None:

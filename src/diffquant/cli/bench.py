@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the fake-quant row through torch.compile")
     p.add_argument("--runtime", help="rows to run, comma-separated: torch,onnxruntime,openvino (default: all)")
     add_int4_compute(p)
+    p.add_argument("--peers", default="",
+                   help="also measure what a CPU user picks instead, comma-separated: nncf:int8, nncf:int8-hybrid "
+                        "(OpenVINO), ort:static-int8 (ONNX Runtime), made from the same fp32 export and calibration")
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
 
 
@@ -40,7 +43,7 @@ def _bench(args: argparse.Namespace, out: Path) -> int:
     result = benchmark(model=args.model, arch=args.arch, recipe=args.recipe, iterations=args.iterations,
                        warmup=args.warmup, batch=args.batch, images=args.images, out=out,
                        fake_quant_compiled=not args.no_compile, runtimes=args.runtime,
-                       int4_compute=args.int4_compute)
+                       int4_compute=args.int4_compute, peers=args.peers)
     print(result.table())
     from diffquant.report.html import write_table_report
 
