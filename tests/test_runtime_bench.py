@@ -275,3 +275,35 @@ def test_bench_measures_the_cpu_peers_as_rows_of_their_runtimes(tiny_sd, tmp_pat
     ort_ops = result.optimized_ops["ORT ort:static-int8"]
     assert any(op.startswith("QLinear") or op in ("MatMulIntegerToFloat", "ConvInteger") for op in ort_ops), ort_ops
     assert "OpenVINO nncf:int8" in result.profiles
+
+
+def test_speed_fidelity_chart_puts_each_graph_at_its_bench_speed_and_peers_fidelity(tmp_path, capsys):
+    """A bench row meets its method's fidelity through `method`; float and simulated rows carry none, and a
+    quantized row whose method the peers file lacks is named, not plotted."""
+    from PIL import Image
+
+    from diffquant.cli.main import main
+    from diffquant.report.speed_fidelity import points
+
+    def row(name, runtime, ms, method=None, simulated=False):
+        return {"name": name, "runtime": runtime, "call_ms_median": ms, "method": method, "simulated": simulated,
+                "precision": "f32" if method is None else "int8"}
+
+    bench = {"type": "BenchResult", "version": 4, "model": "shapes-sd", "batch": 2, "iterations": 10, "threads": 2,
+             "rows": [row("ORT fp32", "onnxruntime", 26.0), row("torch fake-quant w8a8-int8", "torch", 90.0,
+                                                                   "diffquant:w8a8-int8", simulated=True),
+                      row("ORT w8a8-int8 (QDQ)", "onnxruntime", 20.0, "diffquant:w8a8-int8"),
+                      row("OpenVINO nncf:int8", "openvino", 16.0, "nncf:int8"),
+                      row("ORT ort:static-int8", "onnxruntime", 19.0, "ort:static-int8")]}
+    peers = {"captions": 200, "rows": [{"method": "diffquant:w8a8-int8", "psnr_mean_db": 54.7, "psnr_p10_db": 50.1},
+                                       {"method": "nncf:int8", "psnr_mean_db": 40.2, "psnr_p10_db": 35.0}]}
+    found, missing = points(bench, peers)
+    assert [(p.label, p.call_ms, p.psnr_db) for p in found] == [("ORT w8a8-int8 (QDQ)", 20.0, 54.7),
+                                                                 ("OpenVINO nncf:int8", 16.0, 40.2)]
+    assert missing == ["ORT ort:static-int8"]
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    assert main(["speed-fidelity", str(tmp_path / "bench.json"), str(tmp_path / "peers.json"),
+                 "--out", str(tmp_path / "chart.png")]) == 0
+    assert "2 graphs; not in the peers file: ORT ort:static-int8" in capsys.readouterr().out
+    assert Image.open(tmp_path / "chart.png").size[0] > 500

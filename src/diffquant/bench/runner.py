@@ -62,6 +62,9 @@ class BenchRow:
     memory: str = "own process"
     # The kind of kernel that ran on this CPU (`cpu.kernel_class`): "int8 u8s8 VNNI", "int8 u8u8 exact", "bf16 (AMX)", ...
     kernels: str = "float32"
+    # The quantization method of the row's graph, named as `diffquant peers` names it ("diffquant:w8a8-int8-ort",
+    # "nncf:int8"), so that its speed meets its fidelity (`report.speed_fidelity`); None for the float rows.
+    method: str | None = None
 
 
 @dataclass
@@ -376,7 +379,7 @@ class _Bench:
             self.prompts = default_prompts(self.pipe, images)
 
     def own_process(self, label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float,
-                    weights: str | None = None) -> bool:
+                    weights: str | None = None, method: str | None = None) -> bool:
         """Measure one row in a process of its own. `precision`: the float precision the row runs in;
         `weights`: the row's precision when its graph holds quantized weights (a QDQ graph in OpenVINO runs
         int8 kernels whatever its float precision). Returns whether the row was measured."""
@@ -394,7 +397,7 @@ class _Bench:
             measured["image_s"], measured["peak_rss_mb"], artifact_mb, runtime=runtime, precision=weights or precision,
             runtime_precision=measured["runtime_precision"],
             kernels=kernel_class(runtime, weights or precision, measured["runtime_precision"], self.decided,
-                                 self.int4_compute)))
+                                 self.int4_compute), method=method))
         logger.info("%s: %.1f ms median, peak %.0f MB", label, measured["call_ms_median"], measured["peak_rss_mb"])
         return True
 
@@ -496,7 +499,8 @@ class _Bench:
             if self.own_process("ORT fp32", "onnxruntime", "f32", self.fp32_onnx, fp32_mb):
                 profiled.append(("ORT fp32", "onnxruntime", self.fp32_onnx))
             for name, form, weights, path, q_mb in graphs:
-                if self.own_process(label := f"ORT {name} ({form})", "onnxruntime", weights, path, q_mb):
+                if self.own_process(label := f"ORT {name} ({form})", "onnxruntime", weights, path, q_mb,
+                                    method=f"diffquant:{name}"):
                     profiled.append((label, "onnxruntime", path))
         if "openvino" in self.chosen:
             self.own_process("OpenVINO f32", "openvino", "f32", self.fp32_onnx, fp32_mb)
@@ -504,13 +508,13 @@ class _Bench:
                 self.own_process("OpenVINO bf16", "openvino", "bf16", self.fp32_onnx, fp32_mb)
             for name, form, weights, path, q_mb in graphs:
                 if self.own_process(label := f"OpenVINO {name} ({form})", "openvino", "f32", path, q_mb,
-                                    weights=weights):
+                                    weights=weights, method=f"diffquant:{name}"):
                     profiled.append((label, "openvino", path))
                 # What an AMX user would run: integer kernels for the quantized layers, bf16 for what stays
                 # float (attention, norms); OpenVINO falls back to f32 where the CPU has no bf16 (runtime_precision).
                 if measure_bf16:
                     self.own_process(f"OpenVINO {name} ({form}, bf16 float parts)", "openvino", "bf16", path, q_mb,
-                                     weights=weights)
+                                     weights=weights, method=f"diffquant:{name}")
         return profiled
 
     def _peer_graph(self, name: str, calibration: list[dict]) -> tuple[str, Path, float]:
@@ -536,7 +540,7 @@ class _Bench:
             if runtime not in self.chosen:
                 continue
             label = f"{get_runtime(runtime).short_name} {name}"
-            if self.own_process(label, runtime, "f32", path, mb, weights="int8"):
+            if self.own_process(label, runtime, "f32", path, mb, weights="int8", method=name):
                 profiled.append((label, runtime, path))
         return profiled
 

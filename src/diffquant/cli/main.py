@@ -16,14 +16,15 @@ import signal
 import sys
 import threading
 
-from diffquant.cli import bench, compare, docs_tables, env, export, generate, peers, quantize, run, sensitivity, view
+from diffquant.cli import (bench, compare, docs_tables, env, export, generate, peers, quantize, run, sensitivity,
+                           speed_fidelity, view)
 from diffquant.cli.base import Command
 from diffquant.core.errors import DiffquantError, Terminated, describe_write_error
 
 # In the order of `diffquant --help`.
 COMMANDS: tuple[Command, ...] = (run.COMMAND, sensitivity.COMMAND, generate.COMMAND, quantize.COMMAND,
                                  compare.COMMAND, export.COMMAND, view.COMMAND, bench.BENCH, peers.COMMAND,
-                                 bench.BENCH_TABLE, docs_tables.COMMAND, env.COMMAND)
+                                 bench.BENCH_TABLE, speed_fidelity.COMMAND, docs_tables.COMMAND, env.COMMAND)
 
 
 def build_parser() -> argparse.ArgumentParser:
