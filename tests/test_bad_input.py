@@ -503,11 +503,61 @@ def test_sigterm_cleans_up_and_keeps_what_finished(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1].startswith("diffquant: terminated")
+    assert "--resume goes on from there" in err  # it kept results.json: the line says how to go on
     assert not [p for p in out.rglob(".*")]  # no hidden temporary file or folder
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "interrupted"
     assert all((out / p).is_file() for p in results["baseline_images"])
     assert (out / "images" / "int8-w" / "000.png").is_file()  # the finished stage before the export
+
+
+# A command whose main thread sits in one long native call (a torch op that releases the GIL and takes seconds,
+# as one FLUX.1 step at 1024x1024 takes minutes on two cores) while an atomic write is in progress.
+STUCK_COMMAND = """
+import sys, time
+from pathlib import Path
+import torch
+from diffquant.cli import main as cli
+from diffquant.cli.base import Command
+from diffquant.core.artifacts import atomic_path
+
+def add(p):
+    p.add_argument("--out")
+
+def stuck(args):
+    with atomic_path(Path(args.out) / "half.bin") as tmp:
+        tmp.write_bytes(b"half-written")
+        print("READY", flush=True)
+        big = torch.rand(4000, 4000)  # about 25 s per svd on two cores, 5x the grace period
+        while True:
+            torch.linalg.svd(big)  # native code all along; Python would run only between the calls
+
+cli.COMMANDS = cli.COMMANDS + (Command("stuck", "a long native call", add, stuck),)
+sys.exit(cli.main(["stuck", "--out", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_inside_a_long_native_call_stops_within_seconds(tmp_path):
+    """Python runs signal handlers only between bytecodes: the watchdog ends a main thread stuck in native code
+    after the grace period, removing the temporary files of the writes in progress."""
+    from diffquant.cli.termination import GRACE_S
+
+    out = tmp_path / "out"
+    out.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", STUCK_COMMAND, str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert process.stdout.readline().strip() == "READY", process.communicate()
+    assert [p.name for p in out.iterdir()][0].startswith(".half.bin.")  # the atomic write's temporary file
+    time.sleep(0.5)  # inside svd
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped inside a long native call" in err.strip().splitlines()[-1], err
+    assert took < GRACE_S + 10, took
+    assert not list(out.iterdir())  # the temporary file is gone, nothing half-written looks complete
 
 
 def test_ctrl_c_keeps_the_images_already_generated(tiny_sd_dir, tmp_path, monkeypatch):

@@ -14,11 +14,11 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 from diffquant.cli import (bench, compare, docs_tables, env, export, generate, peers, quantize, run, sensitivity,
                            speed_fidelity, view)
 from diffquant.cli.base import Command
+from diffquant.cli.termination import stop_on_sigterm, stopped_message
 from diffquant.core.errors import DiffquantError, Terminated, describe_write_error
 
 # In the order of `diffquant --help`.
@@ -71,10 +71,6 @@ def configure_threads(requested: int | None = None) -> int | None:
     return threads
 
 
-def _terminate(signum, frame):
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `diffquant` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -96,32 +92,29 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         for noisy in ("diffusers", "transformers", "torch.onnx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C: temporary files are removed.
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
-    try:
-        if command.compute:
-            configure_threads(args.threads)
-        return command.run(args)
-    except DiffquantError as error:
-        print(f"diffquant: error: {error}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print("diffquant: terminated; finished artifacts are complete, nothing half-written was kept", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("diffquant: interrupted; finished artifacts are complete, nothing half-written was kept", file=sys.stderr)
-        return 130
-    except Exception as error:
-        line = describe_write_error(error, getattr(args, "out", None))
-        if line is None:
-            raise
-        print(f"diffquant: error: {line}", file=sys.stderr)
-        return 2
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C: temporary files are removed; a main thread stuck
+    # in one long native call is ended by the watchdog of `termination` after a grace period.
+    with stop_on_sigterm(args.command, getattr(args, "out", None)):
+        try:
+            if command.compute:
+                configure_threads(args.threads)
+            return command.run(args)
+        except DiffquantError as error:
+            print(f"diffquant: error: {error}", file=sys.stderr)
+            return 2
+        except Terminated:
+            print(stopped_message(args.command, getattr(args, "out", None)), file=sys.stderr)
+            return 128 + signal.SIGTERM
+        except KeyboardInterrupt:
+            print("diffquant: interrupted; finished artifacts are complete, nothing half-written was kept",
+                  file=sys.stderr)
+            return 130
+        except Exception as error:
+            line = describe_write_error(error, getattr(args, "out", None))
+            if line is None:
+                raise
+            print(f"diffquant: error: {line}", file=sys.stderr)
+            return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,6 +31,21 @@ def _umask() -> int:
     return mask
 
 
+# The temporary files and folders of the atomic writes in progress: what a forced exit (`remove_in_flight`, the
+# SIGTERM watchdog of the CLI) removes, so that nothing half-written stays behind.
+_IN_FLIGHT: set[str] = set()
+
+
+def remove_in_flight() -> None:
+    """Remove every temporary file and folder of an atomic write still in progress (best effort)."""
+    for path in list(_IN_FLIGHT):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.unlink(path)
+
+
 @contextmanager
 def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is renamed onto `target`."""
@@ -38,11 +53,13 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix, dir=target.parent)
     os.close(fd)
+    _IN_FLIGHT.add(tmp)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, target)
     finally:
+        _IN_FLIGHT.discard(tmp)
         if os.path.exists(tmp):
             os.unlink(tmp)
 
@@ -63,6 +80,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _IN_FLIGHT.add(str(tmp))
     try:
         yield tmp
         _umask_modes(tmp)
@@ -70,6 +88,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
+        _IN_FLIGHT.discard(str(tmp))
         if tmp.exists():
             shutil.rmtree(tmp)
 
