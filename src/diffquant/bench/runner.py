@@ -26,6 +26,7 @@ from diffquant.core.cpu import decisions, kernel_class, resolve_int4_compute
 from diffquant.core.errors import DiffquantError
 from diffquant.core.provenance import describe, measured
 from diffquant.core.recipes import parse_recipes
+from diffquant.core.record import record_of
 from diffquant.export.onnx import export_fp32_onnx, export_onnx
 from diffquant.models.architectures import build
 from diffquant.models.denoisers import denoiser_for, denoiser_of
@@ -459,8 +460,16 @@ class _Bench:
                 pipe, module = self._float_denoiser()
             # In place: every float row runs in its own process, so this one never holds a float and a
             # quantized denoiser at once.
-            q_module = quantize_module(module, recipe, in_place=True,
+            # A model's graphs keep the layers its profile measured float for the recipe, as `diffquant run` and
+            # `diffquant peers` quantize it: the speed of a row is the speed of the graph whose fidelity is reported.
+            rule = profile_of(pipe).keep_float_for(recipe.name) if pipe is not None else None
+            q_module = quantize_module(module, recipe, in_place=True, profile_rule=rule,
                                        calibration=calibration if recipe.needs_calibration else None)
+            if rule is not None:
+                plan = record_of(q_module).plan
+                kept = plan.counts()["float"] if plan is not None else 0
+                self.result.notes.append(f"{recipe.name}: {kept} layers stay float, as the model profile measured "
+                                         f"({rule.reason})")
             if "torch" in self.chosen:
                 quantized = None
                 if pipe is not None:
@@ -540,7 +549,9 @@ class _Bench:
             if runtime not in self.chosen:
                 continue
             label = f"{get_runtime(runtime).short_name} {name}"
-            if self.own_process(label, runtime, "f32", path, mb, weights="int8", method=name):
+            # as the recipes' rows: ONNX Runtime's row precision is its weights', OpenVINO's its float parts'
+            precision = "int8" if runtime == "onnxruntime" else "f32"
+            if self.own_process(label, runtime, precision, path, mb, weights="int8", method=name):
                 profiled.append((label, runtime, path))
         return profiled
 

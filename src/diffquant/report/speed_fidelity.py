@@ -51,13 +51,15 @@ def chart(bench: dict, peers: dict, path: str | Path) -> Path:
     found, missing = points(bench, peers)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {"onnxruntime": "#1f77b4", "openvino": "#d62728"}
-    for point in found:
+    for index, point in enumerate(sorted(found, key=lambda p: p.call_ms)):
         ours = point.method.startswith("diffquant")
         low = 0.0 if point.psnr_p10_db is None else max(point.psnr_db - point.psnr_p10_db, 0.0)
         ax.errorbar(point.call_ms, point.psnr_db, yerr=[[low], [0.0]], fmt="o" if ours else "s", capsize=3,
                     color=colors.get(point.runtime, "#555"), markerfacecolor=colors.get(point.runtime, "#555")
                     if ours else "white")
-        ax.annotate(point.label, (point.call_ms, point.psnr_db), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        # labels of neighbouring points alternate above and below, so that close points stay readable
+        ax.annotate(point.label, (point.call_ms, point.psnr_db), textcoords="offset points",
+                    xytext=(6, 5 if index % 2 == 0 else -11), fontsize=7)
     for row in bench["rows"]:  # the float rows: where the speed starts (their images are the reference)
         if row.get("method") is None and row["runtime"] in colors and row.get("precision") == "f32":
             ax.axvline(row["call_ms_median"], color=colors[row["runtime"]], linestyle=":", linewidth=1)
