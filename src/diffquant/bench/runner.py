@@ -450,7 +450,15 @@ class _Bench:
         calibration = self._calibration(recipes, force=bool(peers))
         self.fp32_onnx = export_fp32_onnx(self.module, self.out / "onnx-fp32", inputs=self.inputs)
         _release_freed_memory()  # the float export's copy of the weights
-        self.peer_graphs = [(name, *self._peer_graph(name, calibration)) for name in peers]
+        self.peer_graphs = []
+        for name in peers:
+            try:
+                self.peer_graphs.append((name, *self._peer_graph(name, calibration)))
+            except Exception as error:  # the other rows still count: the table's notes say which peer is missing
+                logger.warning("peer %s: %s", name, error)
+                self.result.notes.append(f"{name}: not made, its quantizer failed: "
+                                         f"{' '.join(str(error).split())[:300]}")
+            _release_freed_memory()
         pipe, module = self.pipe, self.module
         self.pipe = self.module = None
         exports = {}

@@ -11,6 +11,15 @@ from pathlib import Path
 import numpy as np
 
 
+def _uses_external_data(path: Path) -> bool:
+    """True when the graph keeps tensors outside the .onnx file (one file per tensor, as torch's exporter writes
+    a model over protobuf's 2 GB, or one .data file)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+
+
 def quantize_static_int8(fp32_onnx: str | Path, feeds: list[dict[str, np.ndarray]], out_dir: str | Path) -> Path:
     """The QDQ int8 graph ONNX Runtime's `quantize_static` makes of `fp32_onnx`, calibrated on `feeds` (the graph's
     numpy inputs, one dict per recorded call), written to `out_dir/<the same file name>`."""
@@ -26,10 +35,11 @@ def quantize_static_int8(fp32_onnx: str | Path, feeds: list[dict[str, np.ndarray
         def get_next(self):
             return next(self._feeds, None)
 
-    external = fp32_onnx.with_name(fp32_onnx.name + ".data").exists()
+    external = _uses_external_data(fp32_onnx)
     prepared = out_dir / "prepared" / fp32_onnx.name
     prepared.parent.mkdir(parents=True, exist_ok=True)
-    quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True, save_as_external_data=external)
+    quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True, save_as_external_data=external,
+                      all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
     quantized = out_dir / fp32_onnx.name
     quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, use_external_data_format=external)
