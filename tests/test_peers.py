@@ -156,3 +156,26 @@ def test_cpu_8bit_peers_run_in_their_runtimes_on_the_same_calibration(tiny_sd_di
         assert row["psnr_worst_db"] <= row["psnr_mean_db"] < 100
         assert "fp32 vs torch fp32: pixel-identical" in row["notes"][0]  # the peer's float graph is checked first
         assert "2 calibration calls" in row["notes"][1]
+
+
+def test_ort_static_quantizer_reads_a_graph_whose_tensors_are_in_files_of_their_own(tiny_sd, tmp_path, monkeypatch):
+    """torch's exporter writes a model over protobuf's 2 GB (SD 1.5's fp32 UNet) with one file per tensor: ORT's
+    pre-processing must be told, or it fails on the first tensor (found on the sd15 bench)."""
+    import numpy as np
+
+    from diffquant.export import onnx as export_module
+    from diffquant.export.onnx import example_inputs, export_fp32_onnx
+    from diffquant.runtimes import get_runtime
+    from diffquant.runtimes.onnxruntime.static import int8_weight_storage, quantize_static_int8
+
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_ABOVE_BYTES", 0)  # treat the tiny UNet as > 2 GB
+    path = export_fp32_onnx(tiny_sd.unet, tmp_path / "fp32", sequence_length=8)
+    assert len(list(path.parent.iterdir())) > 10  # the graph and its tensors, each in a file
+    runner = get_runtime("onnxruntime").runner(path)
+    inputs = example_inputs(tiny_sd.unet, 2, 8)
+    quantized = quantize_static_int8(path, [runner.feed(inputs)], tmp_path / "q")
+    layers, weights, stored = int8_weight_storage(quantized)
+    assert layers > 0 and weights < stored < 2 * weights  # int8 codes plus per-channel scales and zero points
+    assert not (tmp_path / "q" / "prepared").exists()  # the pre-processed copy is removed
+    out = get_runtime("onnxruntime").runner(quantized).run(inputs)
+    assert out.shape == runner.run(inputs).shape and np.isfinite(out).all()
