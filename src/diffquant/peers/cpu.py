@@ -11,6 +11,7 @@ run in the peer's runtime is compared with torch's fp32 images first and the not
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,6 @@ def nncf_int8(run: PeerRun, hybrid: bool, out_dir: Path) -> Quantized:
     """`nncf:int8` / `nncf:int8-hybrid` (`diffquant.runtimes.openvino.nncf_int8`), saved under `out_dir`."""
     import openvino as ov
 
-    from diffquant.peers.four import ov_storage
     from diffquant.runtimes.openvino.nncf_int8 import nncf_int8 as quantize
 
     records = shared_calibration(run)
@@ -82,6 +82,52 @@ def ort_static_int8(run: PeerRun, out_dir: Path) -> Quantized:
              f"{len(records)} calibration calls; QDQ, per-channel int8 weights, uint8 min-max activations"]
     return Quantized(get_runtime("onnxruntime").pipeline(run.pipe, quantized, torch.get_num_threads()), layers,
                      Storage(weights, stored, total), notes)
+
+
+def ov_storage(model, bits_counted: int = 4) -> tuple[Storage, int, int]:
+    """Storage of NNCF's `bits_counted`-bit weights (their codes plus the scale and zero-point constants of
+    their decompression subgraph; the other layers count in the bytes only), the int4 and the int8 layer counts."""
+    low = {"i4": 4, "u4": 4, "i8": 8, "u8": 8}
+    candidates = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+                  and op.get_output_element_type(0).get_type_name() in low]
+    attached = {op.get_friendly_name(): _decompression_constants(op) for op in candidates}
+    side = {c.get_friendly_name() for constants in attached.values() for c in constants}  # zero points, scales
+    weights = stored = int4 = int8 = 0
+    for op in candidates:
+        if op.get_friendly_name() in side:
+            continue
+        bits = low[op.get_output_element_type(0).get_type_name()]
+        int8 += bits == 8
+        int4 += bits == 4
+        if bits == bits_counted:
+            weights += math.prod(op.get_output_shape(0))
+            stored += _constant_bytes(op) + sum(_constant_bytes(c) for c in attached[op.get_friendly_name()])
+    return Storage(weights, stored, 0), int4, int8
+
+
+def _decompression_constants(op, depth: int = 4) -> list:
+    """The constants (scales, zero points) that enter the Subtract/Multiply nodes decompressing `op`."""
+    found, frontier = [], [op]
+    for _ in range(depth):
+        frontier = [target.get_node() for node in frontier for target in node.output(0).get_target_inputs()]
+        for node in frontier:
+            if node.get_type_name() not in ("Multiply", "Subtract"):
+                continue
+            for value in node.input_values():
+                source = value.get_node()
+                if source.get_type_name() == "Convert":  # a u8 zero point or f16 scale converted to f32
+                    source = source.input_value(0).get_node()
+                if source.get_type_name() == "Constant" and source.get_friendly_name() != op.get_friendly_name():
+                    found.append(source)
+    # An int8 weight's zero point is itself a u8 constant whose subgraph meets the weight: keep only the
+    # smaller side (scales and zero points have one value per group or channel, never more than the weight).
+    size = math.prod(op.get_output_shape(0))
+    return list({c.get_friendly_name(): c for c in found if math.prod(c.get_output_shape(0)) < size}.values())
+
+
+def _constant_bytes(op) -> int:
+    element = op.get_output_element_type(0)
+    return math.ceil(math.prod(op.get_output_shape(0)) * element.bitwidth / 8)
 
 
 @register

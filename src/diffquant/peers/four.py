@@ -34,6 +34,7 @@ import torch
 
 from diffquant.core.errors import DiffquantError
 from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, Storage, register
+from diffquant.peers.cpu import nncf_int8, ov_storage
 from diffquant.export.onnx import export_fp32_onnx
 from diffquant.models.denoisers import denoiser_of
 from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
@@ -240,52 +241,6 @@ def nncf_int4(pipe, group: int, out_dir: Path) -> tuple[object, int, Storage, li
     return get_runtime("openvino").pipeline(pipe, xml, torch.get_num_threads()), int4_layers, storage, notes, onnx_file
 
 
-def ov_storage(model, bits_counted: int = 4) -> tuple[Storage, int, int]:
-    """Storage of NNCF's `bits_counted`-bit weights (their codes plus the scale and zero-point constants of
-    their decompression subgraph; the other layers count in the bytes only), the int4 and the int8 layer counts."""
-    low = {"i4": 4, "u4": 4, "i8": 8, "u8": 8}
-    candidates = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
-                  and op.get_output_element_type(0).get_type_name() in low]
-    attached = {op.get_friendly_name(): _decompression_constants(op) for op in candidates}
-    side = {c.get_friendly_name() for constants in attached.values() for c in constants}  # zero points, scales
-    weights = stored = int4 = int8 = 0
-    for op in candidates:
-        if op.get_friendly_name() in side:
-            continue
-        bits = low[op.get_output_element_type(0).get_type_name()]
-        int8 += bits == 8
-        int4 += bits == 4
-        if bits == bits_counted:
-            weights += math.prod(op.get_output_shape(0))
-            stored += _constant_bytes(op) + sum(_constant_bytes(c) for c in attached[op.get_friendly_name()])
-    return Storage(weights, stored, 0), int4, int8
-
-
-def _decompression_constants(op, depth: int = 4) -> list:
-    """The constants (scales, zero points) that enter the Subtract/Multiply nodes decompressing `op`."""
-    found, frontier = [], [op]
-    for _ in range(depth):
-        frontier = [target.get_node() for node in frontier for target in node.output(0).get_target_inputs()]
-        for node in frontier:
-            if node.get_type_name() not in ("Multiply", "Subtract"):
-                continue
-            for value in node.input_values():
-                source = value.get_node()
-                if source.get_type_name() == "Convert":  # a u8 zero point or f16 scale converted to f32
-                    source = source.input_value(0).get_node()
-                if source.get_type_name() == "Constant" and source.get_friendly_name() != op.get_friendly_name():
-                    found.append(source)
-    # An int8 weight's zero point is itself a u8 constant whose subgraph meets the weight: keep only the
-    # smaller side (scales and zero points have one value per group or channel, never more than the weight).
-    size = math.prod(op.get_output_shape(0))
-    return list({c.get_friendly_name(): c for c in found if math.prod(c.get_output_shape(0)) < size}.values())
-
-
-def _constant_bytes(op) -> int:
-    element = op.get_output_element_type(0)
-    return math.ceil(math.prod(op.get_output_shape(0)) * element.bitwidth / 8)
-
-
 @register
 class BnbPeer(Peer):
     """bitsandbytes NF4 on every Linear, made as diffusers' loader makes it (see `bnb_nf4`)."""
@@ -351,8 +306,6 @@ class NncfPeer(Peer):
 
     def quantize(self, run: PeerRun, kind: str, group: int | None) -> Quantized:
         if kind.startswith("int8"):
-            from diffquant.peers.cpu import nncf_int8
-
             return nncf_int8(run, kind == "int8-hybrid", run.work_dir / f"nncf-{kind}")
         peer, layers, storage, notes, onnx_file = nncf_int4(run.pipe, group, run.work_dir / f"nncf-{kind}-g{group}")
         try:
