@@ -49,17 +49,21 @@ def chart(bench: dict, peers: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     found, missing = points(bench, peers)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(15, 5.5))
     colors = {"onnxruntime": "#1f77b4", "openvino": "#d62728"}
-    for index, point in enumerate(sorted(found, key=lambda p: p.call_ms)):
+    # Points are numbered by speed and named in a key beside the axes: graphs of one recipe often share a PSNR
+    # (the same method in two runtimes), and their names would overlap on the plot.
+    key = []
+    for number, point in enumerate(sorted(found, key=lambda p: p.call_ms), start=1):
         ours = point.method.startswith("diffquant")
+        color = colors.get(point.runtime, "#555")
         low = 0.0 if point.psnr_p10_db is None else max(point.psnr_db - point.psnr_p10_db, 0.0)
         ax.errorbar(point.call_ms, point.psnr_db, yerr=[[low], [0.0]], fmt="o" if ours else "s", capsize=3,
-                    color=colors.get(point.runtime, "#555"), markerfacecolor=colors.get(point.runtime, "#555")
-                    if ours else "white")
-        # labels of neighbouring points alternate above and below, so that close points stay readable
-        ax.annotate(point.label, (point.call_ms, point.psnr_db), textcoords="offset points",
-                    xytext=(6, 5 if index % 2 == 0 else -11), fontsize=7)
+                    color=color, markerfacecolor=color if ours else "white")
+        ax.annotate(str(number), (point.call_ms, point.psnr_db), textcoords="offset points",
+                    xytext=(4, 4 if number % 2 else -10), fontsize=7, color=color)
+        key.append(f"{number}  {point.label}: {point.call_ms:.1f} ms, {point.psnr_db:.2f} dB")
+    fig.text(0.64, 0.92, "\n".join(key), fontsize=7, va="top", family="monospace")
     for row in bench["rows"]:  # the float rows: where the speed starts (their images are the reference)
         if row.get("method") is None and row["runtime"] in colors and row.get("precision") == "f32":
             ax.axvline(row["call_ms_median"], color=colors[row["runtime"]], linestyle=":", linewidth=1)
@@ -76,7 +80,7 @@ def chart(bench: dict, peers: dict, path: str | Path) -> Path:
     if missing:
         caption += f"\nnot on the chart (method not in the peers file): {', '.join(missing)}"
     fig.text(0.01, 0.01, caption, fontsize=6, va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.1 + 0.02 * bool(missing), 1, 1))
+    fig.tight_layout(rect=(0, 0.1 + 0.02 * bool(missing), 0.63, 1))
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
