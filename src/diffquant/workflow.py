@@ -257,9 +257,7 @@ def _trace_inputs(family, records: list[dict]) -> dict | None:
     of a recorded call, so the graph fits the generation's image and text sizes. None: the family's own."""
     if family.dynamic_batch or not records:
         return None
-    flat = family.flat_inputs(records[0])
-    unbatched = set(family.unbatched_inputs)
-    return {k: v if k in unbatched else v[:1] for k, v in flat.items()}
+    return family.first_sample(family.flat_inputs(records[0]))
 
 
 class _SavedResults:

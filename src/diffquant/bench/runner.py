@@ -539,13 +539,7 @@ class _Bench:
         runtime, make = PEER_QUANTIZERS[name]
         family = denoiser_for(self.module)
         runner = get_runtime(runtime).runner(self.fp32_onnx)
-        unbatched = set(family.unbatched_inputs)
-        feeds = []
-        for record in calibration:
-            flat = family.graph_inputs(record)
-            if not family.dynamic_batch:
-                flat = {k: v if k in unbatched else v[:1] for k, v in flat.items()}
-            feeds.append(runner.feed(flat))
+        feeds = [runner.feed(family.first_sample(family.graph_inputs(record))) for record in calibration]
         folder = self.out / f"peer-{name.replace(':', '-')}"
         path = make(self.fp32_onnx, feeds, folder)
         return runtime, path, _dir_mb(path.parent)

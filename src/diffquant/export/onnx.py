@@ -111,9 +111,8 @@ def _trace_inputs(family: Denoiser, batch_size: int | None, sequence_length: int
     if inputs is None:
         batch_size = batch_size or (2 if family.dynamic_batch else 1)
         inputs = family.example_inputs(batch_size, sequence_length)
-    elif not family.dynamic_batch and batch_size is None:
-        unbatched = set(family.unbatched_inputs)
-        inputs = {k: v if k in unbatched else v[:1] for k, v in inputs.items()}
+    elif batch_size is None:
+        inputs = family.first_sample(inputs)
     names = family.input_names(inputs)
     return {k: inputs[k] for k in names}
 
@@ -274,12 +273,9 @@ def _check_feeds(family: Denoiser, names: list[str], inputs: dict[str, torch.Ten
         return []
     n = len(records)
     picks = sorted({round(k * (n - 1) / max(CHECK_CALLS - 1, 1)) for k in range(min(CHECK_CALLS, n))})
-    unbatched = set(family.unbatched_inputs)
     feeds = []
     for k in picks:
-        flat = family.graph_inputs(records[k])
-        if not family.dynamic_batch:
-            flat = {key: v if key in unbatched else v[:1] for key, v in flat.items()}
+        flat = family.first_sample(family.graph_inputs(records[k]))
         feed = {name: flat[name] for name in names if name in flat}
         fixed = not family.dynamic_batch
         if len(feed) == len(names) and all(

@@ -167,12 +167,14 @@ def _for_optimum(family, model):
     return _with_output_named(model, family.output_name, TRANSFORMER_OUTPUT)
 
 
-def _write_denoiser(family, source: Path, target_dir: Path, move: bool) -> None:
-    """`source` (a denoiser from `export_onnx`) as `target_dir/model.onnx` under Optimum's conventions. Only the
-    graph is rewritten: an external data file keeps its name, which the graph refers to."""
+def _write_denoiser(family, source: Path, target_dir: Path, move: bool) -> dict[str, list]:
+    """`source` (a denoiser from `export_onnx`) as `target_dir/model.onnx` under Optimum's conventions; returns
+    the shape of each graph input (a dimension's size, or its name where it is dynamic). Only the graph is
+    rewritten: an external data file keeps its name, which the graph refers to."""
     import onnx
 
     model = onnx.load(str(source), load_external_data=False)
+    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     onnx.save_model(_for_optimum(family, model), str(target_dir / MODEL_NAME))
     data = source.with_name(source.name + ".data")
     if data.exists():
@@ -180,6 +182,7 @@ def _write_denoiser(family, source: Path, target_dir: Path, move: bool) -> None:
     if move:
         source.unlink()
     onnx.checker.check_model(str(target_dir / MODEL_NAME))
+    return shapes
 
 
 def _fixed_shape(family, pipe, graph_inputs: dict[str, list]) -> dict | None:
@@ -225,11 +228,7 @@ def _one_call(pipe, height: int | None, width: int | None) -> dict[str, torch.Te
     family = denoiser_of(pipe)
     with recording_denoiser_inputs(pipe, steps=1) as captured:
         generate(pipe, ["a photo"], seed=0, steps=1, desc="trace", height=height, width=width, show_progress=False)
-    flat = family.graph_inputs(captured[0])
-    if family.dynamic_batch:
-        return flat
-    unbatched = set(family.unbatched_inputs)
-    return {k: v if k in unbatched else v[:1] for k, v in flat.items()}
+    return family.first_sample(family.graph_inputs(captured[0]))
 
 
 def export_pipeline(pipe, out_dir: str | Path, denoiser_onnx: str | Path | None = None,
@@ -252,8 +251,6 @@ def export_pipeline(pipe, out_dir: str | Path, denoiser_onnx: str | Path | None 
         A `PipelineExport` (component sizes; the denoiser's ONNX Runtime check when it was exported here; the
         shape a fixed-shape graph takes).
     """
-    import onnx
-
     family = denoiser_of(pipe)
     recipe = record_of(family.module).recipe
     if recipe is None:
@@ -279,9 +276,7 @@ def export_pipeline(pipe, out_dir: str | Path, denoiser_onnx: str | Path | None 
         else:
             target.mkdir()
             source, move = Path(denoiser_onnx), False
-        shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
-                  for i in onnx.load(str(source), load_external_data=False).graph.input}
-        _write_denoiser(family, source, target, move)
+        shapes = _write_denoiser(family, source, target, move)
         family.module.save_config(target)
         pipe.scheduler.save_pretrained(tmp / "scheduler")
         for part in ("tokenizer", "tokenizer_2", "tokenizer_3", "feature_extractor"):

@@ -37,11 +37,12 @@ def _fp32_export(run: PeerRun, records, out_dir: Path) -> Path:
 
 def _graph_records(run: PeerRun, records) -> list[dict[str, torch.Tensor]]:
     family = denoiser_of(run.pipe)
-    return [family.graph_inputs(record) for record in records]
+    return [family.first_sample(family.graph_inputs(record)) for record in records]
 
 
-def _checked(run: PeerRun, runtime: str, onnx_file: Path) -> str:
-    """How close the fp32 graph in `runtime` comes to torch's fp32 images (a note), or PeerUnavailable."""
+def fp32_checked(run: PeerRun, runtime: str, onnx_file: Path) -> str:
+    """How close the fp32 graph in `runtime` comes to torch's fp32 images (a note), or PeerUnavailable when the
+    runtime cannot run it at the pipeline's shapes."""
     try:
         return run.check(get_runtime(runtime).pipeline(run.pipe, onnx_file, torch.get_num_threads()), exact=False)
     except RuntimeError as error:  # a graph the runtime cannot run at the pipeline's shapes
@@ -57,7 +58,7 @@ def nncf_int8(run: PeerRun, hybrid: bool, out_dir: Path) -> Quantized:
 
     records = shared_calibration(run)
     onnx_file = _fp32_export(run, records, out_dir)
-    note = _checked(run, "openvino", onnx_file)
+    note = fp32_checked(run, "openvino", onnx_file)
     xml = quantize(onnx_file, _feeds("openvino", onnx_file, _graph_records(run, records)), hybrid,
                    out_dir / ("int8-hybrid" if hybrid else "int8"))
     storage, _, int8_layers = ov_storage(ov.Core().read_model(str(xml)), bits_counted=8)
@@ -73,7 +74,7 @@ def ort_static_int8(run: PeerRun, out_dir: Path) -> Quantized:
 
     records = shared_calibration(run)
     onnx_file = _fp32_export(run, records, out_dir)
-    note = _checked(run, "onnxruntime", onnx_file)
+    note = fp32_checked(run, "onnxruntime", onnx_file)
     quantized = quantize_static_int8(onnx_file, _feeds("onnxruntime", onnx_file, _graph_records(run, records)),
                                      out_dir / "static-int8")
     layers, weights, stored = int8_weight_storage(quantized)

@@ -34,7 +34,7 @@ import torch
 
 from diffquant.core.errors import DiffquantError
 from diffquant.peers.base import Peer, PeerRun, PeerUnavailable, Quantized, Storage, register
-from diffquant.peers.cpu import nncf_int8, ov_storage
+from diffquant.peers.cpu import fp32_checked, nncf_int8, ov_storage
 from diffquant.export.onnx import export_fp32_onnx
 from diffquant.models.denoisers import denoiser_of
 from diffquant.quantization.calibration import CalibrationConfig, capture_denoiser_inputs
@@ -308,12 +308,7 @@ class NncfPeer(Peer):
         if kind.startswith("int8"):
             return nncf_int8(run, kind == "int8-hybrid", run.work_dir / f"nncf-{kind}")
         peer, layers, storage, notes, onnx_file = nncf_int4(run.pipe, group, run.work_dir / f"nncf-{kind}-g{group}")
-        try:
-            fidelity = run.check(get_runtime("openvino").pipeline(run.pipe, onnx_file, torch.get_num_threads()),
-                                 exact=False)
-        except RuntimeError as error:  # a graph OpenVINO cannot run at the pipeline's shapes
-            raise PeerUnavailable(f"OpenVINO's fp32 pipeline for NNCF failed on this "
-                                  f"{denoiser_of(run.pipe).module_class} ({' '.join(str(error).split())[:300]})") from None
+        fidelity = fp32_checked(run, "openvino", onnx_file)
         return Quantized(peer, layers, storage, [f"OpenVINO fp32 vs torch fp32: {fidelity}", *notes])
 
 

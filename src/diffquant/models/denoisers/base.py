@@ -87,6 +87,14 @@ class Denoiser(ABC):
             record[self.timestep_key] = timestep.reshape(1).expand(self.batch_size(record))
         return self.flat_inputs(record)
 
+    def first_sample(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flat inputs as a graph that keeps its traced batch (`dynamic_batch` False, FLUX.1) takes them: the
+        first sample of every batched input; unchanged for a family with a dynamic batch."""
+        if self.dynamic_batch:
+            return flat
+        unbatched = set(self.unbatched_inputs)
+        return {k: v if k in unbatched else v[:1] for k, v in flat.items()}
+
     def input_names(self, inputs: dict) -> list[str]:
         """ONNX input names present in `inputs`, in forward order."""
         return [k for k in self.capture_keys if k in inputs and isinstance(inputs[k], torch.Tensor)]

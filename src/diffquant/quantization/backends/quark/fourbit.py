@@ -211,14 +211,7 @@ def unpack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dic
                                  "not quantize that way: quantize the model again")
         codes = state.pop(key)
         if key.endswith(_INT8):
-            scale = state[name + _SCALE].float()
-            if scale.dim() == 1:  # per channel along the quantizer's axis
-                shape = [1] * codes.dim()
-                shape[internals.weight_quantizer(layer).ch_axis or 0] = -1
-                scale = scale.reshape(shape)
-            elif scale.dim() == 2 and scale.shape != codes.shape:  # int8 blocks: one scale per group of inputs
-                scale = scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
-            weight = codes.float() * scale
+            weight = codes.float() * internals.broadcast_scale(layer, state[name + _SCALE].float(), codes.shape)
         else:
             kind = weight_kind(layer)
             if kind == "mxfp4":

@@ -148,17 +148,23 @@ WEIGHT_QUANTIZER_KEY = "._weight_quantizer"
 WEIGHT_SCALE_KEY = WEIGHT_QUANTIZER_KEY + ".scale"
 
 
+def broadcast_scale(layer: torch.nn.Module, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`scale` (the layer's weight quantizer's, as stored) in a form that multiplies a weight of `shape`: per
+    channel along the quantizer's axis, or, for one scale per group of inputs (N, K / group), repeated along K."""
+    if scale.dim() == 1:  # per channel along ch_axis (0: output channels)
+        view = [1] * len(shape)
+        view[weight_quantizer(layer).ch_axis or 0] = -1
+        return scale.reshape(view)
+    if scale.dim() == 2 and tuple(scale.shape) != tuple(shape):  # (N, K / group): one scale per group of inputs
+        return scale.repeat_interleave(shape[1] // scale.shape[1], dim=1)
+    return scale
+
+
 def weight_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(codes, broadcast scale, 'int8'|'fp8') such that codes * scale == Quark's fake-quantized weight."""
     quantizer = weight_quantizer(layer)
     fake = fake_quantized_weight(layer)
-    scale = quantizer.scale.detach().float()
-    if scale.dim() == 1:  # per channel along ch_axis (0: output channels)
-        shape = [1] * fake.dim()
-        shape[quantizer.ch_axis or 0] = -1
-        scale = scale.reshape(shape)
-    elif scale.dim() == 2 and scale.shape != fake.shape:  # (N, K / group): one scale per group of inputs
-        scale = scale.repeat_interleave(fake.shape[1] // scale.shape[1], dim=1)
+    scale = broadcast_scale(layer, quantizer.scale.detach().float(), fake.shape)
     kind = "fp8" if "fp8" in str(quantizer.dtype) else "int8"
     if kind == "int8":
         codes = torch.round(fake / scale).clamp(-128, 127).to(torch.int8)
