@@ -7,10 +7,11 @@ from dataclasses import dataclass, field, replace
 
 from diffquant.core.errors import DiffquantError
 
-RECIPE_VERSION = 8
+RECIPE_VERSION = 9
 # version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback, 4 no algorithm,
-# 5 no SVDQuant "smooth" (it always smoothed), 6 no "format", 7 no int8 PerGroup (GGUF Q8_0) weights
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+# 5 no SVDQuant "smooth" (it always smoothed), 6 no "format", 7 no int8 PerGroup (GGUF Q8_0) weights,
+# 8 no "attention" (int8 inputs of attention's two matmuls)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 INT8, FP8, INT4, MXFP4 = "int8", "fp8_e4m3", "int4", "mxfp4"
 DTYPES = (INT8, FP8, INT4, MXFP4)
 FOUR_BIT = (INT4, MXFP4)  # per-group weights of Linear layers only
@@ -133,7 +134,9 @@ class Recipe:
     (PerGroup) applies to the Linear layers whose input width the group size divides; the other
     Linears and every Conv2d take `fallback` (8-bit) or stay float without one, and the layer report
     says why. `algorithm` (SVDQuant) replaces round-to-nearest on the Linears an int4 weight takes; it
-    reads calibration data.
+    reads calibration data. `attention` quantizes the inputs of each attention's two matmuls (Q.K^T and P.V:
+    query, key and value int8, softmax probabilities uint8; static per-tensor ranges, calibrated; see
+    `diffquant.quantization.attention`), as NNCF's transformer mode does.
     """
 
     name: str
@@ -146,6 +149,7 @@ class Recipe:
     fallback: TensorQuant | None = None
     algorithm: SVDQuant | None = None
     format: str = "onnx"
+    attention: TensorQuant | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or any(c in self.name for c in "/\\") \
@@ -155,6 +159,10 @@ class Recipe:
             raise DiffquantError(f"Recipe.exclude must be a tuple of patterns, not {type(self.exclude).__name__}")
         if self.conv_output is not None and self.activation is None:
             raise DiffquantError(f"recipe {self.name}: conv_output needs activation quantization as well")
+        if self.attention is not None and (self.activation is None or self.attention.dtype != INT8
+                                           or not isinstance(self.attention.granularity, PerTensor)):
+            raise DiffquantError(f"recipe {self.name}: attention quantization is int8 PerTensor() on a recipe that "
+                                 "quantizes activations (W8A8)")
         if self.smoothing is not None and self.activation is None:
             raise DiffquantError(f"recipe {self.name}: smoothing moves activation outliers into the weights and "
                                  "needs activation quantization as well")
@@ -217,7 +225,7 @@ class Recipe:
                 "algorithm": None if self.algorithm is None else {
                     "type": "SVDQuant", "rank": self.algorithm.rank, "mode": self.algorithm.mode,
                     "gptq": self.algorithm.gptq, "smooth": self.algorithm.smooth},
-                "format": self.format}
+                "format": self.format, "attention": quant(self.attention)}
 
     def with_exclude(self, patterns: tuple[str, ...] | list[str]) -> Recipe:
         """A copy that also keeps the modules matching `patterns` in float."""
@@ -304,6 +312,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w8a8-int8-ort-sq", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
            conv_output=TensorQuant(INT8, PerTensor()), smoothing=Smoothing(),
            description="w8a8-int8-ort after activation smoothing (integer Convs in ONNX Runtime)"),
+    Recipe("w8a8-int8-sq-attn", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
+           smoothing=Smoothing(), attention=TensorQuant(INT8, PerTensor()),
+           description="w8a8-int8-sq plus int8 attention: the inputs of Q.K^T and P.V quantized (calibrated), "
+                       "so that both matmuls run on integer kernels; the attention is no longer one fused kernel"),
+    Recipe("w8a8-int8-ort-sq-attn", TensorQuant(INT8, PerChannel()), TensorQuant(INT8, PerTensor()),
+           conv_output=TensorQuant(INT8, PerTensor()), smoothing=Smoothing(), attention=TensorQuant(INT8, PerTensor()),
+           description="w8a8-int8-ort-sq plus int8 attention (Q.K^T and P.V on integer kernels)"),
     # INT4_GROUP: chosen by measurement, see its comment.
     Recipe("int4-w", TensorQuant(INT4, PerGroup(INT4_GROUP)),
            description=f"int4 Linear weights, symmetric, one scale per {INT4_GROUP} inputs (round to nearest); "
@@ -353,7 +368,7 @@ DEFAULT_RECIPES = ("int8-w", "fp8-w")
 
 
 RECIPE_FIELDS = ("type", "version", "name", "weight", "activation", "conv_output", "exclude", "description",
-                 "smoothing", "fallback", "algorithm", "format")
+                 "smoothing", "fallback", "algorithm", "format", "attention")
 SVDQUANT_FIELDS = ("type", "rank", "mode", "gptq", "smooth")
 QUANT_FIELDS = ("dtype", "granularity", "observer", "axis", "group_size")
 
@@ -411,7 +426,8 @@ def recipe_from_dict(data: dict) -> Recipe:
         _check_fields(algorithm, SVDQUANT_FIELDS, "the recipe's 'algorithm'")
         algorithm = SVDQuant(**{k: v for k, v in algorithm.items() if k != "type"})
     return Recipe(name, quant("weight"), quant("activation"), tuple(exclude), data.get("description", ""),
-                  quant("conv_output"), smoothing, quant("fallback"), algorithm, data.get("format", "onnx"))
+                  quant("conv_output"), smoothing, quant("fallback"), algorithm, data.get("format", "onnx"),
+                  quant("attention"))
 
 
 def get_recipe(name: str | Recipe) -> Recipe:

@@ -138,7 +138,7 @@ _SHAPES_SD_W8A8_ORT_FLOAT = (
     "up_blocks.1.attentions.0.proj_in", "up_blocks.0.upsamplers.0.conv",
 )
 _SHAPES_SD_KEEP_FLOAT = (
-    KeepFloat(("w8a8-int8", "w8a8-int8-sq"), _SHAPES_SD_W8A8_FLOAT,
+    KeepFloat(("w8a8-int8", "w8a8-int8-sq", "w8a8-int8-sq-attn"), _SHAPES_SD_W8A8_FLOAT,
               "the 33 layers `diffquant sensitivity --recipe w8a8-int8-sq` ranks most sensitive on shapes-sd "
               "(images vs fp32, 64 captions: w8a8-int8-sq 48.35 dB with every layer quantized, 54.14 dB with "
               "these float; w8a8-int8 54.71 dB); 100 of 133 layers stay quantized"),
@@ -146,7 +146,7 @@ _SHAPES_SD_KEEP_FLOAT = (
               "the 33 layers `diffquant sensitivity --recipe w8a8-int8-sq` ranks most sensitive on shapes-sd, "
               "measured for fp8 too (images vs fp32, 64 captions: 41.63 dB with every layer quantized, 46.28 dB "
               "with these float); 100 of 133 layers stay quantized"),
-    KeepFloat(("w8a8-int8-ort", "w8a8-int8-ort-sq"), _SHAPES_SD_W8A8_ORT_FLOAT,
+    KeepFloat(("w8a8-int8-ort", "w8a8-int8-ort-sq", "w8a8-int8-ort-sq-attn"), _SHAPES_SD_W8A8_ORT_FLOAT,
               "the 33 layers `diffquant sensitivity --recipe w8a8-int8-ort-sq` ranks most sensitive on shapes-sd "
               "(images vs fp32, 64 captions: 46.51 dB with every layer quantized, 54.82 dB with these float); "
               "100 of 133 layers stay quantized"),
@@ -170,7 +170,8 @@ _SHAPES_SD3_W8A8_FLOAT = (
     "transformer_blocks.2.attn.to_out.0", "transformer_blocks.5.attn.to_out.0",
 )
 _SHAPES_SD3_KEEP_FLOAT = (
-    KeepFloat(("w8a8-int8", "w8a8-int8-sq", "w8a8-int8-ort", "w8a8-int8-ort-sq"), _SHAPES_SD3_W8A8_FLOAT,
+    KeepFloat(("w8a8-int8", "w8a8-int8-sq", "w8a8-int8-ort", "w8a8-int8-ort-sq", "w8a8-int8-sq-attn",
+               "w8a8-int8-ort-sq-attn"), _SHAPES_SD3_W8A8_FLOAT,
               "the 24 layers `diffquant sensitivity --model shapes-sd3 --recipe w8a8-int8 --quantize-all` ranks most "
               "sensitive (images vs fp32, 64 captions: 44.07 dB with every layer quantized, 47.30 dB with these "
               "float); 65 of 89 layers stay quantized"),

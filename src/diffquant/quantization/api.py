@@ -60,6 +60,10 @@ def quantize_module(module: torch.nn.Module, recipe: str | Recipe, calibration: 
             smoothing = smooth(work, recipe, calibration, excluded)
     quantized = quantizer.quantize(work, recipe, excluded, calibration)
     quantized.eval()
+    if recipe.attention is not None:  # after the layers: the ranges are those the quantized layers produce
+        from diffquant.quantization.attention import calibrate_attention
+
+        calibrate_attention(quantized, calibration)
     note(quantized, recipe=recipe, excluded=tuple(excluded), backend=quantizer.name, smoothing=smoothing, plan=plan,
          float_reason="" if profile_rule is None else profile_rule.reason)
     return quantized
@@ -226,7 +230,14 @@ def load_quantized(path: str | Path, device: str = "auto", dtype: str = "auto", 
     excluded = meta["excluded"] if meta["excluded"] is not None else plan_layers(family.module, recipe).float_layers
     module = family.module if loaded else copy.deepcopy(family.module)  # a caller's pipeline stays float
     record = meta.get("record") if isinstance(meta.get("record"), dict) else None  # absent from older files
+    ranges = {}
+    if recipe.attention is not None:
+        from diffquant.quantization.attention import restore_attention, split_state
+
+        state, ranges = split_state(state)
     quantized = backend.restore(module, recipe, excluded, state, record)
+    if recipe.attention is not None:
+        restore_attention(quantized, ranges)
     quantized.eval()
     try:
         plan = LayerPlan.from_dict(meta["plan"]) if isinstance(meta.get("plan"), dict) else None
