@@ -216,6 +216,25 @@ def test_bench_on_an_architecture_built_from_its_config(tiny_sd, tmp_path, monke
     assert (tmp_path / "onnx-fp32" / "unet.onnx").is_file()
 
 
+def test_bench_takes_the_image_size_asked_for(tiny_sd, tiny_sd_dir, tmp_path, monkeypatch):
+    """--height/--width: the denoiser inputs (and the calibration) stand for that image size; a size the model
+    cannot make, or one side alone, is refused before any work."""
+    from diffquant.models import architectures
+    from diffquant.bench.runner import benchmark
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny",
+                        architectures.Architecture("tiny", "UNet2DConditionModel", dict(tiny_sd.unet.config)))
+    result = benchmark(arch="tiny", recipe="w8a8-int8", iterations=1, warmup=0, out=tmp_path / "a",
+                       runtimes="onnxruntime", profile=False, height=128, width=64)
+    assert result.latent == [4, 16, 8]  # an architecture's VAE downscales by 8
+    with pytest.raises(DiffquantError, match="pass both --height and --width"):
+        benchmark(arch="tiny", height=128, out=tmp_path / "b")
+    with pytest.raises(DiffquantError, match="height 100: the tiny architecture takes multiples of 8 pixels"):
+        benchmark(arch="tiny", height=100, width=64, out=tmp_path / "c")
+    with pytest.raises(DiffquantError, match="width 36 cannot be generated .* multiples of 8 pixels"):
+        benchmark(model=str(tiny_sd_dir), height=32, width=36, out=tmp_path / "d")
+
+
 def test_timing_skips_the_warmup_and_p90_is_the_slow_tail():
     import time
 

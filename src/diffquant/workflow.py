@@ -21,7 +21,7 @@ from diffquant.evaluate.scoring import Scorer, read_images
 from diffquant.evaluate.sharding import (batches, broadcast, finish, generate_set, image_path, process_device, processes,
                          record_batches)
 from diffquant.export.onnx import export_onnx
-from diffquant.models.generation import default_prompts, default_settings, generate, image_grid
+from diffquant.models.generation import default_prompts, default_settings, generate, image_grid, pipeline_kwargs
 from diffquant.evaluate.metrics import are_shapes_captions, sqnr_db
 from diffquant.models.pipeline import load_pipeline
 from diffquant.models.profiles import profile_of
@@ -218,10 +218,12 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> Ru
     steps = settings.steps if config.steps is None else config.steps
     guidance = settings.guidance if config.guidance is None else config.guidance
     prompts = _prompts(pipe, config, profile)
+    pipeline_kwargs(pipe, guidance, config.height, config.width)  # a size the model cannot take: say so now
+    sizes = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
     results = RunResult(
         out_dir=str(out_dir), status="running", model=config.model or "shapes-sd (embedded)",
         denoiser=type(family.module).__name__, prompts=tuple(prompts),
-        settings={"seed": config.seed, "steps": steps, "guidance": guidance}, config=config.to_dict(),
+        settings={"seed": config.seed, "steps": steps, "guidance": guidance, **sizes}, config=config.to_dict(),
         versions=versions(), timings=timings,
         denoiser_fp32_bytes=sum(p.numel() * 4 for p in family.module.parameters()),
     )
@@ -231,7 +233,8 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> Ru
         scorer = Scorer(out_dir, prompts, config.clip_model, config.reference_images, pipe.device,
                         shapes=are_shapes_captions(prompts))
     ctx = RunContext(config=config, pipe=pipe, family=family, profile=profile, prompts=prompts,
-                     gen=dict(seed=config.seed, steps=steps, guidance=guidance), out_dir=out_dir, state=state,
+                     gen=dict(seed=config.seed, steps=steps, guidance=guidance, height=config.height,
+                              width=config.width), out_dir=out_dir, state=state,
                      saved=saved, scorer=scorer)
     try:
         _stages(ctx, recipes)
@@ -300,7 +303,8 @@ class _SqnrInputs:
             if b not in self.by_batch:
                 with self.record(b):
                     generate(self.pipe, prompts[ks.start:ks.stop], seed=gen["seed"] + ks.start, steps=gen["steps"],
-                             guidance=gen["guidance"], batch_size=batch_size, show_progress=False)
+                             guidance=gen["guidance"], batch_size=batch_size, show_progress=False,
+                             height=gen["height"], width=gen["width"])
         return [r for b in sorted(self.by_batch) for r in self.by_batch[b]][:SQNR_RECORDS]
 
 

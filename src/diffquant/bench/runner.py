@@ -302,7 +302,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
               iterations: int = 10, warmup: int = 2, batch: int = 2, images: int = 2, out: str | Path | None = None,
               fake_quant_compiled: bool = True, profile: bool = True,
               runtimes: str | tuple[str, ...] | None = None, int4_compute: str = "float",
-              peers: str | tuple[str, ...] = ()) -> BenchResult:
+              peers: str | tuple[str, ...] = (), height: int | None = None,
+              width: int | None = None) -> BenchResult:
     """Measure every configuration side by side, each real row in its own process on the same inputs.
 
     Args:
@@ -325,6 +326,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
         peers: the 8-bit quantizers a CPU user picks instead (`PEER_QUANTIZERS`: nncf:int8, nncf:int8-hybrid in
             OpenVINO, ort:static-int8 in ONNX Runtime), each made from the same fp32 export and calibration as the
             recipes' rows and measured as a row of its runtime.
+        height, width: the image size in pixels the denoiser inputs (and a model's calibration and end-to-end
+            images) stand for, both or neither (default: the model's or architecture's own).
 
     The OpenVINO rows read the file written for ONNX Runtime (one export per recipe): OpenVINO compiles it to
     the same int8 kernels as the plain QDQ file `export_onnx(runtime="openvino")` writes
@@ -336,12 +339,16 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
                                 ("images", images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise DiffquantError(f"--{label} must be a whole number of at least {least}, got {value!r}")
+    if (height is None) != (width is None):
+        raise DiffquantError("pass both --height and --width (the image size the denoiser inputs stand for), or "
+                             "neither for the model's own")
     chosen = _parse_runtimes(runtimes)
     recipes = parse_recipes(list(recipe) if isinstance(recipe, tuple) else recipe)
     peers = _parse_peers(peers)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
     out.mkdir(parents=True, exist_ok=True)
-    bench = _Bench(model, arch, iterations, warmup, batch, images, out, chosen, resolve_int4_compute(int4_compute))
+    bench = _Bench(model, arch, iterations, warmup, batch, images, out, chosen, resolve_int4_compute(int4_compute),
+                   (height, width) if height is not None else None)
     bench.float_rows()
     graphs = bench.quantized_graphs(recipes, fake_quant_compiled, peers)
     profiled = bench.runtime_rows(graphs)
@@ -356,7 +363,8 @@ class _Bench:
     measured (its own process, or in this one for the simulated fake-quant rows)."""
 
     def __init__(self, model: str | None, arch: str | None, iterations: int, warmup: int, batch: int, images: int,
-                 out: Path, chosen: tuple[str, ...], int4_compute: str) -> None:
+                 out: Path, chosen: tuple[str, ...], int4_compute: str,
+                 size: tuple[int, int] | None = None) -> None:
         from safetensors.torch import save_file
 
         from diffquant.models.pipeline import load_pipeline
@@ -377,9 +385,10 @@ class _Bench:
             self.module, seq = family.module, family.sequence_length(self.pipe)
             name = model or "shapes-sd"
             self.arch_spec = (None, None)
-        self.sequence_length = seq
+        self.sequence_length, self.size = seq, size
         batch = batch if family.dynamic_batch else 1
-        self.inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0)
+        self.latent = self._latent(family, size)
+        self.inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0, latent=self.latent)
         self.inputs_path = out / "inputs.safetensors"
         save_file({k: v.contiguous() for k, v in self.inputs.items()}, str(self.inputs_path))
         self.threads = torch.get_num_threads()  # every row uses the threads of this process
@@ -394,6 +403,23 @@ class _Bench:
 
             self.prompts = default_prompts(self.pipe, images)
 
+    def _latent(self, family, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The latent (height, width) of an image `size` in pixels; refuses a size the model cannot make."""
+        if size is None:
+            return None
+        if self.pipe is not None:
+            from diffquant.models.generation import pipeline_kwargs
+
+            pipeline_kwargs(self.pipe, height=size[0], width=size[1])
+            scale = self.pipe.vae_scale_factor
+        else:  # an architecture: the real models' VAEs downscale by 8
+            scale, step = 8, 8 * family.latent_patch()
+            wrong = [f"{n} {v}" for n, v in zip(("height", "width"), size) if isinstance(v, bool) or v < 1 or v % step]
+            if wrong:
+                raise DiffquantError(f"{' and '.join(wrong)}: the {self.arch} architecture takes multiples of {step} "
+                                     f"pixels, e.g. 512, 768, 1024")
+        return size[0] // scale, size[1] // scale
+
     def own_process(self, label: str, runtime: str, precision: str, path: Path | None, artifact_mb: float,
                     weights: str | None = None, method: str | None = None) -> bool:
         """Measure one row in a process of its own. `precision`: the float precision the row runs in;
@@ -401,7 +427,8 @@ class _Bench:
         int8 kernels whatever its float precision). Returns whether the row was measured."""
         spec = bench_row.RowSpec(runtime, precision, str(self.inputs_path), self.iterations, self.warmup,
                                  self.threads, str(path) if path else None, None if self.arch else self.model,
-                                 self.arch, 0 if self.arch else self.images, *self.arch_spec)
+                                 self.arch, 0 if self.arch else self.images, *self.arch_spec,
+                                 *(self.size or (None, None)))
         try:
             measured = _run_in_own_process(spec, self.out / "row-spec.json")
         except RowFailed as error:  # the other rows still count: the table says which one is missing and why
@@ -423,7 +450,8 @@ class _Bench:
         q_family = denoiser_for(q_module)
         with _PeakRss() as rss, torch.no_grad():
             first, times = _time_calls(lambda: q_family(self.inputs), self.warmup, self.iterations)
-            per_image = bench_row.seconds_per_image(pipe, self.prompts) if pipe is not None else None
+            per_image = bench_row.seconds_per_image(pipe, self.prompts, *(self.size or (None, None))) \
+                if pipe is not None else None
         self.result.rows.append(BenchRow(label, True, statistics.median(times), _p90(times), first, per_image,
                                          rss.peak_mb, self.fp32_mb, memory="shared"))
 
@@ -442,10 +470,11 @@ class _Bench:
             return None
 
         if self.pipe is None:
-            return random_calibration(self.module, 2, self.sequence_length)
+            return random_calibration(self.module, 2, self.sequence_length, latent=self.latent)
 
         shapes = profile_of(self.pipe).prompt_source == "shapes"
-        return calibrate(self.pipe, None if shapes else self.prompts, size=8, timesteps=4)
+        return calibrate(self.pipe, None if shapes else self.prompts, size=8, timesteps=4,
+                         **dict(zip(("height", "width"), self.size or (None, None))))
 
     def _float_denoiser(self):
         """A fresh float pipeline (None for an architecture) and denoiser, as the bench started with."""

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default="",
                    help="also measure what a CPU user picks instead, comma-separated: nncf:int8, nncf:int8-hybrid "
                         "(OpenVINO), ort:static-int8 (ONNX Runtime), made from the same fp32 export and calibration")
+    p.add_argument("--height", type=int, help="image height in pixels the denoiser inputs stand for (with --width; "
+                                              "default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (with --height)")
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
 
 
@@ -43,7 +46,7 @@ def _bench(args: argparse.Namespace, out: Path) -> int:
     result = benchmark(model=args.model, arch=args.arch, recipe=args.recipe, iterations=args.iterations,
                        warmup=args.warmup, batch=args.batch, images=args.images, out=out,
                        fake_quant_compiled=not args.no_compile, runtimes=args.runtime,
-                       int4_compute=args.int4_compute, peers=args.peers)
+                       int4_compute=args.int4_compute, peers=args.peers, height=args.height, width=args.width)
     print(result.table())
     from diffquant.report.html import write_table_report
 

@@ -14,6 +14,13 @@ def add_generation(p: argparse.ArgumentParser) -> None:
                                              "50 for SD 1.5, 28 for SD3)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the model profile's, e.g. 3 for shapes-sd; "
                                                   "FLUX.1-dev: the distilled guidance input; FLUX.1-schnell: none)")
+    add_size(p)
+
+
+def add_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's; a multiple of what its "
+                                              "VAE and patches take, e.g. 8 for SD 1.5, 16 for SD3 and FLUX.1)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
 
 
 def add_model(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from diffquant.cli.base import Command
-from diffquant.cli.options import add_calibration, add_model, calibration_options
+from diffquant.cli.options import add_calibration, add_model, add_size, calibration_options
 from diffquant.core.config import RunConfig
 from diffquant.core.recipes import RECIPES, get_recipe
 
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-all", action="store_true",
                    help="ignore the model profile's measured float layers for this recipe")
     add_calibration(p)
+    add_size(p)  # the calibration's image size
     p.add_argument("--out", required=True)
 
 
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     from diffquant.quantization.calibration import calibrate_for_run
 
     recipe = get_recipe(args.recipe)
-    config = RunConfig(model=args.model, **calibration_options(args))
+    config = RunConfig(model=args.model, height=args.height, width=args.width, **calibration_options(args))
     with output_folder(args.out) as out:
         pipe = load_pipeline(args.model, args.device, args.dtype, no_t5=args.no_t5)
         calibration = None

@@ -65,8 +65,19 @@ class Denoiser(ABC):
     # --- inputs -------------------------------------------------------------------------------
     @abstractmethod
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
-                       seed: int = 0) -> dict[str, torch.Tensor]:
-        """Flat tensors in ONNX input order, shaped from the module's config (nothing hard-coded to a model)."""
+                       seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Flat tensors in ONNX input order, shaped from the module's config (nothing hard-coded to a model);
+        `latent`: the latent's (height, width) in latent pixels (an image's size over the VAE's scale), else the
+        family's default."""
+
+    def latent_patch(self) -> int:
+        """Latent pixels per token side: 1 for a UNet (convolutions take any latent size), the patch size of a
+        transformer (SD3's patch embedding; FLUX.1 packs 2x2 latents into one token)."""
+        return int(getattr(self.config, "patch_size", None) or 1)
+
+    def size_multiple(self, pipe) -> int:
+        """The image sizes the pipeline takes are multiples of this: its VAE's downscale times the latent patch."""
+        return int(getattr(pipe, "vae_scale_factor", 8)) * self.latent_patch()
 
     def sequence_length(self, pipe=None) -> int:
         """The text sequence length the pipeline feeds (its tokenizer's length), or the family default."""
@@ -146,11 +157,14 @@ class _Positional(torch.nn.Module):
 
 
 def denoiser_for(module: torch.nn.Module) -> Denoiser:
-    """The family of `module`, found by its class (or a base class) name.
+    """The family of `module`, found by its class (or a base class) name; a runtime's stand-in for a denoiser
+    (`runtimes.base.GraphDenoiser`) carries the family of the module it was exported from.
 
     Raises:
         DiffquantError: the class is not a supported denoiser.
     """
+    if isinstance(getattr(module, "family", None), Denoiser):
+        return module.family
     for cls in type(module).__mro__:
         if cls.__name__ in DENOISERS:
             return DENOISERS[cls.__name__](module)

@@ -32,6 +32,9 @@ class FluxDenoiser(Denoiser):
     # Its rotary embedding traces the export batch into the graph: a dynamic-batch export fails at any
     # other batch even in fp32, so the graph keeps its batch and runtimes call it once per sample.
     dynamic_batch = False
+
+    def latent_patch(self) -> int:
+        return 2  # the pipeline packs 2x2 latent pixels into one token (its config's patch_size is 1)
     unbatched_inputs = ("img_ids", "txt_ids")
     # ModelOpt keeps these in high precision for Flux; ours is a measured default (see docs/quantization.md).
     default_exclusions = ()
@@ -89,17 +92,18 @@ class FluxDenoiser(Denoiser):
         return min(t5.model_max_length, 512) if t5 is not None else 512
 
     def example_inputs(self, batch_size: int = 1, sequence_length: int | None = None,
-                       seed: int = 0) -> dict[str, torch.Tensor]:
+                       seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         config = self.config
         gen = torch.Generator().manual_seed(seed)
         tokens = sequence_length or 512
-        side = 64 // 2  # a 128x128 latent packs into 64x64 patches at full size; 32x32 keeps examples small
+        # a 128x128 latent packs into 64x64 patches at full size; 32x32 keeps examples small
+        rows, cols = (latent[0] // 2, latent[1] // 2) if latent else (32, 32)
         inputs = {
-            "hidden_states": torch.randn(batch_size, side * side, config.in_channels, generator=gen),  # (B, N, 4C)
+            "hidden_states": torch.randn(batch_size, rows * cols, config.in_channels, generator=gen),  # (B, N, 4C)
             "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, generator=gen),
             "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=gen),  # (B, P)
             "timestep": torch.full((batch_size,), 0.5),  # (B,) sigma
-            "img_ids": _image_ids(side),  # (N, 3)
+            "img_ids": _image_ids(rows, cols),  # (N, 3)
             "txt_ids": torch.zeros(tokens, 3),  # (T, 3)
         }
         if self.guidance_distilled:
@@ -124,7 +128,7 @@ class FluxDenoiser(Denoiser):
                 del m.forward
 
 
-def _image_ids(side: int) -> torch.Tensor:
-    """Flux's latent position ids for a side x side patch grid: (0, row, column) per token."""
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+def _image_ids(height: int, width: int) -> torch.Tensor:
+    """Flux's latent position ids for a height x width patch grid: (0, row, column) per token."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()  # (N, 3)

@@ -69,12 +69,12 @@ class SD3Denoiser(Denoiser):
         return clip_length + (min(t5.model_max_length, 256) if t5 is not None else clip_length)
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
-                       seed: int = 0) -> dict[str, torch.Tensor]:
+                       seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         config = self.config
         gen = torch.Generator().manual_seed(seed)
-        size = config.sample_size
+        height, width = latent or (config.sample_size, config.sample_size)
         inputs = {
-            "hidden_states": torch.randn(batch_size, config.in_channels, size, size, generator=gen),  # (B, C, h, w)
+            "hidden_states": torch.randn(batch_size, config.in_channels, height, width, generator=gen),  # (B, C, h, w)
             "encoder_hidden_states": torch.randn(batch_size, sequence_length or 77 + 256, config.joint_attention_dim,
                                                  generator=gen),  # (B, T, D)
             "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=gen),  # (B, P)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -25,6 +26,10 @@ class UNetDenoiser(Denoiser):
     capture_keys = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")
 
     original_prefix = "model.diffusion_model."  # diffusers' LDM converter reads only keys under it
+
+    def size_multiple(self, pipe) -> int:
+        # diffusers' SD and SDXL pipelines refuse sizes that are not multiples of 8, whatever their VAE's scale
+        return math.lcm(8, super().size_multiple(pipe))
 
     @property
     def sdxl(self) -> bool:
@@ -72,10 +77,10 @@ class UNetDenoiser(Denoiser):
         return layout
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
-                       seed: int = 0) -> dict[str, torch.Tensor]:
+                       seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         config = self.config
         size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        height, width = latent or ((size, size) if isinstance(size, int) else tuple(size))
         cross = config.cross_attention_dim
         cross = cross[0] if isinstance(cross, (list, tuple)) else cross
         gen = torch.Generator().manual_seed(seed)
