@@ -119,3 +119,29 @@ def test_an_export_for_openvino_is_plain_qdq_that_it_runs_on_the_same_int8_kerne
                             seed=3)
     ov_plain, ov_ort_form = openvino_runtime.run(for_ov.path, inputs), openvino_runtime.run(for_ort.path, inputs)
     assert np.linalg.norm(ov_plain - ov_ort_form) / np.linalg.norm(ov_ort_form) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["unet", "sd3", "flux"])
+def test_openvino_reads_every_familys_export_with_the_graphs_inputs(name, tiny_families, openvino_runtime,
+                                                                    tmp_path):
+    """Each family's fp32 export and its int8-attention export (QDQ on every Linear and on both attention matmuls)
+    load in OpenVINO with exactly the graph's inputs (once two internal Casts of FLUX.1's graph were taken for
+    inputs), and run to ONNX Runtime's output."""
+    import onnx
+
+    from diffquant.core.cpu import forced
+    from diffquant.export.onnx import export_fp32_onnx
+
+    family = tiny_families(name)
+    flat = family.family.first_sample(family.family.graph_inputs(family.records[0]))
+    fp32 = export_fp32_onnx(family.family.module, tmp_path / "fp32", inputs=flat)
+    _, quantized = family.export("w8a8-int8-sq-attn")
+    with forced(openvino_precision="f32"):
+        for path, bound in ((fp32, 1e-4), (quantized.path, 0.1)):
+            graph_inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+            runner = get_runtime("openvino").runner(path)
+            assert list(runner.inputs) == graph_inputs
+            ort_runner = get_runtime("onnxruntime").runner(path)
+            feed = ort_runner.feed({k: v for k, v in flat.items() if k in graph_inputs})
+            ort, ov = ort_runner(feed), runner(feed)
+            assert np.linalg.norm(ov - ort) / np.linalg.norm(ort) < bound

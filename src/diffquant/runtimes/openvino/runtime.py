@@ -61,7 +61,9 @@ class OvRunner(GraphRunner):
         self.compiled = core.compile_model(model, "CPU", config)
         del model  # the compiled model holds its own copy of the weights
         self.request = self.compiled.create_infer_request()
-        self.inputs = {port.get_any_name(): (_numpy_dtype(port.get_element_type()),
+        # Keyed by each Parameter's own name, the ONNX graph input's: a port also takes the names of the no-op Casts
+        # OpenVINO folds into it (FLUX.1's timestep and guidance), and `get_any_name` may answer one of those.
+        self.inputs = {port.get_node().get_friendly_name(): (_numpy_dtype(port.get_element_type()),
                                              tuple(d.get_length() if d.is_static else None
                                                    for d in port.get_partial_shape()))
                        for port in self.compiled.inputs}
