@@ -126,6 +126,30 @@ def build_tiny_flux(guidance_embeds: bool = True):
                         transformer=transformer)
 
 
+def build_tiny_pixart():
+    """A PixArt-Σ-style pipeline: a 2-layer DiT with T5 cross-attention and learned variance (8 output channels
+    for 4 latent ones); 16x16 images, 8x8 latents, 2x2 patches."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5TokenizerFast
+
+    torch.manual_seed(0)
+    t5_tokenizer = T5TokenizerFast.from_pretrained(T5_TOKENIZER)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        use_additional_conditions=False)
+    return PixArtSigmaPipeline(tokenizer=t5_tokenizer, text_encoder=_t5_encoder(t5_tokenizer, 32), vae=_vae(),
+                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-pixart")
+    build_tiny_pixart().save_pretrained(path, safe_serialization=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-sd3")
@@ -281,8 +305,10 @@ def shapes_ort_export(shapes_pipe, shapes_calibration, tmp_path_factory):
 FAMILY_PROMPTS = ["a red circle", "a blue square on a white background"]
 # Flux's graph keeps the image size and text length it was traced with, so it is traced on a captured input.
 FAMILY_CALLS = {"unet": {}, "sd3": {"max_sequence_length": 16},
-                "flux": {"height": 16, "width": 16, "max_sequence_length": 16}}
-FAMILY_BUILDERS = {"unet": build_tiny_sd, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+                "flux": {"height": 16, "width": 16, "max_sequence_length": 16},
+                "pixart": {"max_sequence_length": 16, "use_resolution_binning": False}}
+FAMILY_BUILDERS = {"unet": build_tiny_sd, "sd3": build_tiny_sd3, "flux": build_tiny_flux,
+                   "pixart": build_tiny_pixart}
 
 
 def tiny_images(pipe, name: str):

@@ -52,6 +52,8 @@ class ModelProfile:
     call_kwargs: extra pipeline call arguments, as (name, value) pairs (frozen): e.g. SD3's T5 length.
     gpu_dtype: what dtype="auto" loads on a GPU (CPU always gets fp32).
     keep_float: measured per-recipe float layers (`KeepFloat`), applied by `quantize` unless turned off.
+    pipelines: diffusers pipeline classes this profile is for, found by `class_profile` (a family added after
+        the first four needs only its profile here and its denoiser file).
     """
 
     name: str
@@ -66,6 +68,7 @@ class ModelProfile:
     call_kwargs: tuple[tuple[str, Any], ...] = ()
     gpu_dtype: str = "fp16"
     keep_float: tuple[KeepFloat, ...] = ()
+    pipelines: tuple[str, ...] = ()  # the diffusers pipeline classes that name this model (families added later)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.guidance < 0:
@@ -206,7 +209,16 @@ FLUX_DEV = ModelProfile("flux-dev", "FLUX.1-dev", steps=50, guidance=3.5, guidan
                         call_kwargs=(("height", 1024), ("width", 1024), ("max_sequence_length", 512)), **_FLUX)
 FLUX_SCHNELL = ModelProfile("flux-schnell", "FLUX.1-schnell", steps=4, guidance=0.0, guidance_kind="none",
                             call_kwargs=(("height", 1024), ("width", 1024), ("max_sequence_length", 256)), **_FLUX)
-PROFILES = {p.name: p for p in (SHAPES_SD, SHAPES_SD3, SD, SDXL, SD3, SD35_LARGE, SD35_MEDIUM, FLUX_DEV, FLUX_SCHNELL)}
+# PixArt: the image is drawn at the size asked (diffusers' default "resolution binning" would draw it at the nearest
+# of its trained aspect ratios and resize: calibration, export shapes and --height/--width would not be what they say).
+_PIXART = dict(denoiser="PixArtTransformer2DModel", pipelines=("PixArtSigmaPipeline",))
+PIXART_SIGMA = ModelProfile("pixart-sigma", "PixArt-Σ", steps=20, guidance=4.5,
+                            call_kwargs=(("max_sequence_length", 300), ("use_resolution_binning", False)), **_PIXART)
+PIXART_ALPHA = ModelProfile("pixart-alpha", "PixArt-α", "PixArtTransformer2DModel", steps=20, guidance=4.5,
+                            call_kwargs=(("max_sequence_length", 120), ("use_resolution_binning", False)),
+                            pipelines=("PixArtAlphaPipeline",))
+PROFILES = {p.name: p for p in (SHAPES_SD, SHAPES_SD3, SD, SDXL, SD3, SD35_LARGE, SD35_MEDIUM, FLUX_DEV, FLUX_SCHNELL,
+                                PIXART_SIGMA, PIXART_ALPHA)}
 
 
 def embedded_models() -> dict[str, Path]:
@@ -255,6 +267,9 @@ def class_profile(pipeline_class: str, denoiser_config: Mapping | None = None) -
     """The profile of a real model from its pipeline class, refined by its denoiser's config when given
     (SDXL's added conditioning, SD3.5's QK norm and dual attention, FLUX.1-dev's guidance embedding)."""
     config = dict(denoiser_config or {})
+    named = [p for p in PROFILES.values() if pipeline_class in p.pipelines]
+    if named:
+        return named[0]
     if "Flux" in pipeline_class or config.get("_class_name") == "FluxTransformer2DModel":
         return FLUX_SCHNELL if config.get("guidance_embeds") is False else FLUX_DEV
     if "StableDiffusion3" in pipeline_class or config.get("_class_name") == "SD3Transformer2DModel":
@@ -263,7 +278,8 @@ def class_profile(pipeline_class: str, denoiser_config: Mapping | None = None) -
         return SD35_LARGE if config.get("qk_norm") else SD3
     if "XL" in pipeline_class or config.get("addition_embed_type") == "text_time":
         return SDXL
-    return SD
+    by_denoiser = [p for p in PROFILES.values() if p.pipelines and p.denoiser == config.get("_class_name")]
+    return by_denoiser[0] if by_denoiser else SD
 
 
 def profile_of(pipe) -> ModelProfile:

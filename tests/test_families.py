@@ -1,0 +1,69 @@
+"""Families added behind the denoiser registry after the first four (one file under models/denoisers/ plus a
+profile): `diffquant run --model <folder>` end to end on a tiny random pipeline of each, every stage checked."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow  # full runs: `pytest -m 'not slow'` leaves them out
+
+FAMILIES = {"pixart": ("tiny_pixart_dir", "PixArtTransformer2DModel", "PixArt-Σ")}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_run(request, tmp_path_factory):
+    """(family name, its tiny folder, the RunResult of `diffquant run` with a weight-only and a calibrated recipe)."""
+    from diffquant.cli.main import main
+    from diffquant.core.results import RunResult
+
+    name = request.param
+    folder = request.getfixturevalue(FAMILIES[name][0])
+    root = tmp_path_factory.mktemp(f"{name}-run")
+    (root / "captions.txt").write_text("a red circle\na blue square on the left\na small green triangle\n")
+    assert main(["--quiet", "run", "--model", str(folder), "--recipes", "int8-w,w8a8-int8-sq-attn", "--num-images",
+                 "2", "--steps", "3", "--calib-prompts", str(root / "captions.txt"), "--calib-size", "3",
+                 "--calib-timesteps", "3", "--out", str(root / "out")]) == 0
+    return name, folder, RunResult.load(root / "out")
+
+
+def test_the_run_finds_the_family_and_its_profile(family_run):
+    from diffquant.models.profiles import PROFILES
+
+    name, _, result = family_run
+    _, denoiser, title = FAMILIES[name]
+    assert result.status == "complete" and result.denoiser == denoiser
+    profile = next(p for p in PROFILES.values() if p.title == title)
+    assert result.settings["steps"] == 3 and result.settings["guidance"] == profile.guidance
+
+
+def test_every_linear_is_quantized_and_calibration_spans_timesteps(family_run):
+    from diffquant import load_pipeline
+
+    name, folder, result = family_run
+    linears = sum(isinstance(m, torch.nn.Linear) for m in load_pipeline(str(folder)).transformer.modules())
+    for recipe in ("int8-w", "w8a8-int8-sq-attn"):
+        layers = result.recipes[recipe].layers
+        assert layers["n_quantized"] + layers["n_float"] >= linears and layers["n_quantized"] >= linears - 2
+    assert len(result.calibration["timesteps"]) == 3
+
+
+def test_the_export_runs_integer_kernels_and_draws_the_torch_images(family_run):
+    _, _, result = family_run
+    for recipe in ("int8-w", "w8a8-int8-sq-attn"):
+        entry = result.recipes[recipe]
+        assert entry.ort.vs_torch.psnr_db > 40  # ONNX Runtime's pipeline images against torch's fake quant
+    ops = result.recipes["w8a8-int8-sq-attn"].onnx["fused_ops"]
+    assert ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0) + ops.get("QGemm", 0) > 0
+    assert ops.get("Softmax", 0) > 0 and not ops.get("MultiHeadAttention")  # int8 attention: unfused matmuls
+
+
+def test_the_quantized_denoiser_saves_and_reloads(family_run, tmp_path):
+    import diffquant as dq
+
+    _, folder, _ = family_run
+    pipe = dq.load_pipeline(str(folder))
+    quantized = dq.quantize(pipe, "int8-w")
+    dq.save_quantized(quantized, tmp_path / "saved", model=str(folder))
+    reloaded = dq.load_quantized(tmp_path / "saved")
+    first = dq.generate(quantized, "a red circle", seed=3, steps=2)[0]
+    again = dq.generate(reloaded, "a red circle", seed=3, steps=2)[0]
+    assert list(first.getdata()) == list(again.getdata())
