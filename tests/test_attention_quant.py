@@ -107,3 +107,28 @@ def test_the_export_runs_both_attention_matmuls_on_integer_kernels(name, tiny_fa
         == sum(plain.fused_ops.get(op, 0) for op in integer) + 2 * attentions
     float_matmuls = [ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) for ops in (exported.fused_ops, plain.fused_ops)]
     assert float_matmuls[0] == float_matmuls[1] - 2 * unfused
+
+
+def test_an_attention_without_scaled_dot_product_stays_float(tiny_families):
+    """A linear attention (Sana's), or any processor that computes attention itself, never reaches the quantizer:
+    it loses it after calibration instead of failing, and the others keep theirs."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from diffquant.quantization.attention import calibrate_attention
+
+    family = tiny_families("unet")
+    module = copy.deepcopy(family.family.module)
+    attentions = attention_modules(module)
+    plain = next(iter(attentions))
+    attentions[plain].set_processor(AttnProcessor())  # softmax(Q.K^T) by bmm: no scaled_dot_product_attention
+    assert calibrate_attention(module, family.records) == len(attentions) - 1
+    assert not hasattr(attentions[plain], "diffquant_attention")
+    with torch.no_grad():  # and the model still runs, the plain attention in float
+        module(**family.records[0], return_dict=False)
+    fresh = copy.deepcopy(family.family.module)
+    for attention in attention_modules(fresh).values():
+        attention.set_processor(AttnProcessor())
+    with pytest.raises(DiffquantError, match="no attention of this UNet2DConditionModel calls"):
+        calibrate_attention(fresh, family.records)

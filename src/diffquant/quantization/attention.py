@@ -97,19 +97,17 @@ def attention_modules(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if hasattr(m, "processor") and callable(getattr(m, "set_processor", None))}
 
 
-def attach(module: torch.nn.Module, excluded: tuple[str, ...] = ()) -> int:
-    """Give every attention of `module` (but those named in `excluded`) an uncalibrated quantizer; returns
-    how many. Idempotent: an attention that has one keeps it."""
-    count = 0
+def attach(module: torch.nn.Module, names: set[str] | None = None) -> dict[str, tuple]:
+    """Give every attention of `module` (or those in `names`) an uncalibrated quantizer; returns the hook handles
+    by attention name. An attention that has one keeps it."""
+    handles = {}
     for name, attention in attention_modules(module).items():
-        if name in excluded:
+        if (names is not None and name not in names) or hasattr(attention, CHILD):
             continue
-        if not hasattr(attention, CHILD):
-            attention.add_module(CHILD, AttentionQuantizer().to(next(attention.parameters()).device))
-            attention.register_forward_pre_hook(_enter)
-            attention.register_forward_hook(_leave, always_call=True)
-        count += 1
-    return count
+        attention.add_module(CHILD, AttentionQuantizer().to(next(attention.parameters()).device))
+        handles[name] = (attention.register_forward_pre_hook(_enter),
+                         attention.register_forward_hook(_leave, always_call=True))
+    return handles
 
 
 def quantizers(module: torch.nn.Module) -> list[AttentionQuantizer]:
@@ -119,22 +117,36 @@ def quantizers(module: torch.nn.Module) -> list[AttentionQuantizer]:
 @torch.no_grad()
 def calibrate_attention(module: torch.nn.Module, calibration: list[dict]) -> int:
     """Attach quantizers to `module`'s attentions and record their ranges over the calibration calls (the
-    module's own forward kwargs, run through its already quantized layers); returns how many attentions."""
-    count = attach(module)
-    found = quantizers(module)
-    for q in found:
+    module's own forward kwargs, run through its already quantized layers); returns how many attentions.
+    An attention that never calls scaled_dot_product_attention (a linear attention, Sana's) loses its
+    quantizer again and stays float."""
+    handles = attach(module)
+    for q in quantizers(module):
         q.observing = True
     try:
         for item in calibration:
             module(**item, return_dict=False)
     finally:
-        for q in found:
+        for q in quantizers(module):
             q.observing = False
-    empty = [q for q in found if not bool((q.amax > 0).all())]
+    for name, attention in attention_modules(module).items():
+        quantizer = getattr(attention, CHILD, None)
+        if quantizer is not None and not bool((quantizer.amax > 0).any()):
+            _detach(attention, handles[name])
+    empty = [q for q in quantizers(module) if not bool((q.amax > 0).all())]
     if empty:
-        raise DiffquantError(f"{len(empty)} of {count} attentions saw no calibration input (a query, key, value "
-                             "or probability range is 0): calibrate on calls that run every attention")
-    return count
+        raise DiffquantError(f"{len(empty)} attentions saw a query, key, value or probability range of 0 in "
+                             "calibration: calibrate on calls that run every attention")
+    if not quantizers(module):
+        raise DiffquantError(f"no attention of this {type(module).__name__} calls scaled_dot_product_attention: "
+                             "int8 attention does not apply; use the recipe without -attn")
+    return len(quantizers(module))
+
+
+def _detach(attention: torch.nn.Module, handles) -> None:
+    for handle in handles:
+        handle.remove()
+    delattr(attention, CHILD)
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -145,12 +157,13 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 
 def restore_attention(module: torch.nn.Module, ranges: dict[str, torch.Tensor]) -> int:
-    """Attach quantizers and load the saved ranges (no calibration); returns how many attentions."""
-    count = attach(module)
-    expected = {f"{name}.{CHILD}.amax" for name in attention_modules(module)}
-    if set(ranges) != expected:
-        raise DiffquantError(f"the saved attention ranges ({len(ranges)}) do not fit this model's {len(expected)} "
-                             "attentions: quantize the model again")
+    """Attach quantizers to the attentions the saved ranges name and load them (no calibration); returns how many."""
+    suffix = f".{CHILD}.amax"
+    names = {k[:-len(suffix)] for k in ranges if k.endswith(suffix)}
+    if not ranges or len(names) != len(ranges) or not names <= set(attention_modules(module)):
+        raise DiffquantError(f"the saved attention ranges ({len(ranges)}) do not fit this model's attentions: "
+                             "quantize the model again")
+    attach(module, names)
     device = next(module.parameters()).device
     module.load_state_dict({k: v.to(device) for k, v in ranges.items()}, strict=False)
-    return count
+    return len(names)
