@@ -143,6 +143,51 @@ def build_tiny_pixart():
                                transformer=transformer, scheduler=DPMSolverMultistepScheduler())
 
 
+def _gemma_tokenizer():
+    """A Gemma tokenizer made offline from the T5 fixture's vocabulary (Sana's pipeline takes a Gemma tokenizer)."""
+    from tokenizers import Tokenizer
+    from transformers import GemmaTokenizerFast
+
+    return GemmaTokenizerFast(tokenizer_object=Tokenizer.from_file(str(T5_TOKENIZER / "tokenizer.json")),
+                              bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def build_tiny_sana():
+    """A Sana-style pipeline: a 1-layer DiT (linear self-attention, cross-attention, conv GLU), a 2-stage
+    deep-compression VAE (x2) and a 1-layer Gemma-2; 32x32 images (Sana's pipeline takes multiples of 32), 16x16
+    latents."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    tokenizer = _gemma_tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                            head_dim=8, max_position_embeddings=512, attn_implementation="eager",
+                                            pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+                                         sample_size=16)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+@pytest.fixture(scope="session")
+def tiny_sana_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sana")
+    build_tiny_sana().save_pretrained(path, safe_serialization=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_pixart_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-pixart")

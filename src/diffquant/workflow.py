@@ -256,11 +256,12 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> Ru
 
 
 def _trace_inputs(family, records: list[dict]) -> dict | None:
-    """Example inputs for the export of a family whose graph keeps its traced shapes (Flux): one sample
-    of a recorded call, so the graph fits the generation's image and text sizes. None: the family's own."""
-    if family.dynamic_batch or not records:
+    """Example inputs for the export: a recorded call of the run (one sample of it for a family whose graph keeps
+    its traced batch, FLUX.1), since a graph keeps the image and text sizes it was traced with (only the batch is
+    dynamic). None (no records): the family's own example inputs."""
+    if not records:
         return None
-    return family.first_sample(family.flat_inputs(records[0]))
+    return family.first_sample(family.graph_inputs(records[0]))
 
 
 class _SavedResults:

@@ -217,8 +217,12 @@ PIXART_SIGMA = ModelProfile("pixart-sigma", "PixArt-Σ", steps=20, guidance=4.5,
 PIXART_ALPHA = ModelProfile("pixart-alpha", "PixArt-α", "PixArtTransformer2DModel", steps=20, guidance=4.5,
                             call_kwargs=(("max_sequence_length", 120), ("use_resolution_binning", False)),
                             pipelines=("PixArtAlphaPipeline",))
+# Sana 1600M/600M: 20 steps at guidance 4.5 with 300 Gemma-2 tokens (SanaPipeline's defaults), at the size asked.
+SANA = ModelProfile("sana", "Sana", "SanaTransformer2DModel", steps=20, guidance=4.5, gpu_dtype="bf16",
+                    call_kwargs=(("max_sequence_length", 300), ("use_resolution_binning", False)),
+                    pipelines=("SanaPipeline",))
 PROFILES = {p.name: p for p in (SHAPES_SD, SHAPES_SD3, SD, SDXL, SD3, SD35_LARGE, SD35_MEDIUM, FLUX_DEV, FLUX_SCHNELL,
-                                PIXART_SIGMA, PIXART_ALPHA)}
+                                PIXART_SIGMA, PIXART_ALPHA, SANA)}
 
 
 def embedded_models() -> dict[str, Path]:

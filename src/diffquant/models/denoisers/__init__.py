@@ -8,6 +8,6 @@ Adding a family is one new module here that subclasses `Denoiser` and registers 
 """
 
 from diffquant.models.denoisers.base import DENOISERS, Denoiser, denoiser_for, denoiser_of, register, supported_classes
-from diffquant.models.denoisers import unet, sd3, flux, pixart  # noqa: F401, I001  (registers the families, UNet first)
+from diffquant.models.denoisers import unet, sd3, flux, pixart, sana  # noqa: F401, I001  (registers the families, UNet first)
 
 __all__ = ["DENOISERS", "Denoiser", "denoiser_for", "denoiser_of", "register", "supported_classes"]

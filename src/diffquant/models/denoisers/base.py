@@ -75,6 +75,11 @@ class Denoiser(ABC):
         transformer (SD3's patch embedding; FLUX.1 packs 2x2 latents into one token)."""
         return int(getattr(self.config, "patch_size", None) or 1)
 
+    def default_size(self, pipe) -> tuple[int, int] | None:
+        """The image (height, width) diffquant draws when none is asked and the profile sets none; None: the
+        pipeline's own default (a family overrides it where that default is not the model's trained size)."""
+        return None
+
     def size_multiple(self, pipe) -> int:
         """The image sizes the pipeline takes are multiples of this: its VAE's downscale times the latent patch."""
         return int(getattr(pipe, "vae_scale_factor", 8)) * self.latent_patch()

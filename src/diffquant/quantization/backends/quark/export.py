@@ -223,8 +223,9 @@ def _compress_before_quark_passes(module: torch.nn.Module, reports: list):
     skipped; now it runs (3,308 -> 2,240 nodes, shape arithmetic only). Quark's exporter has no hook
     between its trace and its passes, so its module-level function is wrapped for the duration."""
     import quark.torch.export.api as quark_export
+    import quark.torch.export.onnx as quark_onnx
 
-    original = quark_export.export_onnx_model_optimization
+    original, fold_bias = quark_export.export_onnx_model_optimization, quark_onnx.fold_quantizers_for_bias
     modules = dict(module.named_modules())
 
     def optimize(onnx_path) -> None:
@@ -233,11 +234,22 @@ def _compress_before_quark_passes(module: torch.nn.Module, reports: list):
         with _weights_as_graph_inputs(Path(onnx_path)):
             original(onnx_path)
 
+    def fold_bias_if_every_conv_has_one(onnx_path) -> None:
+        # Quark's pass reads every Conv's third input (its bias) and fails on a Conv without one (Sana's
+        # point-wise convolutions); it folds int32 bias quantizers only, which no diffquant recipe makes.
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        if all(len(n.input) > 2 for n in graph.node if n.op_type in ("Conv", "ConvTranspose")):
+            fold_bias(onnx_path)
+
     quark_export.export_onnx_model_optimization = optimize
+    quark_onnx.fold_quantizers_for_bias = fold_bias_if_every_conv_has_one
     try:
         yield
     finally:
         quark_export.export_onnx_model_optimization = original
+        quark_onnx.fold_quantizers_for_bias = fold_bias
 
 
 def _write_graph(model, path: Path) -> None:

@@ -1,0 +1,53 @@
+"""SanaTransformer2DModel: Sana (a DiT on a 32x deep-compression VAE's latents: linear self-attention, softmax
+cross-attention to Gemma-2 text features, convolutional GLU feed-forwards). The text padding mask is a graph
+input; Sana-Sprint's guidance embedding, where the model has one, is too."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffquant.models.denoisers.base import Denoiser, register
+
+
+@register
+class SanaDenoiser(Denoiser):
+    module_class = "SanaTransformer2DModel"
+    pipeline_attribute = "transformer"
+    positional = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask", "guidance")
+    capture_keys = positional
+    # no original layout here: diffusers' single-file loader reads Sana's original checkpoints, GGUF is not wired
+
+    def default_size(self, pipe) -> tuple[int, int]:
+        """The trained size: SanaPipeline draws 1024x1024 whatever the model (Sana 512 included)."""
+        side = int(self.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 32))
+        return side, side
+
+    def size_multiple(self, pipe) -> int:
+        # diffusers' Sana pipelines refuse sizes that are not multiples of 32, whatever their VAE's scale
+        return math.lcm(32, super().size_multiple(pipe))
+
+    def sequence_length(self, pipe=None) -> int:
+        """The Gemma tokens the pipeline feeds (its profile's max_sequence_length, 300)."""
+        from diffquant.models.profiles import profile_of
+
+        return 300 if pipe is None else int(profile_of(pipe).pipeline_kwargs().get("max_sequence_length", 300))
+
+    def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
+                       seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        config = self.config
+        gen = torch.Generator().manual_seed(seed)
+        height, width = latent or (config.sample_size, config.sample_size)
+        tokens = sequence_length or 300
+        mask = torch.ones(batch_size, tokens)
+        mask[:, tokens // 2:] = 0  # a padded caption: the second half of the text tokens is padding
+        inputs = {
+            "hidden_states": torch.randn(batch_size, config.in_channels, height, width, generator=gen),  # (B, C, h, w)
+            "encoder_hidden_states": torch.randn(batch_size, tokens, config.caption_channels, generator=gen),  # (B, T, D)
+            "timestep": torch.full((batch_size,), 500.0),  # (B,)
+            "encoder_attention_mask": mask,  # (B, T): 1 for a token, 0 for padding
+        }
+        if config.guidance_embeds:  # Sana-Sprint
+            inputs["guidance"] = torch.full((batch_size,), 4.5)  # (B,)
+        return {k: v.to(self.module.device, self.module.dtype) for k, v in inputs.items()}
