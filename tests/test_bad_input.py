@@ -332,12 +332,12 @@ def test_a_flux_index_with_a_unet_entry_is_refused(tiny_sd_dir, tmp_path, capsys
 # ---- transformer (DiT) models: SD3 and FLUX.1 ----
 
 def test_an_unsupported_dit_is_one_line_naming_the_supported_ones(tmp_path, capsys):
-    sana = tmp_path / "sana"
-    sana.mkdir()
-    (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline",
-                                                       "transformer": ["diffusers", "SanaTransformer2DModel"]}))
-    one_line_error(capsys, ["generate", "--model", str(sana), "--out", str(tmp_path / "o")],
-                   "is a SanaPipeline whose denoiser is SanaTransformer2DModel (DiT): not supported; "
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                      "transformer": ["diffusers", "WanTransformer3DModel"]}))
+    one_line_error(capsys, ["generate", "--model", str(wan), "--out", str(tmp_path / "o")],
+                   "is a WanPipeline whose denoiser is WanTransformer3DModel (DiT): not supported; "
                    "diffquant supports UNet2DConditionModel (SD 1.x/2.x, SDXL), SD3Transformer2DModel")
 
 

@@ -161,6 +161,16 @@ class _Positional(torch.nn.Module):
         return self._family(dict(zip(self._names, tensors)))
 
 
+def call_default(pipe, name: str, fallback):
+    """The default of the pipeline's `__call__` argument `name` (e.g. the text length it pads to), else `fallback`."""
+    import inspect
+
+    if pipe is None:
+        return fallback
+    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 def denoiser_for(module: torch.nn.Module) -> Denoiser:
     """The family of `module`, found by its class (or a base class) name; a runtime's stand-in for a denoiser
     (`runtimes.base.GraphDenoiser`) carries the family of the module it was exported from.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.models.denoisers.base import Denoiser, register
+from diffquant.models.denoisers.base import Denoiser, call_default, register
 
 
 @register
@@ -19,12 +19,8 @@ class PixArtDenoiser(Denoiser):
     # no original layout here: diffusers' single-file (and so GGUF) loader does not cover PixArt
 
     def sequence_length(self, pipe=None) -> int:
-        """The T5 tokens the pipeline feeds: PixArt-Σ's profile asks for 300 (PixArt-α's pipeline pads to 120)."""
-        from diffquant.models.profiles import profile_of
-
-        if pipe is None:
-            return 300
-        return int(profile_of(pipe).pipeline_kwargs().get("max_sequence_length", 300))
+        """The T5 tokens the pipeline pads to: PixArt-Σ's 300, PixArt-α's 120 (its profile asks for the same)."""
+        return int(call_default(pipe, "max_sequence_length", 300))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from diffquant.models.denoisers.base import Denoiser, register
+from diffquant.models.denoisers.base import Denoiser, call_default, register
 
 
 @register
@@ -29,10 +29,8 @@ class SanaDenoiser(Denoiser):
         return math.lcm(32, super().size_multiple(pipe))
 
     def sequence_length(self, pipe=None) -> int:
-        """The Gemma tokens the pipeline feeds (its profile's max_sequence_length, 300)."""
-        from diffquant.models.profiles import profile_of
-
-        return 300 if pipe is None else int(profile_of(pipe).pipeline_kwargs().get("max_sequence_length", 300))
+        """The Gemma tokens the pipeline pads to (300; its profile asks for the same)."""
+        return int(call_default(pipe, "max_sequence_length", 300))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
