@@ -493,11 +493,19 @@ class _Bench:
 
         calibration = self._calibration(recipes, force=bool(peers))
         self.fp32_onnx = export_fp32_onnx(self.module, self.out / "onnx-fp32", inputs=self.inputs)
+        family = denoiser_for(self.module)
+        flats = [family.first_sample(family.graph_inputs(record)) for record in calibration] if peers else []
+        family = None  # it holds the module
+        if peers:
+            # The peers' quantizers run in processes of their own and load the whole float graph (ONNX Runtime's
+            # quantize_static peaked at 17 GB at SD 1.5): this process lets go of its float denoiser meanwhile
+            # and builds it again for the recipes (from the same folder, or the same seeded config).
+            self.pipe = self.module = None
         _release_freed_memory()  # the float export's copy of the weights
         self.peer_graphs = []
         for name in peers:
             try:
-                self.peer_graphs.append((name, *self._peer_graph(name, calibration)))
+                self.peer_graphs.append((name, *self._peer_graph(name, flats)))
             except Exception as error:  # the other rows still count: the table's notes say which peer is missing
                 logger.warning("peer %s: %s", name, error)
                 self.result.notes.append(f"{name}: not made, its quantizer failed: "
@@ -507,7 +515,7 @@ class _Bench:
         self.pipe = self.module = None
         exports = {}
         for index, recipe in enumerate(recipes):
-            if index:  # the previous recipe quantized the float module itself: the next one starts afresh
+            if index or module is None:  # the previous recipe (or none) quantized the float module: start afresh
                 _release_freed_memory()
                 pipe, module = self._float_denoiser()
             # In place: every float row runs in its own process, so this one never holds a float and a
@@ -578,12 +586,13 @@ class _Bench:
                                      weights=weights, method=f"diffquant:{name}")
         return profiled
 
-    def _peer_graph(self, name: str, calibration: list[dict]) -> tuple[str, Path, float]:
-        """(runtime, file, MB) of a peer's int8 graph made from the fp32 export, calibrated on `calibration`."""
+    def _peer_graph(self, name: str, flats: list[dict]) -> tuple[str, Path, float]:
+        """(runtime, file, MB) of a peer's int8 graph made from the fp32 export, calibrated on the calibration calls
+        `flats` (the graph's inputs, one dict per call)."""
         runtime, make = PEER_QUANTIZERS[name]
-        family = denoiser_for(self.module)
         runner = get_runtime(runtime).runner(self.fp32_onnx)
-        feeds = [runner.feed(family.first_sample(family.graph_inputs(record))) for record in calibration]
+        feeds = [runner.feed(flat) for flat in flats]
+        runner = None
         folder = self.out / f"peer-{name.replace(':', '-')}"
         path = _make_peer_in_own_process(name, self.fp32_onnx, feeds, folder)
         return runtime, path, _dir_mb(path.parent)
