@@ -143,6 +143,13 @@ def build_tiny_pixart():
                                transformer=transformer, scheduler=DPMSolverMultistepScheduler())
 
 
+def _saved(tmp_path_factory, name: str, builder) -> Path:
+    """A folder holding the pipeline `builder()` makes, saved as diffusers saves it (safetensors)."""
+    path = tmp_path_factory.mktemp(name)
+    builder().save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def _gemma_tokenizer():
     """A Gemma tokenizer made offline from the T5 fixture's vocabulary (Sana's pipeline takes a Gemma tokenizer)."""
     from tokenizers import Tokenizer
@@ -183,30 +190,22 @@ def build_tiny_sana():
 
 @pytest.fixture(scope="session")
 def tiny_sana_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-sana")
-    build_tiny_sana().save_pretrained(path, safe_serialization=True)
-    return path
+    return _saved(tmp_path_factory, "tiny-sana", build_tiny_sana)
 
 
 @pytest.fixture(scope="session")
 def tiny_pixart_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-pixart")
-    build_tiny_pixart().save_pretrained(path, safe_serialization=True)
-    return path
+    return _saved(tmp_path_factory, "tiny-pixart", build_tiny_pixart)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    build_tiny_sd3().save_pretrained(path, safe_serialization=True)
-    return path
+    return _saved(tmp_path_factory, "tiny-sd3", build_tiny_sd3)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-flux")
-    build_tiny_flux().save_pretrained(path, safe_serialization=True)
-    return path
+    return _saved(tmp_path_factory, "tiny-flux", build_tiny_flux)
 
 
 @pytest.fixture(scope="session")

@@ -70,3 +70,19 @@ def test_the_quantized_denoiser_saves_and_reloads(family_run, tmp_path):
     first = dq.generate(quantized, "a red circle", seed=3, steps=2)[0]
     again = dq.generate(reloaded, "a red circle", seed=3, steps=2)[0]
     assert list(first.getdata()) == list(again.getdata())
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_familys_example_inputs_run_at_any_size_on_its_grid(name, request):
+    """What bench --arch and a bare export feed: the family's example inputs at its default and at a chosen size."""
+    from diffquant import load_pipeline
+    from diffquant.models.denoisers import denoiser_of
+
+    pipe = load_pipeline(str(request.getfixturevalue(FAMILIES[name][0])))
+    family = denoiser_of(pipe)
+    for latent in (None, (8, 12)):
+        inputs = family.example_inputs(batch_size=2, sequence_length=7, latent=latent)
+        with torch.no_grad():
+            out = family(inputs)
+        assert out.shape[0] == 2 and out.shape[-2:] == inputs["hidden_states"].shape[-2:]
+        assert torch.isfinite(out).all()

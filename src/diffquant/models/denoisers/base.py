@@ -161,6 +161,22 @@ class _Positional(torch.nn.Module):
         return self._family(dict(zip(self._names, tensors)))
 
 
+def caption_inputs(config, batch_size: int, tokens: int, latent: tuple[int, int] | None, timestep: torch.Tensor,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """Example inputs of a DiT that cross-attends to padded caption features (PixArt, Sana): latents, features of
+    `config.caption_channels`, a timestep per sample and the padding mask (the second half of the tokens padded)."""
+    gen = torch.Generator().manual_seed(seed)
+    height, width = latent or (config.sample_size, config.sample_size)
+    mask = torch.ones(batch_size, tokens)
+    mask[:, tokens // 2:] = 0
+    return {
+        "hidden_states": torch.randn(batch_size, config.in_channels, height, width, generator=gen),  # (B, C, h, w)
+        "encoder_hidden_states": torch.randn(batch_size, tokens, config.caption_channels, generator=gen),  # (B, T, D)
+        "timestep": timestep.expand(batch_size).clone(),  # (B,)
+        "encoder_attention_mask": mask,  # (B, T): 1 for a token, 0 for padding
+    }
+
+
 def call_default(pipe, name: str, fallback):
     """The default of the pipeline's `__call__` argument `name` (e.g. the text length it pads to), else `fallback`."""
     import inspect

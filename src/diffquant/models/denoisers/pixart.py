@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.models.denoisers.base import Denoiser, call_default, register
+from diffquant.models.denoisers.base import Denoiser, call_default, caption_inputs, register
 
 
 @register
@@ -24,18 +24,9 @@ class PixArtDenoiser(Denoiser):
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-        config = self.config
-        gen = torch.Generator().manual_seed(seed)
-        height, width = latent or (config.sample_size, config.sample_size)
-        tokens = sequence_length or 300
-        mask = torch.ones(batch_size, tokens)
-        mask[:, tokens // 2:] = 0  # a padded caption: the second half of the T5 tokens is padding
-        inputs = {
-            "hidden_states": torch.randn(batch_size, config.in_channels, height, width, generator=gen),  # (B, C, h, w)
-            "encoder_hidden_states": torch.randn(batch_size, tokens, config.caption_channels, generator=gen),  # (B, T, D)
-            "timestep": torch.full((batch_size,), 500, dtype=torch.int64),  # (B,)
-            "encoder_attention_mask": mask,  # (B, T): 1 for a token, 0 for padding
-        }
+        inputs = caption_inputs(self.config, batch_size, sequence_length or 300, latent,
+                                torch.tensor([500], dtype=torch.int64), seed)
+        height, width = inputs["hidden_states"].shape[-2:]
         if self.size_conditioned:  # the image's (height, width) in pixels and its aspect ratio, per sample
             inputs["resolution"] = torch.tensor([[height * 8.0, width * 8.0]]).repeat(batch_size, 1)  # (B, 2)
             inputs["aspect_ratio"] = torch.full((batch_size, 1), height / width)  # (B, 1)

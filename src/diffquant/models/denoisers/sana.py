@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from diffquant.models.denoisers.base import Denoiser, call_default, register
+from diffquant.models.denoisers.base import Denoiser, call_default, caption_inputs, register
 
 
 @register
@@ -35,17 +35,7 @@ class SanaDenoiser(Denoiser):
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         config = self.config
-        gen = torch.Generator().manual_seed(seed)
-        height, width = latent or (config.sample_size, config.sample_size)
-        tokens = sequence_length or 300
-        mask = torch.ones(batch_size, tokens)
-        mask[:, tokens // 2:] = 0  # a padded caption: the second half of the text tokens is padding
-        inputs = {
-            "hidden_states": torch.randn(batch_size, config.in_channels, height, width, generator=gen),  # (B, C, h, w)
-            "encoder_hidden_states": torch.randn(batch_size, tokens, config.caption_channels, generator=gen),  # (B, T, D)
-            "timestep": torch.full((batch_size,), 500.0),  # (B,)
-            "encoder_attention_mask": mask,  # (B, T): 1 for a token, 0 for padding
-        }
+        inputs = caption_inputs(config, batch_size, sequence_length or 300, latent, torch.tensor([500.0]), seed)
         if config.guidance_embeds:  # Sana-Sprint
             inputs["guidance"] = torch.full((batch_size,), 4.5)  # (B,)
         return {k: v.to(self.module.device, self.module.dtype) for k, v in inputs.items()}
