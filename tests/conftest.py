@@ -188,6 +188,75 @@ def build_tiny_sana():
                         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _qwen_tokenizer():
+    """A Qwen2 tokenizer made offline from the T5 fixture's vocabulary, with a Qwen-style chat template (FLUX.2
+    [klein]'s pipeline applies it to every prompt)."""
+    from tokenizers import Tokenizer
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast(tokenizer_object=Tokenizer.from_file(str(T5_TOKENIZER / "tokenizer.json")),
+                              bos_token=None, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                              chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def build_tiny_flux2():
+    """A FLUX.2 [klein]-style pipeline: one double and one single block, a Qwen3 text encoder whose layers 9, 18 and
+    27 the pipeline stacks (so 27 tiny layers), a 2-stage FLUX.2 VAE (x2) with its batch-norm over 2x2-patchified
+    latents; in_channels is 4x the VAE's latent channels, the 4 RoPE axes sum to the head width."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = _qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                                                num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=4, max_position_embeddings=512, tie_word_embeddings=True,
+                                                pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                             layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                          timestep_guidance_channels=32, axes_dims_rope=[4, 4, 4, 4],
+                                          guidance_embeds=False)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory) -> Path:
+    return _saved(tmp_path_factory, "tiny-flux2", build_tiny_flux2)
+
+
+def build_tiny_wan():
+    """A Wan-2.1-style text-to-video pipeline: a 2-layer video DiT (1x2x2 patches), a tiny Wan VAE (x8 in space, x4
+    in time) and a tiny T5; 32x32 frames, 5-frame clips (2 latent frames)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5TokenizerFast
+
+    torch.manual_seed(0)
+    tokenizer = T5TokenizerFast.from_pretrained(T5_TOKENIZER)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=_t5_encoder(tokenizer, 32), vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory) -> Path:
+    return _saved(tmp_path_factory, "tiny-wan", build_tiny_wan)
+
+
 @pytest.fixture(scope="session")
 def tiny_sana_dir(tmp_path_factory) -> Path:
     return _saved(tmp_path_factory, "tiny-sana", build_tiny_sana)

@@ -30,9 +30,9 @@ def test_run_writes_results_that_reload(shapes_run):
     from diffquant.core.config import CONFIG_VERSION
 
     results = RunResult.load(shapes_run)
-    assert json.loads((shapes_run / "results.json").read_text())["version"] == 4
+    assert json.loads((shapes_run / "results.json").read_text())["version"] == 5
     assert results.status == "complete" and results.denoiser == "UNet2DConditionModel"
-    assert results.config["type"] == "RunConfig" and results.config["version"] == CONFIG_VERSION == 5
+    assert results.config["type"] == "RunConfig" and results.config["version"] == CONFIG_VERSION == 6
     assert list(results.recipes) == ["int8-w", "fp8-w"]
     config = RunConfig.load(shapes_run / "config.json")
     assert config.recipes == ("int8-w", "fp8-w") and config.steps == 4

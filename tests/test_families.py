@@ -7,7 +7,12 @@ import torch
 pytestmark = pytest.mark.slow  # full runs: `pytest -m 'not slow'` leaves them out
 
 FAMILIES = {"pixart": ("tiny_pixart_dir", "PixArtTransformer2DModel", "PixArt-Σ"),
-            "sana": ("tiny_sana_dir", "SanaTransformer2DModel", "Sana")}
+            "sana": ("tiny_sana_dir", "SanaTransformer2DModel", "Sana"),
+            "wan": ("tiny_wan_dir", "WanTransformer3DModel", "Wan 2.x T2V"),
+            "flux2": ("tiny_flux2_dir", "Flux2Transformer2DModel", "FLUX.2 [klein]")}
+# the size a family's tiny run draws where its pipeline's default is the real model's (Wan: 480x832 clips of 81
+# frames; FLUX.2: 128x128 latents whatever the VAE)
+SIZES = {"wan": {"height": 32, "width": 32, "frames": 5}, "flux2": {"height": 32, "width": 32}}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -22,7 +27,8 @@ def family_run(request, tmp_path_factory):
     (root / "captions.txt").write_text("a red circle\na blue square on the left\na small green triangle\n")
     assert main(["--quiet", "run", "--model", str(folder), "--recipes", "int8-w,w8a8-int8-sq-attn", "--num-images",
                  "2", "--steps", "3", "--calib-prompts", str(root / "captions.txt"), "--calib-size", "3",
-                 "--calib-timesteps", "3", "--out", str(root / "out")]) == 0
+                 "--calib-timesteps", "3", "--out", str(root / "out"),
+                 *[a for k, v in SIZES.get(name, {}).items() for a in (f"--{k}", str(v))]]) == 0
     return name, folder, RunResult.load(root / "out")
 
 
@@ -62,13 +68,14 @@ def test_the_export_runs_integer_kernels_and_draws_the_torch_images(family_run):
 def test_the_quantized_denoiser_saves_and_reloads(family_run, tmp_path):
     import diffquant as dq
 
-    _, folder, _ = family_run
+    name, folder, _ = family_run
     pipe = dq.load_pipeline(str(folder))
     quantized = dq.quantize(pipe, "int8-w")
     dq.save_quantized(quantized, tmp_path / "saved", model=str(folder))
     reloaded = dq.load_quantized(tmp_path / "saved")
-    first = dq.generate(quantized, "a red circle", seed=3, steps=2)[0]
-    again = dq.generate(reloaded, "a red circle", seed=3, steps=2)[0]
+    size = SIZES.get(name, {})
+    first = dq.generate(quantized, "a red circle", seed=3, steps=2, **size)[0]
+    again = dq.generate(reloaded, "a red circle", seed=3, steps=2, **size)[0]
     assert list(first.getdata()) == list(again.getdata())
 
 
@@ -86,3 +93,23 @@ def test_the_familys_example_inputs_run_at_any_size_on_its_grid(name, request):
             out = family(inputs)
         assert out.shape[0] == 2 and out.shape[-2:] == inputs["hidden_states"].shape[-2:]
         assert torch.isfinite(out).all()
+
+
+def test_a_clip_is_measured_frame_by_frame_and_shown_as_a_strip(family_run):
+    """Video families (Wan): each clip is saved as a strip of its frames, compared whole and frame by frame, and the
+    report shows the frame table; image families have no frame metrics."""
+    from PIL import Image
+
+    name, _, result = family_run
+    out = result.out_dir
+    first = Image.open(f"{out}/{result.recipes['int8-w'].images[0]}")
+    report = open(f"{out}/report.html").read()
+    if name != "wan":
+        assert all(e.quality.frames is None for e in result.recipes.values()) and "Frame by frame" not in report
+        return
+    assert first.size == (5 * 32, 32) and result.settings["frames"] == 5
+    for entry in result.recipes.values():
+        frames = entry.quality.frames
+        assert frames.n_frames == 5 and len(frames.psnr_db_by_frame) == 5
+        assert frames.psnr_worst_db <= min(frames.psnr_db_by_frame) and frames.psnr_worst_db <= frames.psnr_db
+    assert "Frame by frame" in report and "clip of 5 frames" in report

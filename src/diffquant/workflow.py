@@ -137,9 +137,12 @@ def _timed(timings: dict, step: str):
 
 def denoiser_output_sqnr(baseline, quantized, records) -> float:
     """SQNR (dB) of the quantized denoiser's output vs the baseline's over the same recorded calls."""
+    from diffquant.models.denoisers import denoiser_for
+
+    tensor = denoiser_for(baseline).output_tensor  # a module that returns a list per sample (Z-Image): stacked
     with torch.no_grad():
-        reference = torch.cat([baseline(**item, return_dict=False)[0].flatten() for item in records])
-        test = torch.cat([quantized(**item, return_dict=False)[0].flatten() for item in records])
+        reference = torch.cat([tensor(baseline(**item, return_dict=False)[0]).flatten() for item in records])
+        test = torch.cat([tensor(quantized(**item, return_dict=False)[0]).flatten() for item in records])
     return sqnr_db(reference, test)
 
 
@@ -218,8 +221,9 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> Ru
     steps = settings.steps if config.steps is None else config.steps
     guidance = settings.guidance if config.guidance is None else config.guidance
     prompts = _prompts(pipe, config, profile)
-    pipeline_kwargs(pipe, guidance, config.height, config.width)  # a size the model cannot take: say so now
-    sizes = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
+    # a size or clip length the model cannot take: say so now
+    video = pipeline_kwargs(pipe, guidance, config.height, config.width, config.frames).get("num_frames")
+    sizes = {k: v for k, v in (("height", config.height), ("width", config.width), ("frames", video)) if v}
     results = RunResult(
         out_dir=str(out_dir), status="running", model=config.model or "shapes-sd (embedded)",
         denoiser=type(family.module).__name__, prompts=tuple(prompts),
@@ -231,10 +235,10 @@ def _run(config: RunConfig, recipes, out_dir: Path, started: float, state) -> Ru
     scorer = None
     if state.is_main_process:
         scorer = Scorer(out_dir, prompts, config.clip_model, config.reference_images, pipe.device,
-                        shapes=are_shapes_captions(prompts))
+                        shapes=are_shapes_captions(prompts), frames=video or 1)
     ctx = RunContext(config=config, pipe=pipe, family=family, profile=profile, prompts=prompts,
                      gen=dict(seed=config.seed, steps=steps, guidance=guidance, height=config.height,
-                              width=config.width), out_dir=out_dir, state=state,
+                              width=config.width, frames=config.frames), out_dir=out_dir, state=state,
                      saved=saved, scorer=scorer)
     try:
         _stages(ctx, recipes)
@@ -305,7 +309,7 @@ class _SqnrInputs:
                 with self.record(b):
                     generate(self.pipe, prompts[ks.start:ks.stop], seed=gen["seed"] + ks.start, steps=gen["steps"],
                              guidance=gen["guidance"], batch_size=batch_size, show_progress=False,
-                             height=gen["height"], width=gen["width"])
+                             height=gen["height"], width=gen["width"], frames=gen["frames"])
         return [r for b in sorted(self.by_batch) for r in self.by_batch[b]][:SQNR_RECORDS]
 
 

@@ -411,7 +411,7 @@ class _Bench:
             from diffquant.models.generation import pipeline_kwargs
 
             pipeline_kwargs(self.pipe, height=size[0], width=size[1])
-            scale = self.pipe.vae_scale_factor
+            scale = getattr(self.pipe, "vae_scale_factor", getattr(self.pipe, "vae_scale_factor_spatial", 8))
         else:  # an architecture: the real models' VAEs downscale by 8
             scale, step = 8, 8 * family.latent_patch()
             wrong = [f"{n} {v}" for n, v in zip(("height", "width"), size) if isinstance(v, bool) or v < 1 or v % step]

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from diffquant.cli.base import Command
 from diffquant.cli.options import add_int4_compute
+from diffquant.models.architectures import ARCHITECTURES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="pipeline to benchmark (default: shapes-sd)")
-    source.add_argument("--arch", help="a real architecture with random weights instead: sd15, sd35-medium or flux (transformers at reduced depth)")
+    source.add_argument("--arch", help="a real architecture with random weights instead: "
+                        f"{', '.join(ARCHITECTURES)} (transformers at reduced depth)")
     p.add_argument("--recipe", default="w8a8-int8-ort",
                    help="recipe(s) of the quantized rows, comma-separated, e.g. w8a8-int8-ort,int4-w-gptq "
                         "(default w8a8-int8-ort)")

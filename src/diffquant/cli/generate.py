@@ -47,8 +47,8 @@ def _generate(args: argparse.Namespace, out: Path) -> int:
     # Written first, and each image as soon as it is made: an interrupted folder says what it holds.
     write_json(out / "prompts.json", {"prompts": prompts, "seed": args.seed, "steps": steps, "guidance": guidance,
                                       "model": args.model, "quantized": args.quantized})
-    images = generate(pipe, prompts, seed=args.seed, steps=steps, guidance=guidance,
-                      on_image=lambda k, image: save_image(image, out / "images" / f"{k:03d}.png"))
+    images = generate(pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, height=args.height,
+                      width=args.width, frames=args.frames, on_image=lambda k, image: save_image(image, out / "images" / f"{k:03d}.png"))
     print(f"wrote {len(images)} images to {out / 'images'}")
     return 0
 

@@ -21,11 +21,14 @@ def add_size(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's; a multiple of what its "
                                               "VAE and patches take, e.g. 8 for SD 1.5, 16 for SD3 and FLUX.1)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--frames", type=int, help="a video model's frames per clip (default: its profile's, 81 for Wan; "
+                                              "1 + a multiple of its VAE's temporal step)")
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="shapes-sd (the default, embedded), shapes-sd3 (embedded), a Hub id or a local "
-                                   "diffusers folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1)")
+                                   "diffusers folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1/2, PixArt, Sana, "
+                                   "Z-Image, Qwen-Image, Wan)")
     p.add_argument("--no-t5", action="store_true",
                    help="SD3: load without the T5 text encoder (less memory; prompts read by CLIP only)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (ROCm GPUs are cuda too)")

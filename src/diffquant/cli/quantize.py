@@ -31,7 +31,8 @@ def main(args: argparse.Namespace) -> int:
     from diffquant.quantization.calibration import calibrate_for_run
 
     recipe = get_recipe(args.recipe)
-    config = RunConfig(model=args.model, height=args.height, width=args.width, **calibration_options(args))
+    config = RunConfig(model=args.model, height=args.height, width=args.width, frames=args.frames,
+                       **calibration_options(args))
     with output_folder(args.out) as out:
         pipe = load_pipeline(args.model, args.device, args.dtype, no_t5=args.no_t5)
         calibration = None

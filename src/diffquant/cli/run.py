@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
         config = RunConfig.load(args.config).replace(out=args.out, resume=args.resume)
     else:
         config = RunConfig(model=args.model, prompts=args.prompts, num_images=args.num_images, seed=args.seed,
-                           steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                           steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, frames=args.frames,
                            recipes=[n.strip() for n in args.recipes.split(",")],
                            device=args.device, dtype=args.dtype, no_t5=args.no_t5, export=not args.no_export,
                            export_pipeline=args.export_pipeline, runtime=args.runtime, out=args.out,

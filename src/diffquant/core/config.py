@@ -15,8 +15,8 @@ from pathlib import Path
 from diffquant.core.errors import DiffquantError
 from diffquant.core.recipes import DEFAULT_RECIPES
 
-CONFIG_VERSION = 5  # 5: height, width; 4: quantize_all; 3: evaluation at scale (prompt source, batch size, CLIP/FID, resume), runtime; 2: frozen, tuples,
-# no_t5; version 1 to 4 files still load (the new fields take their defaults)
+CONFIG_VERSION = 6  # 6: frames; 5: height, width; 4: quantize_all; 3: evaluation at scale (prompt source, batch size, CLIP/FID, resume), runtime; 2: frozen, tuples,
+# no_t5; version 1 to 5 files still load (the new fields take their defaults)
 RESUME_IGNORED = ("out", "resume")  # fields a resumed run may change; every other one must match the folder's
 
 
@@ -54,6 +54,7 @@ class RunConfig:
     guidance: float | None = None
     height: int | None = None  # image size in pixels (calibration, generation and a fixed-shape export alike)
     width: int | None = None
+    frames: int | None = None  # a video model's frames per clip (None: its profile's; refused for an image model)
     recipes: tuple[str, ...] = tuple(DEFAULT_RECIPES)
     device: str = "auto"
     dtype: str = "auto"
@@ -100,7 +101,7 @@ class RunConfig:
             raise DiffquantError("pass prompts (--prompt) or a prompt source (--prompts), not both")
         if self.resume and self.out is None:
             raise DiffquantError("--resume continues the run in --out: pass the --out of the run to resume")
-        for name in ("calib_size", "calib_steps", "calib_timesteps", "batch_size", "height", "width"):
+        for name in ("calib_size", "calib_steps", "calib_timesteps", "batch_size", "height", "width", "frames"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 flag = "--" + name.replace("_", "-")

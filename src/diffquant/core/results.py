@@ -9,9 +9,9 @@ from pathlib import Path
 
 from diffquant.core.errors import DiffquantError
 
-RESULTS_VERSION = 4  # 4: per-image PSNR/SSIM/LPIPS, p10 and worst; 3: n, CLIP score, FID, the evaluation's
+RESULTS_VERSION = 5  # 5: per-frame fidelity of clips (Quality.frames); 4: per-image PSNR/SSIM/LPIPS, p10 and worst; 3: n, CLIP score, FID, the evaluation's
 # processes; 2: typed results, the denoiser named
-READABLE_VERSIONS = (2, 3, 4)  # older files load with the new fields empty
+READABLE_VERSIONS = (2, 3, 4, 5)  # older files load with the new fields empty
 WORST_SHOWN = 3  # the worst images of each set that the report shows beside their reference
 
 
@@ -44,6 +44,7 @@ class Quality:
     ssim_p10: float | None = None
     ssim_worst: float | None = None
     per_image: PerImage | None = None
+    frames: FrameQuality | None = None  # clips (video models): every frame of every clip measured on its own
 
     @classmethod
     def of_images(cls, psnr: list[float], ssim: list[float], lpips: list[float] | None = None,
@@ -63,7 +64,34 @@ class Quality:
         if per_image is not None:
             per_image = PerImage(tuple(per_image["psnr_db"]), tuple(per_image["ssim"]),
                                  None if per_image.get("lpips") is None else tuple(per_image["lpips"]))
-        return cls(**{**data, "per_image": per_image})
+        frames = data.get("frames")
+        return cls(**{**data, "per_image": per_image,
+                      "frames": None if frames is None else FrameQuality.from_dict(frames)})
+
+
+@dataclass(frozen=True)
+class FrameQuality:
+    """Fidelity of clips frame by frame: over every frame of every clip, the mean and worst PSNR/SSIM, and the mean
+    PSNR of each frame index (where in the clip quantization error grows)."""
+
+    n_frames: int  # frames per clip
+    psnr_db: float
+    psnr_worst_db: float
+    ssim: float
+    ssim_worst: float
+    psnr_db_by_frame: tuple[float, ...]
+
+    @classmethod
+    def of_clips(cls, psnr: list[list[float]], ssim: list[list[float]]) -> FrameQuality:
+        import numpy as np
+
+        p, s = np.asarray(psnr, dtype=float), np.asarray(ssim, dtype=float)  # (clips, frames)
+        return cls(n_frames=p.shape[1], psnr_db=float(p.mean()), psnr_worst_db=float(p.min()), ssim=float(s.mean()),
+                   ssim_worst=float(s.min()), psnr_db_by_frame=tuple(float(v) for v in p.mean(axis=0)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FrameQuality:
+        return cls(**{**data, "psnr_db_by_frame": tuple(data["psnr_db_by_frame"])})
 
 
 @dataclass(frozen=True)

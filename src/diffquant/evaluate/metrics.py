@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffquant.core.results import Quality
+from diffquant.core.results import FrameQuality, Quality
 from diffquant.models.shapes.dataset import parse_caption
 from diffquant.models.shapes.shapeeval import evaluate
 
@@ -56,6 +56,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     shapeeval: dict[str, float] | None = None
     shapeeval_agreement: dict[str, float] | None = None
+    frames: FrameQuality | None = None  # clips: their fidelity frame by frame
 
     def summary(self) -> dict:
         """Means over images (what the report's table shows)."""
@@ -67,8 +68,9 @@ class Comparison:
         return out
 
     def to_dict(self) -> dict:
-        return {"per_image": {"psnr_db": self.psnr_db, "ssim": self.ssim, "lpips": self.lpips},
-                "mean": self.summary(), "notes": self.notes}
+        out = {"per_image": {"psnr_db": self.psnr_db, "ssim": self.ssim, "lpips": self.lpips},
+               "mean": self.summary(), "notes": self.notes}
+        return out | ({"frames": asdict(self.frames)} if self.frames is not None else {})
 
 
 def are_shapes_captions(prompts: list[str]) -> bool:
@@ -86,8 +88,10 @@ def prompt_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str,
     return evaluate(images, prompts) if are_shapes_captions(prompts) else None
 
 
-def fidelity(ref: torch.Tensor, test: torch.Tensor) -> tuple[list[float], list[float], list[float] | None, str | None]:
-    """Per-image PSNR (dB), SSIM and LPIPS of `test` against `ref`, both (N, 3, H, W) in [0, 1].
+def fidelity(ref: torch.Tensor, test: torch.Tensor,
+             lpips: bool = True) -> tuple[list[float], list[float], list[float] | None, str | None]:
+    """Per-image PSNR (dB), SSIM and LPIPS (unless `lpips` is False) of `test` against `ref`, both (N, 3, H, W) in
+    [0, 1].
 
     Returns (psnr, ssim, lpips or None, the reason LPIPS is missing or None)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -95,13 +99,21 @@ def fidelity(ref: torch.Tensor, test: torch.Tensor) -> tuple[list[float], list[f
     psnr = [PSNR_IDENTICAL if torch.equal(r, t) else
             float(peak_signal_noise_ratio(t[None], r[None], data_range=1.0)) for r, t in zip(ref, test)]
     ssim = structural_similarity_index_measure(test, ref, data_range=1.0, reduction="none")
-    reason = lpips_unavailable_reason()
-    lpips = None
+    reason = lpips_unavailable_reason() if lpips else "LPIPS not asked for"
+    lpips_values = None
     if reason is None:
         from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as lpips_fn
 
-        lpips = [float(lpips_fn(t[None], r[None], net_type="alex", normalize=True)) for r, t in zip(ref, test)]
-    return psnr, [float(s) for s in ssim.reshape(-1)], lpips, reason
+        lpips_values = [float(lpips_fn(t[None], r[None], net_type="alex", normalize=True)) for r, t in zip(ref, test)]
+    return psnr, [float(s) for s in ssim.reshape(-1)], lpips_values, reason
+
+
+def frame_tiles(images: torch.Tensor, frames: int) -> torch.Tensor:
+    """Clips saved as strips (N, 3, H, frames * W) -> their frames (N * frames, 3, H, W), clip by clip."""
+    n, c, h, w = images.shape
+    if w % frames:
+        raise ValueError(f"a strip {w} pixels wide does not hold {frames} frames of equal width")
+    return images.reshape(n, c, h, frames, w // frames).permute(0, 3, 1, 2, 4).reshape(n * frames, c, h, w // frames)
 
 
 class FidelityAccumulator:
@@ -109,9 +121,13 @@ class FidelityAccumulator:
     accumulated chunk by chunk: the one place diffquant measures images against a reference.
 
     `reference_detections`: the reference set's ShapeEval detections when they are known already (they are
-    then not detected again), else None."""
+    then not detected again), else None. `frames` > 1: the images are clips saved as strips of that many frames;
+    each clip's own PSNR/SSIM is the strip's, and every frame is measured too (`Quality.frames`)."""
 
-    def __init__(self, shapes: bool, reference_detections: list | None = None) -> None:
+    def __init__(self, shapes: bool, reference_detections: list | None = None, frames: int = 1) -> None:
+        self.frames = frames
+        self.frame_psnr: list[list[float]] = []  # per clip, per frame
+        self.frame_ssim: list[list[float]] = []
         self.known_reference = reference_detections is not None
         self.reference_detections: list = list(reference_detections or [])
         self.psnr: list[float] = []
@@ -123,7 +139,13 @@ class FidelityAccumulator:
         self.detections: list = []
 
     def update(self, reference: list[Image.Image], images: list[Image.Image], prompts: list[str]) -> None:
-        psnr, ssim, lpips, note = fidelity(to_tensor(reference), to_tensor(images))
+        reference_tensor, images_tensor = to_tensor(reference), to_tensor(images)
+        if self.frames > 1:
+            psnr, ssim, _, _ = fidelity(frame_tiles(reference_tensor, self.frames),
+                                        frame_tiles(images_tensor, self.frames), lpips=False)
+            self.frame_psnr += [psnr[k:k + self.frames] for k in range(0, len(psnr), self.frames)]
+            self.frame_ssim += [ssim[k:k + self.frames] for k in range(0, len(ssim), self.frames)]
+        psnr, ssim, lpips, note = fidelity(reference_tensor, images_tensor)
         self.psnr += psnr
         self.ssim += ssim
         if lpips is None:
@@ -148,22 +170,29 @@ class FidelityAccumulator:
 
             shapeeval = summarize(self.scores)
             agreement = agreement_of(self.reference_detections, self.detections)
-        return Quality.of_images(self.psnr, self.ssim, self.lpips, shapeeval, agreement)
+        quality = Quality.of_images(self.psnr, self.ssim, self.lpips, shapeeval, agreement)
+        if self.frames > 1:
+            quality = replace(quality, frames=FrameQuality.of_clips(self.frame_psnr, self.frame_ssim))
+        return quality
 
     def comparison(self) -> Comparison:
         quality = self.quality()
         return Comparison(psnr_db=list(self.psnr), ssim=list(self.ssim),
                           lpips=None if self.lpips is None else list(self.lpips), notes=sorted(self.notes),
-                          shapeeval=quality.shapeeval, shapeeval_agreement=quality.shapeeval_agreement)
+                          shapeeval=quality.shapeeval, shapeeval_agreement=quality.shapeeval_agreement,
+                          frames=quality.frames)
 
 
-def compare(baseline_images: list[Image.Image], images: list[Image.Image], prompts: list[str]) -> Comparison:
+def compare(baseline_images: list[Image.Image], images: list[Image.Image], prompts: list[str],
+            frames: int = 1) -> Comparison:
     """Compare images generated with the same prompts and seeds against the baseline's.
 
     Args:
         baseline_images: the reference (e.g. fp32) images.
         images: the images to judge, in the same order.
         prompts: the prompt of each image (ShapeEval is scored when they are shapes captions).
+        frames: the images are clips saved as strips of this many frames (`generation.strip`): each frame is
+            measured too.
 
     Returns:
         A `Comparison` with per-image PSNR (dB), SSIM, LPIPS (or a note why not) and, for shapes
@@ -172,6 +201,6 @@ def compare(baseline_images: list[Image.Image], images: list[Image.Image], promp
     if not (len(baseline_images) == len(images) == len(prompts)):
         raise ValueError(f"compare needs as many images as baseline images and prompts, got "
                          f"{len(images)}, {len(baseline_images)} and {len(prompts)}")
-    accumulator = FidelityAccumulator(are_shapes_captions(prompts))
+    accumulator = FidelityAccumulator(are_shapes_captions(prompts), frames=frames)
     accumulator.update(baseline_images, images, prompts)
     return accumulator.comparison()

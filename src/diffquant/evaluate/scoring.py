@@ -109,11 +109,13 @@ class Scorer:
         reference: a folder of real images for FID, or None.
         device: where the CLIP and FID models run.
         shapes: the prompts are shapes captions (ShapeEval is scored).
+        frames: frames per clip of a video model's strips (each frame is measured too), else 1.
     """
 
     def __init__(self, out_dir: Path, prompts: list[str], clip_model: str | None, reference: str | None,
-                 device: torch.device, shapes: bool) -> None:
+                 device: torch.device, shapes: bool, frames: int = 1) -> None:
         self.out_dir, self.prompts, self.device, self.shapes = Path(out_dir), prompts, device, shapes
+        self.frames = frames
         self.missing: list[str] = []
         self.notes: list[str] = []  # LPIPS's reason, when it is missing
         self.detections: dict[str, list] = {}  # ShapeEval detections of each set scored so far, by label
@@ -209,7 +211,7 @@ class Scorer:
                   scores: bool = True) -> tuple[Quality, ImageSetScores | None]:
         """Quality of an image set against the `reference` set (against the baseline: with the reference FID),
         and its own scores (CLIP score, FID against real images) unless `scores` is False."""
-        quality = FidelityAccumulator(self.shapes, self.detections.get(reference))
+        quality = FidelityAccumulator(self.shapes, self.detections.get(reference), frames=self.frames)
         clip = self._clip_score() if scores else None
         fid = self._fid_vs_baseline if reference == "baseline" else None
         real = self._fid_vs_real if scores else None

@@ -153,7 +153,7 @@ def generate_share(state, pipe, prompts: list[str], out_dir: Path, label: str, g
                 with record(b) if record is not None else _nothing():
                     images = generate(pipe, prompts[ks.start:ks.stop], seed=gen["seed"] + ks.start,
                                       steps=gen["steps"], guidance=gen["guidance"], batch_size=batch_size,
-                                      height=gen.get("height"), width=gen.get("width"),
+                                      height=gen.get("height"), width=gen.get("width"), frames=gen.get("frames"),
                                       show_progress=False)
                 for k in missing:
                     save_image(images[k - ks.start], out_dir / image_path(label, k))

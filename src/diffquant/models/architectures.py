@@ -34,6 +34,13 @@ FLUX1_DEV_TRANSFORMER = {
 }
 
 
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json (30 blocks of 1536 wide, 12 heads; UMT5-XXL features).
+WAN21_T2V_1_3B_TRANSFORMER = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "eps": 1e-06, "rope_max_seq_len": 1024,
+}
+
 @dataclass(frozen=True)
 class Architecture:
     """A real denoiser config, optionally at reduced depth (real widths and heads, fewer blocks) where the
@@ -70,6 +77,9 @@ ARCHITECTURES = {
     "flux": Architecture("flux", "FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER,
                          depth_keys=("num_layers", "num_single_layers"),
                          reduced_depth={"num_layers": 1, "num_single_layers": 1}, sequence_length=512),
+    # 2 of 30 blocks; 9-frame 240x416 clips (3 latent frames of 30x52, 1170 video tokens), 512 UMT5 tokens
+    "wan": Architecture("wan", "WanTransformer3DModel", WAN21_T2V_1_3B_TRANSFORMER, depth_keys=("num_layers",),
+                        reduced_depth={"num_layers": 2}, sequence_length=512),
 }
 
 

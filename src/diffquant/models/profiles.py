@@ -54,6 +54,9 @@ class ModelProfile:
     keep_float: measured per-recipe float layers (`KeepFloat`), applied by `quantize` unless turned off.
     pipelines: diffusers pipeline classes this profile is for, found by `class_profile` (a family added after
         the first four needs only its profile here and its denoiser file).
+    guidance_argument: the pipeline call argument the guidance goes to ("true_cfg_scale" for Qwen-Image, whose
+        `guidance_scale` is for guidance-distilled checkpoints only).
+    frames: frames of a video model's clip when none are asked for (0: an image model).
     """
 
     name: str
@@ -69,6 +72,8 @@ class ModelProfile:
     gpu_dtype: str = "fp16"
     keep_float: tuple[KeepFloat, ...] = ()
     pipelines: tuple[str, ...] = ()  # the diffusers pipeline classes that name this model (families added later)
+    guidance_argument: str = "guidance_scale"
+    frames: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.guidance < 0:
@@ -221,8 +226,28 @@ PIXART_ALPHA = ModelProfile("pixart-alpha", "PixArt-α", "PixArtTransformer2DMod
 SANA = ModelProfile("sana", "Sana", "SanaTransformer2DModel", steps=20, guidance=4.5, gpu_dtype="bf16",
                     call_kwargs=(("max_sequence_length", 300), ("use_resolution_binning", False)),
                     pipelines=("SanaPipeline",))
+# Z-Image-Turbo: its model card's 8 steps (9 schedule points) without guidance, 512 Qwen3 tokens.
+Z_IMAGE = ModelProfile("z-image-turbo", "Z-Image-Turbo", "ZImageTransformer2DModel", steps=8, guidance=0.0,
+                       gpu_dtype="bf16", call_kwargs=(("max_sequence_length", 512),), pipelines=("ZImagePipeline",))
+# Qwen-Image: 50 steps of true classifier-free guidance 4.0 against a blank negative prompt (its model card); the
+# pipeline's `guidance_scale` is for guidance-distilled checkpoints only, so the guidance goes to `true_cfg_scale`.
+QWEN_IMAGE = ModelProfile("qwen-image", "Qwen-Image", "QwenImageTransformer2DModel", steps=50, guidance=4.0,
+                          gpu_dtype="bf16", guidance_argument="true_cfg_scale",
+                          call_kwargs=(("negative_prompt", " "), ("max_sequence_length", 512)),
+                          pipelines=("QwenImagePipeline",))
+# FLUX.2-dev: guidance-distilled (guidance 4.0 is an input of the denoiser), 50 steps; FLUX.2 [klein] 4B/9B: the
+# step-distilled releases' 4 steps at guidance 1.0 (no CFG; the -base checkpoints want 50 steps at 4.0).
+FLUX2_DEV = ModelProfile("flux2-dev", "FLUX.2-dev", "Flux2Transformer2DModel", steps=50, guidance=4.0,
+                         guidance_kind="distilled", gpu_dtype="bf16", call_kwargs=(("max_sequence_length", 512),),
+                         pipelines=("Flux2Pipeline",))
+FLUX2_KLEIN = ModelProfile("flux2-klein", "FLUX.2 [klein]", "Flux2Transformer2DModel", steps=4, guidance=1.0,
+                           gpu_dtype="bf16", call_kwargs=(("max_sequence_length", 512),),
+                           pipelines=("Flux2KleinPipeline",))
+# Wan 2.1/2.2 text-to-video: 50 steps at guidance 5.0, 81 frames (its model card), 480x832 (the pipeline's default).
+WAN = ModelProfile("wan", "Wan 2.x T2V", "WanTransformer3DModel", steps=50, guidance=5.0, gpu_dtype="bf16",
+                   call_kwargs=(("max_sequence_length", 512),), frames=81, pipelines=("WanPipeline",))
 PROFILES = {p.name: p for p in (SHAPES_SD, SHAPES_SD3, SD, SDXL, SD3, SD35_LARGE, SD35_MEDIUM, FLUX_DEV, FLUX_SCHNELL,
-                                PIXART_SIGMA, PIXART_ALPHA, SANA)}
+                                PIXART_SIGMA, PIXART_ALPHA, SANA, Z_IMAGE, QWEN_IMAGE, FLUX2_DEV, FLUX2_KLEIN, WAN)}
 
 
 def embedded_models() -> dict[str, Path]:

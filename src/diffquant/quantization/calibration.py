@@ -41,7 +41,8 @@ class CalibrationConfig:
         CPU budget); steps: denoising steps of the capture run (None: the generation default);
     timesteps: how many of those steps are kept, spread uniformly over the trajectory (None: all);
     guidance: None for the model default; seed: the first prompt's seed; height, width: image size
-    (None: the model's default), which sets the number of image tokens a DiT sees.
+    (None: the model's default), which sets the number of image tokens a DiT sees; frames: a video model's
+    frames per clip (None: its profile's).
     """
 
     size: int = 64
@@ -52,6 +53,7 @@ class CalibrationConfig:
     batch_size: int = 8
     height: int | None = None
     width: int | None = None
+    frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -123,6 +125,8 @@ def _tensors(item: dict) -> Iterator[torch.Tensor]:
             yield value
         elif isinstance(value, dict):
             yield from _tensors(value)
+        elif isinstance(value, (list, tuple)):  # Z-Image's per-sample caption features
+            yield from _tensors(dict(enumerate(value)))
 
 
 def _detach(value):
@@ -185,7 +189,8 @@ def capture_denoiser_inputs(pipe, prompts: list[str],
     steps = config.steps or default_settings(pipe, config.seed).steps
     with recording_denoiser_inputs(pipe, steps, config.timesteps) as captured:
         generate(pipe, prompts, seed=config.seed, steps=steps, guidance=config.guidance,
-                 batch_size=config.batch_size, desc="calibrate", height=config.height, width=config.width)
+                 batch_size=config.batch_size, desc="calibrate", height=config.height, width=config.width,
+                 frames=config.frames)
     if not len(captured):
         raise DiffquantError("calibration captured no denoiser call: check the steps and timesteps settings")
     logger.info("captured %d %s calls over %d prompts at %d timesteps", len(captured), denoiser_of(pipe).name,
@@ -219,7 +224,8 @@ def random_calibration(denoiser: torch.nn.Module | Denoiser, n: int, sequence_le
 
 def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, steps: int | None = None,
               timesteps: int | None = 8, guidance: float | None = None, column: str | None = None,
-              split: str = "train", height: int | None = None, width: int | None = None) -> CalibrationSet:
+              split: str = "train", height: int | None = None, width: int | None = None,
+              frames: int | None = None) -> CalibrationSet:
     """The calibration data of activation (W8A8) recipes: the denoiser's inputs captured while the pipeline
     generates from calibration prompts::
 
@@ -238,6 +244,7 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
         guidance: guidance of the capture run (None: the model's default).
         column, split: the prompt column and split of a tabular source or dataset.
         height, width: image size of the capture run (None: the model's default).
+        frames: a video model's frames per clip in the capture run (None: its profile's).
 
     Returns:
         A `CalibrationSet`; its `description` says where the data came from.
@@ -273,7 +280,7 @@ def calibrate(pipe, prompts: list[str] | str | None = None, size: int = 64, step
         default = (lambda n, seed: sample_captions(n, seed=CALIBRATION_SEED + seed)) if shapes else None
         texts = load_prompts(source, size, column=column, split=split, default=default)
     config = CalibrationConfig(size=max(len(texts), 1), steps=steps or profile.steps, timesteps=timesteps,
-                               guidance=guidance, height=height, width=width)
+                               guidance=guidance, height=height, width=width, frames=frames)
     captured = capture_denoiser_inputs(pipe, texts, config)
     captured.prompts = list(texts)  # for the run's check that evaluation prompts are not calibration prompts
     captured.description = {"source": source or f"{profile.title} captions (seed disjoint from evaluation)",
@@ -288,5 +295,6 @@ def calibrate_for_run(pipe, config, steps: int, guidance: float):
     Returns (calibration set, a JSON-able description of it)."""
     captured = calibrate(pipe, config.calib_prompts, size=config.calib_size, steps=config.calib_steps or steps,
                          timesteps=config.calib_timesteps, guidance=guidance, column=config.calib_column,
-                         split=config.calib_split, height=config.height, width=config.width)
+                         split=config.calib_split, height=config.height, width=config.width,
+                         frames=config.frames)
     return captured, captured.description

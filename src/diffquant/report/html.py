@@ -100,7 +100,9 @@ def render_html(out_dir: Path, results: RunResult) -> str:
     parts.append(f"<p>seed {e(str(settings['seed']))} (image k uses seed + k), "
                  f"{e(str(settings['steps']))} steps, guidance {e(str(settings['guidance']))}</p>")
     if results.grid:
-        parts.append("<h2>Images</h2><p>Rows: baseline, then each recipe; columns: prompts.</p>"
+        clips = (f" Each cell is a clip of {e(str(settings['frames']))} frames, left to right."
+                 if settings.get("frames") else "")
+        parts.append(f"<h2>Images</h2><p>Rows: baseline, then each recipe; columns: prompts.{clips}</p>"
                      + _img(out_dir / results.grid, "comparison grid"))
 
     calibration = results.calibration
@@ -124,6 +126,7 @@ def render_html(out_dir: Path, results: RunResult) -> str:
     parts.append("<h2>Quality vs baseline</h2>" + _table(
         ["recipe", "PSNR mean (dB)", "PSNR p10", "PSNR worst", "SSIM", "LPIPS", "ShapeEval overall",
          "denoiser output SQNR (dB)", "bits per weight (Linear/Conv2d; scales and low-rank branch included)"], rows))
+    parts.extend(_frame_parts(results))
     parts.extend(_worst_images(out_dir, results))
     adherence = adherence_table(results)
     if adherence:
@@ -168,6 +171,19 @@ def render_html(out_dir: Path, results: RunResult) -> str:
     parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(results.config, indent=2)) + "</pre>")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>diffquant report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _frame_parts(results: RunResult) -> list[str]:
+    """Clips: each recipe's fidelity frame by frame (the table above measures each clip whole)."""
+    rows = [[html.escape(name), str(f.n_frames), _fmt(f.psnr_db), _fmt(f.psnr_worst_db), _fmt(f.ssim, 4),
+             _fmt(f.ssim_worst, 4), ", ".join(f"{v:.1f}" for v in f.psnr_db_by_frame)]
+            for name, r in results.recipes.items() if (f := r.quality.frames) is not None]
+    if not rows:
+        return []
+    return ["<h2>Frame by frame</h2><p>Every frame of every clip against the baseline's frame of the same seed: "
+            "mean and worst over all frames, and the mean PSNR of each frame index.</p>"
+            + _table(["recipe", "frames per clip", "frame PSNR mean (dB)", "worst frame PSNR", "frame SSIM mean",
+                      "worst frame SSIM", "PSNR by frame index (dB)"], rows)]
 
 
 def _worst_images(out_dir: Path, results: RunResult) -> list[str]:

@@ -22,6 +22,19 @@ def _rms_norm(self, x: torch.Tensor) -> torch.Tensor:
     return out * self.weight if self.weight is not None else out
 
 
+@contextmanager
+def exportable_rms_norms(module: torch.nn.Module) -> Iterator[None]:
+    """Every torch RMSNorm of `module` computed in basic ops while the context lasts (`_rms_norm`)."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.RMSNorm)]
+    for m in norms:
+        m.forward = _rms_norm.__get__(m)
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
+
+
 @register
 class FluxDenoiser(Denoiser):
     module_class = "FluxTransformer2DModel"
@@ -116,16 +129,8 @@ class FluxDenoiser(Denoiser):
     def dynamic_axes(self, names: list[str]) -> dict:
         return {}
 
-    @contextmanager
-    def exportable(self) -> Iterator[None]:
-        norms = [m for m in self.module.modules() if isinstance(m, torch.nn.RMSNorm)]
-        for m in norms:
-            m.forward = _rms_norm.__get__(m)
-        try:
-            yield
-        finally:
-            for m in norms:
-                del m.forward
+    def exportable(self):
+        return exportable_rms_norms(self.module)
 
 
 def _image_ids(height: int, width: int) -> torch.Tensor:
