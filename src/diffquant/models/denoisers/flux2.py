@@ -1,0 +1,76 @@
+"""Flux2Transformer2DModel: FLUX.2-dev and FLUX.2 [klein] (packed 2x2 latent patches as tokens, text features
+stacked from three layers of a Mistral3 or Qwen3 text encoder, RoPE over 4-axis (t, h, w, l) position ids, and
+for the guidance-distilled dev model a `guidance` input). The position ids are graph inputs, batched as the
+pipelines pass them (the model reads the first sample's); the graph's batch is dynamic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from diffquant.models.denoisers.base import Denoiser, call_default, register
+from diffquant.models.denoisers.flux import exportable_rms_norms
+
+
+@register
+class Flux2Denoiser(Denoiser):
+    module_class = "Flux2Transformer2DModel"
+    pipeline_attribute = "transformer"
+    positional = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids", "guidance")
+    capture_keys = positional
+    # no original layout here: GGUF and single-file FLUX.2 checkpoints are not wired
+
+    def latent_patch(self) -> int:
+        return 2  # the pipelines patchify 2x2 latent pixels into one token (the config's patch_size is 1)
+
+    def sequence_length(self, pipe=None) -> int:
+        """The text tokens the pipeline pads to (512; the profiles ask for the same)."""
+        return int(call_default(pipe, "max_sequence_length", 512))
+
+    def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
+                       seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        config = self.config
+        gen = torch.Generator().manual_seed(seed)
+        tokens = sequence_length or 512
+        # a 1024x1024 image is a 128x128 latent, 64x64 tokens at full size; 32x32 keeps examples small
+        rows, cols = (latent[0] // 2, latent[1] // 2) if latent else (32, 32)
+        inputs = {
+            "hidden_states": torch.randn(batch_size, rows * cols, config.in_channels, generator=gen),  # (B, N, 4C)
+            "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, generator=gen),
+            "timestep": torch.full((batch_size,), 0.5),  # (B,) sigma: the pipelines pass timestep / 1000
+        }
+        if config.guidance_embeds:  # FLUX.2-dev
+            inputs["guidance"] = torch.full((batch_size,), 4.0)  # (B,)
+        device, dtype = self.module.device, self.module.dtype
+        inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+        # int64 (t, h, w, l) ids as the pipelines build them: image tokens (0, row, col, 0), text (0, 0, 0, k)
+        grid = torch.cartesian_prod(torch.arange(1), torch.arange(rows), torch.arange(cols), torch.arange(1))
+        text = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(tokens))
+        inputs["img_ids"] = grid.expand(batch_size, -1, -1).to(device)  # (B, N, 4)
+        inputs["txt_ids"] = text.expand(batch_size, -1, -1).to(device)  # (B, T, 4)
+        return {k: inputs[k] for k in self.positional if k in inputs}
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        from diffusers.models.transformers import transformer_flux2
+
+        rotary, transformer_flux2.apply_rotary_emb = transformer_flux2.apply_rotary_emb, _apply_rotary_emb
+        try:
+            with exportable_rms_norms(self.module):
+                yield
+        finally:
+            transformer_flux2.apply_rotary_emb = rotary
+
+
+def _apply_rotary_emb(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], sequence_dim: int = 1,
+                      **_) -> torch.Tensor:
+    """diffusers' `apply_rotary_emb` (real form, interleaved pairs) on x (B, S, H, D), as the export traces it.
+    diffusers splits the pairs with `x.reshape(*x.shape[:-1], -1, 2)`, which the tracer writes with the export's
+    batch as a constant (the graph then fails at any other batch); strided slices keep every axis dynamic."""
+    cos, sin = (f[None, :, None, :] if sequence_dim == 1 else f[None, None, :, :] for f in freqs_cis)
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    h, r = (x, rotated) if x.dtype == torch.float32 else (x.float(), rotated.float())
+    out = h * cos + r * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
