@@ -194,7 +194,7 @@ QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role
 
 def _qwen_tokenizer():
     """A Qwen2 tokenizer made offline from the T5 fixture's vocabulary, with a Qwen-style chat template (FLUX.2
-    [klein]'s pipeline applies it to every prompt)."""
+    [klein]'s and Z-Image's pipelines wrap every prompt in it; Qwen-Image's pipeline writes its own template)."""
     from tokenizers import Tokenizer
     from transformers import Qwen2TokenizerFast
 
@@ -228,14 +228,77 @@ def build_tiny_flux2():
                               tokenizer=tokenizer, transformer=transformer, is_distilled=True)
 
 
+def build_tiny_z_image():
+    """A Z-Image-style pipeline: a single-stream DiT (one noise-refiner, one context-refiner and two main blocks,
+    2x2 patches, 3-axis RoPE whose 8-token row and column tables make 32x32 its default size), a 2-layer Qwen3
+    text encoder and a 16-channel AutoencoderKL (x2); 32x32 images, 16x16 latents."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    tokenizer = _qwen_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                          head_dim=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[8, 4, 4], axes_lens=[1024, 8, 8])
+    with torch.no_grad():  # made with torch.empty: give them values
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=32,
+                        scaling_factor=0.3611, shift_factor=0.1159)
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image_dir(tmp_path_factory) -> Path:
+    return _saved(tmp_path_factory, "tiny-z-image", build_tiny_z_image)
+
+
+def build_tiny_qwen_image():
+    """A Qwen-Image-style pipeline: a 1-layer double-stream MMDiT on 2x2 patches (in_channels 16 for 4 latent
+    channels), a 1-stage Qwen-Image VAE (x2) and a 1-layer Qwen2.5-VL with a tiny vision tower; the T5 pieces
+    make the pipeline's prompt template ~180 tokens, more than the 34 it drops."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = _qwen_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": len(tokenizer),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(8, 4, 4))
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                             text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer,
+                             transformer=transformer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_dir(tmp_path_factory) -> Path:
+    return _saved(tmp_path_factory, "tiny-qwen-image", build_tiny_qwen_image)
+
+
 @pytest.fixture(scope="session")
 def tiny_flux2_dir(tmp_path_factory) -> Path:
     return _saved(tmp_path_factory, "tiny-flux2", build_tiny_flux2)
 
 
 def build_tiny_wan():
-    """A Wan-2.1-style text-to-video pipeline: a 2-layer video DiT (1x2x2 patches), a tiny Wan VAE (x8 in space, x4
-    in time) and a tiny T5; 32x32 frames, 5-frame clips (2 latent frames)."""
+    """A Wan-2.1-style text-to-video pipeline: a 2-layer video DiT (1x2x2 patches, 32 wide: GGUF's 32-weight blocks
+    divide its Linears), a tiny Wan VAE (x8 in space, x4 in time) and a tiny T5; 32x32 frames, 5-frame clips (2
+    latent frames)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import T5TokenizerFast
 
@@ -243,7 +306,7 @@ def build_tiny_wan():
     tokenizer = T5TokenizerFast.from_pretrained(T5_TOKENIZER)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                                         in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
                                         num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                         rope_max_seq_len=32)

@@ -9,10 +9,13 @@ pytestmark = pytest.mark.slow  # full runs: `pytest -m 'not slow'` leaves them o
 FAMILIES = {"pixart": ("tiny_pixart_dir", "PixArtTransformer2DModel", "PixArt-Σ"),
             "sana": ("tiny_sana_dir", "SanaTransformer2DModel", "Sana"),
             "wan": ("tiny_wan_dir", "WanTransformer3DModel", "Wan 2.x T2V"),
-            "flux2": ("tiny_flux2_dir", "Flux2Transformer2DModel", "FLUX.2 [klein]")}
+            "flux2": ("tiny_flux2_dir", "Flux2Transformer2DModel", "FLUX.2 [klein]"),
+            "qwen-image": ("tiny_qwen_image_dir", "QwenImageTransformer2DModel", "Qwen-Image"),
+            "z-image": ("tiny_z_image_dir", "ZImageTransformer2DModel", "Z-Image-Turbo")}
 # the size a family's tiny run draws where its pipeline's default is the real model's (Wan: 480x832 clips of 81
-# frames; FLUX.2: 128x128 latents whatever the VAE)
-SIZES = {"wan": {"height": 32, "width": 32, "frames": 5}, "flux2": {"height": 32, "width": 32}}
+# frames; FLUX.2 and Qwen-Image: 128x128 latents whatever the VAE)
+SIZES = {"wan": {"height": 32, "width": 32, "frames": 5}, "flux2": {"height": 32, "width": 32},
+         "qwen-image": {"height": 32, "width": 32}}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -113,3 +116,26 @@ def test_a_clip_is_measured_frame_by_frame_and_shown_as_a_strip(family_run):
         assert frames.n_frames == 5 and len(frames.psnr_db_by_frame) == 5
         assert frames.psnr_worst_db <= min(frames.psnr_db_by_frame) and frames.psnr_worst_db <= frames.psnr_db
     assert "Frame by frame" in report and "clip of 5 frames" in report
+
+
+@pytest.mark.parametrize("arch", ["flux2-klein", "qwen-image", "z-image", "wan", "sd35-medium", "flux"])
+def test_every_bench_architecture_builds_at_its_real_widths_and_takes_its_example_inputs(arch):
+    """`bench --arch NAME` builds each reduced-depth architecture from its real config: checked on the meta device
+    (no memory), its family found, its example inputs shaped for it, the module's output shaped as its latents."""
+    import diffusers
+
+    from diffquant.models.architectures import ARCHITECTURES
+    from diffquant.models.denoisers import denoiser_for
+
+    spec = ARCHITECTURES[arch]
+    with torch.device("meta"):
+        module = getattr(diffusers, spec.module_class).from_config(spec.build_config())
+        family = denoiser_for(module)
+        inputs = family.example_inputs(batch_size=1, sequence_length=spec.sequence_length)
+        # Qwen-Image's forward reads its patch grid's values (`img_shapes`), which meta tensors do not hold
+        out = family(inputs) if arch != "qwen-image" else None
+    assert family.module_class == spec.module_class
+    assert inputs["encoder_hidden_states"].shape[1] == spec.sequence_length
+    assert out is None or (out.shape[0] == 1 and out.shape[-1] in (
+        inputs["hidden_states"].shape[-1], module.config.get("in_channels"), module.config.get("out_channels")))
+    assert sum(p.numel() for p in module.parameters()) > 10 ** 8  # real widths, not a tiny config

@@ -55,7 +55,7 @@ def test_a_unet_that_is_not_unet2dcondition_names_the_supported_class(tmp_path):
         load_pipeline(_index(tmp_path, unet=["diffusers", "UNet2DModel"]), device="cpu")
 
 
-@pytest.mark.parametrize("pipeline, denoiser", [("QwenImagePipeline", "QwenImageTransformer2DModel"),
+@pytest.mark.parametrize("pipeline, denoiser", [("HunyuanDiTPipeline", "HunyuanDiT2DModel"),
                                                 ("LTXPipeline", "LTXVideoTransformer3DModel")])
 def test_unsupported_dit_pipelines_name_the_supported_ones(pipeline, denoiser, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline,

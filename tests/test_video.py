@@ -77,3 +77,20 @@ def test_a_clip_comes_back_as_one_strip_per_prompt(tiny_wan):
     again = generate(tiny_wan, ["a blue square"], seed=6, steps=2, height=32, width=48, frames=5)[0]
     assert list(again.getdata()) == list(clips[1].getdata())  # clip k keeps its seed whatever the batch
     assert torch.tensor(list(clips[0].getdata())).float().std() > 0
+
+
+@pytest.mark.slow
+def test_bench_measures_a_clip_of_the_frames_asked(tiny_wan_dir, tmp_path):
+    """`bench --frames`: the denoiser inputs hold the clip's latent frames (9 frames: 3 with the VAE's x4), and the
+    rows run on them; an image model refuses --frames before any work."""
+    from diffquant.bench.runner import benchmark
+
+    result = benchmark(model=str(tiny_wan_dir), recipe="int8-w", iterations=1, warmup=0, batch=1, images=1,
+                       out=tmp_path / "bench", fake_quant_compiled=False, runtimes="onnxruntime", profile=False,
+                       height=32, width=48, frames=9)
+    assert result.latent[:4] == [16, 3, 4, 6]  # (C, latent frames, h, w) of a 9-frame 32x48 clip
+    rows = {row.name: row for row in result.rows}
+    assert {"ORT fp32", "ORT int8-w (QDQ)"} <= set(rows) and all(r.call_ms_median > 0 for r in rows.values())
+    assert rows["ORT fp32"].image_s > 0  # the end-to-end clip, through the pipeline at that length
+    with pytest.raises(DiffquantError, match="generates images, not clips"):
+        benchmark(model=None, iterations=1, warmup=0, out=tmp_path / "refused", frames=9)

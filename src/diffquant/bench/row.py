@@ -38,6 +38,7 @@ class RowSpec:
     arch_config: dict | None = None
     height: int | None = None  # the image size of the end-to-end images (None: the model's)
     width: int | None = None
+    frames: int | None = None  # a video model's frames per clip of the end-to-end clips
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -58,12 +59,13 @@ def _time_calls(call, warmup: int, iterations: int) -> tuple[float, list[float]]
     return first, times
 
 
-def seconds_per_image(pipe, prompts: list[str], height: int | None = None, width: int | None = None) -> float:
-    """Wall seconds per image of one batch of `prompts` through `pipe` (seed 0)."""
+def seconds_per_image(pipe, prompts: list[str], height: int | None = None, width: int | None = None,
+                      frames: int | None = None) -> float:
+    """Wall seconds per image (a video model's clip) of one batch of `prompts` through `pipe` (seed 0)."""
     from diffquant.models.generation import generate
 
     started = time.perf_counter()
-    generate(pipe, prompts, seed=0, batch_size=len(prompts), height=height, width=width)
+    generate(pipe, prompts, seed=0, batch_size=len(prompts), height=height, width=width, frames=frames)
     return (time.perf_counter() - started) / len(prompts)
 
 
@@ -148,7 +150,8 @@ def run_row(spec: RowSpec) -> dict:
             from diffquant.models.generation import default_prompts
 
             with autocast:
-                image_s = seconds_per_image(timed_pipe, default_prompts(pipe, spec.images), spec.height, spec.width)
+                image_s = seconds_per_image(timed_pipe, default_prompts(pipe, spec.images), spec.height, spec.width,
+                                            spec.frames)
     peak_mb = peak_rss_mb()
     return {"call_ms_median": statistics.median(times), "call_ms_p90": p90(times), "first_call_s": first,
             "image_s": image_s, "peak_rss_mb": peak_mb, "runtime_precision": runtime_precision}

@@ -303,7 +303,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
               fake_quant_compiled: bool = True, profile: bool = True,
               runtimes: str | tuple[str, ...] | None = None, int4_compute: str = "float",
               peers: str | tuple[str, ...] = (), height: int | None = None,
-              width: int | None = None) -> BenchResult:
+              width: int | None = None, frames: int | None = None) -> BenchResult:
     """Measure every configuration side by side, each real row in its own process on the same inputs.
 
     Args:
@@ -328,6 +328,8 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
             recipes' rows and measured as a row of its runtime.
         height, width: the image size in pixels the denoiser inputs (and a model's calibration and end-to-end
             images) stand for, both or neither (default: the model's or architecture's own).
+        frames: a video model's frames per clip the inputs stand for (default: its profile's for a model; 9 for an
+            architecture), 1 + a multiple of its VAE's temporal step; refused for an image model.
 
     The OpenVINO rows read the file written for ONNX Runtime (one export per recipe): OpenVINO compiles it to
     the same int8 kernels as the plain QDQ file `export_onnx(runtime="openvino")` writes
@@ -348,7 +350,7 @@ def benchmark(model: str | None = None, arch: str | None = None, recipe: str | t
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="diffquant-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     bench = _Bench(model, arch, iterations, warmup, batch, images, out, chosen, resolve_int4_compute(int4_compute),
-                   (height, width) if height is not None else None)
+                   (height, width) if height is not None else None, frames)
     bench.float_rows()
     graphs = bench.quantized_graphs(recipes, fake_quant_compiled, peers)
     profiled = bench.runtime_rows(graphs)
@@ -364,7 +366,7 @@ class _Bench:
 
     def __init__(self, model: str | None, arch: str | None, iterations: int, warmup: int, batch: int, images: int,
                  out: Path, chosen: tuple[str, ...], int4_compute: str,
-                 size: tuple[int, int] | None = None) -> None:
+                 size: tuple[int, int] | None = None, frames: int | None = None) -> None:
         from safetensors.torch import save_file
 
         from diffquant.models.pipeline import load_pipeline
@@ -385,10 +387,12 @@ class _Bench:
             self.module, seq = family.module, family.sequence_length(self.pipe)
             name = model or "shapes-sd"
             self.arch_spec = (None, None)
-        self.sequence_length, self.size = seq, size
+        self.sequence_length, self.size, self.frames = seq, size, frames
         batch = batch if family.dynamic_batch else 1
         self.latent = self._latent(family, size)
-        self.inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0, latent=self.latent)
+        self.clip = {} if frames is None else {"latent_frames": family.latent_frames(self.pipe, frames)}
+        self.inputs = family.example_inputs(batch_size=batch, sequence_length=seq, seed=0, latent=self.latent,
+                                            **self.clip)
         self.inputs_path = out / "inputs.safetensors"
         save_file({k: v.contiguous() for k, v in self.inputs.items()}, str(self.inputs_path))
         self.threads = torch.get_num_threads()  # every row uses the threads of this process
@@ -428,7 +432,7 @@ class _Bench:
         spec = bench_row.RowSpec(runtime, precision, str(self.inputs_path), self.iterations, self.warmup,
                                  self.threads, str(path) if path else None, None if self.arch else self.model,
                                  self.arch, 0 if self.arch else self.images, *self.arch_spec,
-                                 *(self.size or (None, None)))
+                                 *(self.size or (None, None)), self.frames)
         try:
             measured = _run_in_own_process(spec, self.out / "row-spec.json")
         except RowFailed as error:  # the other rows still count: the table says which one is missing and why
@@ -450,7 +454,7 @@ class _Bench:
         q_family = denoiser_for(q_module)
         with _PeakRss() as rss, torch.no_grad():
             first, times = _time_calls(lambda: q_family(self.inputs), self.warmup, self.iterations)
-            per_image = bench_row.seconds_per_image(pipe, self.prompts, *(self.size or (None, None))) \
+            per_image = bench_row.seconds_per_image(pipe, self.prompts, *(self.size or (None, None)), self.frames) \
                 if pipe is not None else None
         self.result.rows.append(BenchRow(label, True, statistics.median(times), _p90(times), first, per_image,
                                          rss.peak_mb, self.fp32_mb, memory="shared"))
@@ -470,11 +474,11 @@ class _Bench:
             return None
 
         if self.pipe is None:
-            return random_calibration(self.module, 2, self.sequence_length, latent=self.latent)
+            return random_calibration(self.module, 2, self.sequence_length, latent=self.latent, **self.clip)
 
         shapes = profile_of(self.pipe).prompt_source == "shapes"
         return calibrate(self.pipe, None if shapes else self.prompts, size=8, timesteps=4,
-                         **dict(zip(("height", "width"), self.size or (None, None))))
+                         frames=self.frames, **dict(zip(("height", "width"), self.size or (None, None))))
 
     def _float_denoiser(self):
         """A fresh float pipeline (None for an architecture) and denoiser, as the bench started with."""

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="image height in pixels the denoiser inputs stand for (with --width; "
                                               "default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (with --height)")
+    p.add_argument("--frames", type=int, help="a video model's frames per clip the inputs stand for (default: its "
+                                              "profile's; 9 for --arch wan)")
     p.add_argument("--out", help="folder for bench.json, bench.png and the ONNX files")
 
 
@@ -48,7 +50,8 @@ def _bench(args: argparse.Namespace, out: Path) -> int:
     result = benchmark(model=args.model, arch=args.arch, recipe=args.recipe, iterations=args.iterations,
                        warmup=args.warmup, batch=args.batch, images=args.images, out=out,
                        fake_quant_compiled=not args.no_compile, runtimes=args.runtime,
-                       int4_compute=args.int4_compute, peers=args.peers, height=args.height, width=args.width)
+                       int4_compute=args.int4_compute, peers=args.peers, height=args.height, width=args.width,
+                       frames=args.frames)
     print(result.table())
     from diffquant.report.html import write_table_report
 

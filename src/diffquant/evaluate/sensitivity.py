@@ -134,7 +134,8 @@ def analyze_sensitivity(pipe, recipe: str | Recipe, calibration, eval_inputs: li
 
     def outputs(module) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([module(**item, return_dict=False)[0].flatten().float() for item in eval_inputs])
+            tensor = denoiser_of(pipe).output_tensor  # a module that returns a list per sample (Z-Image): stacked
+            return torch.cat([tensor(module(**item, return_dict=False)[0]).flatten().float() for item in eval_inputs])
 
     reference = outputs(denoiser_of(pipe).module)
     names = list(layer_report(denoiser).quantized)

@@ -41,6 +41,30 @@ WAN21_T2V_1_3B_TRANSFORMER = {
     "qk_norm": "rms_norm_across_heads", "eps": 1e-06, "rope_max_seq_len": 1024,
 }
 
+# black-forest-labs/FLUX.2-klein-4B, transformer/config.json (5 double-stream + 20 single-stream blocks of 24 heads
+# of 128; text features stacked from three Qwen3-4B layers, 3 x 2560; no guidance embedding). FLUX.2-dev is the
+# class's defaults (48 heads, 8 + 48 blocks, 32B): two of its blocks alone outgrow this machine's export.
+FLUX2_KLEIN_4B_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "eps": 1e-06, "guidance_embeds": False,
+}
+
+# Qwen/Qwen-Image, transformer/config.json (60 double-stream blocks of 24 heads of 128, Qwen2.5-VL-7B's 3584-wide
+# features; 20B parameters): the class's defaults.
+QWEN_IMAGE_TRANSFORMER = {
+    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
+}
+
+# Tongyi-MAI/Z-Image-Turbo, transformer/config.json (30 single-stream blocks 3840 wide, 30 heads, 2 noise- and 2
+# context-refiner blocks, Qwen3-4B's 2560-wide features; 6B parameters): the class's defaults.
+Z_IMAGE_TRANSFORMER = {
+    "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-05, "qk_norm": True, "cap_feat_dim": 2560,
+    "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48], "axes_lens": [1024, 512, 512],
+}
+
 @dataclass(frozen=True)
 class Architecture:
     """A real denoiser config, optionally at reduced depth (real widths and heads, fewer blocks) where the
@@ -77,6 +101,17 @@ ARCHITECTURES = {
     "flux": Architecture("flux", "FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER,
                          depth_keys=("num_layers", "num_single_layers"),
                          reduced_depth={"num_layers": 1, "num_single_layers": 1}, sequence_length=512),
+    # 1 double + 1 single block, 512x512 images (32x32 tokens as FLUX.1's), 512 text tokens
+    "flux2-klein": Architecture("flux2-klein", "Flux2Transformer2DModel", FLUX2_KLEIN_4B_TRANSFORMER,
+                                depth_keys=("num_layers", "num_single_layers"),
+                                reduced_depth={"num_layers": 1, "num_single_layers": 1}, sequence_length=512),
+    # 1 of 60 blocks; 512x512 images (32x32 tokens), 512 text tokens (the pipeline pads to the longest prompt)
+    "qwen-image": Architecture("qwen-image", "QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER,
+                               depth_keys=("num_layers",), reduced_depth={"num_layers": 1}, sequence_length=512),
+    # 1 of 30 main blocks and 1 of 2 refiner blocks of each kind; 512x512 images (32x32 tokens), 512 caption tokens
+    "z-image": Architecture("z-image", "ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER,
+                            depth_keys=("n_layers", "n_refiner_layers"),
+                            reduced_depth={"n_layers": 1, "n_refiner_layers": 1}, sequence_length=512),
     # 2 of 30 blocks; 9-frame 240x416 clips (3 latent frames of 30x52, 1170 video tokens), 512 UMT5 tokens
     "wan": Architecture("wan", "WanTransformer3DModel", WAN21_T2V_1_3B_TRANSFORMER, depth_keys=("num_layers",),
                         reduced_depth={"num_layers": 2}, sequence_length=512),

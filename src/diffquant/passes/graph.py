@@ -64,6 +64,24 @@ def own_quantization_constants(graph) -> int:
     return copies
 
 
+def scope_layer(parts: list[str], names=None) -> str:
+    """The module path of a node's torch ONNX scopes: torch names each module it calls by its path from the last
+    non-numeric part ("mlp.0", "blocks.0", a ModuleDict's "2-1") under the module that called it. The parts merged
+    ("t_embedder", "mlp", "mlp.0" -> "t_embedder.mlp.0"); given the module's layer `names`, the one that ends so and
+    holds every part in order (a ModuleDict is in no scope: "2-1" -> "all_x_embedder.2-1"), if it is not one."""
+    path = ".".join(p[len(q) + 1:] if q and p.startswith(q + ".") else p for q, p in zip(["", *parts], parts))
+    if names is None or path in names:
+        return path
+    atoms = path.split(".")
+
+    def holds(name: str) -> bool:
+        rest = iter(name.split("."))
+        return all(atom in rest for atom in atoms)
+
+    found = [n for n in names if n.endswith("." + atoms[-1]) and holds(n)]
+    return found[0] if len(found) == 1 else path
+
+
 def consumers(graph) -> dict[str, list]:
     """Tensor name -> the nodes that read it (each node once)."""
     readers = defaultdict(list)

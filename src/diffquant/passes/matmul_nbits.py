@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffquant.passes.codes import WeightCodes, pack_nibbles
-from diffquant.passes.graph import drop_unused_initializers
+from diffquant.passes.graph import drop_unused_initializers, scope_layer
 
 logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
@@ -59,13 +59,13 @@ class NBitsReport:
 _PRODUCT_NAMES = {"MatMul": ("MatMul",), "Gemm": ("Gemm", "MatMul_output_0")}
 
 
-def _layer_of(node) -> str | None:
+def _layer_of(node, names=None) -> str | None:
     """'/unet/down_blocks.1/attentions.0/proj_in/MatMul' -> 'down_blocks.1.attentions.0.proj_in' (the
     first path part is the export wrapper's attribute holding the denoiser)."""
     parts = node.name.split("/")
     if node.op_type not in _PRODUCT_NAMES or len(parts) < 4 or parts[-1] not in _PRODUCT_NAMES[node.op_type]:
         return None
-    return ".".join(parts[2:-1])
+    return scope_layer(parts[2:-1], names)
 
 
 def _gemm_transposes_b(node) -> bool:
@@ -96,7 +96,7 @@ def to_matmul_nbits(model, layers: dict[str, WeightCodes], accuracy_level: int =
     exact, block_sizes = 0, set()
     nodes = []
     for node in graph.node:
-        name = _layer_of(node)
+        name = _layer_of(node, layers)
         if name not in layers:
             nodes.append(node)
             continue

@@ -199,20 +199,21 @@ def capture_denoiser_inputs(pipe, prompts: list[str],
 
 
 def random_calibration(denoiser: torch.nn.Module | Denoiser, n: int, sequence_length: int,
-                       seed: int = 0, latent: tuple[int, int] | None = None) -> list[dict]:
+                       seed: int = 0, latent: tuple[int, int] | None = None, **clip) -> list[dict]:
     """Calibration data of random inputs (Gaussian latents and text embeddings, uniform timesteps):
     the naive baseline that shows what capturing real inputs is worth.
 
     Args:
         denoiser: the denoiser module (a UNet, SD3 or FLUX.1 transformer) or its family.
         n: how many records; sequence_length: text tokens per record; seed: the first record's seed;
-        latent: the latent (height, width), else the family's example size.
+        latent: the latent (height, width), else the family's example size; `clip`: a video family's
+            `latent_frames`.
     """
     family = denoiser if isinstance(denoiser, Denoiser) else denoiser_for(denoiser)
     gen = torch.Generator().manual_seed(seed)
     items = []
     for k in range(n):
-        flat = family.example_inputs(sequence_length=sequence_length, seed=seed + k, latent=latent)
+        flat = family.example_inputs(sequence_length=sequence_length, seed=seed + k, latent=latent, **clip)
         # A family's example timestep sits mid-trajectory (UNet 500, SD3 500.0, FLUX.1 sigma 0.5), so twice it
         # spans the timesteps that family takes.
         middle = flat[family.timestep_key]

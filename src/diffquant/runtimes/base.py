@@ -125,6 +125,8 @@ class GraphDenoiser(torch.nn.Module):
         self.config = family.config
         first = next(iter(runner.inputs.values()))
         self.graph_batch = None if family.dynamic_batch else first[1][0]
+        for name in family.module_attributes:
+            setattr(self, name, getattr(family.module, name))
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +145,7 @@ class GraphDenoiser(torch.nn.Module):
         record = self.family.record(args, kwargs)
         batch = self.family.batch_size(record)
         flat = self.family.graph_inputs(record)
-        out = torch.from_numpy(self._call(flat, batch))
+        out = self.family.module_output(torch.from_numpy(self._call(flat, batch)), record)
         if not return_dict:
             return (out,)
         return _output_class(self.family)(sample=out)

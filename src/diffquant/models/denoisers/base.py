@@ -40,6 +40,8 @@ class Denoiser(ABC):
     output_name: ClassVar[str] = "out_sample"
     # Module-name patterns kept in float by default, where a measurement showed they hurt (see docs/quantization.md).
     default_exclusions: ClassVar[tuple[str, ...]] = ()
+    # Attributes of the module its pipeline reads besides config, dtype and device (a runtime's stand-in copies them).
+    module_attributes: ClassVar[tuple[str, ...]] = ()
 
     # The original checkpoint layout (`layout.py`): the key prefix its single-file checkpoints carry, and the
     # architecture name GGUF files and ComfyUI-GGUF give it (None: the family has no original layout here).
@@ -79,6 +81,11 @@ class Denoiser(ABC):
         """The image (height, width) diffquant draws when none is asked and the profile sets none; None: the
         pipeline's own default (a family overrides it where that default is not the model's trained size)."""
         return None
+
+    def latent_frames(self, pipe, frames: int) -> int:
+        """The latent frames of a clip of `frames` frames (a video family's `example_inputs(latent_frames=...)`);
+        an image family refuses."""
+        raise DiffquantError(f"{self.module_class} generates images, not clips: leave --frames out")
 
     def size_multiple(self, pipe) -> int:
         """The image sizes the pipeline takes are multiples of this: its VAE's downscale times the latent patch."""
@@ -123,6 +130,15 @@ class Denoiser(ABC):
         """Run the module on flat inputs; returns its one output tensor."""
         return self.module(**self.forward_kwargs(flat), return_dict=False)[0]
 
+    def output_tensor(self, out) -> torch.Tensor:
+        """The module's output (`module(**record, return_dict=False)[0]`) as one tensor (Z-Image's is a list)."""
+        return out
+
+    def module_output(self, out: torch.Tensor, record: dict):
+        """The graph's output tensor as the module returns it to its pipeline for the call `record` (inverse of
+        `output_tensor`)."""
+        return out
+
     # --- calibration capture ------------------------------------------------------------------
     def record(self, args: tuple, kwargs: dict) -> dict:
         """The forward kwargs of one call (from a pre-hook's args/kwargs), keeping `capture_keys`."""
@@ -148,6 +164,11 @@ class Denoiser(ABC):
     def exportable(self) -> Iterator[None]:
         """Temporarily make the module traceable by torch.onnx at opset 20 (families override)."""
         yield
+
+    def discarded_layers(self) -> tuple[str, ...]:
+        """Module names whose outputs the module computes but never uses (Qwen-Image's last block's text stream):
+        the traced graph leaves them out, so an export does not look for their activation quantizers in it."""
+        return ()
 
 
 class _Positional(torch.nn.Module):

@@ -12,6 +12,7 @@ import torch
 
 from diffquant.models.denoisers.base import Denoiser, call_default, register
 from diffquant.models.denoisers.flux import exportable_rms_norms
+from diffquant.models.denoisers.layout import Layout, stacked, swapped, whole
 
 
 @register
@@ -20,7 +21,38 @@ class Flux2Denoiser(Denoiser):
     pipeline_attribute = "transformer"
     positional = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids", "guidance")
     capture_keys = positional
-    # no original layout here: GGUF and single-file FLUX.2 checkpoints are not wired
+
+    # ComfyUI-GGUF has no FLUX.2 architecture of its own: city96's converter (tools/convert.py) detects FLUX.2's
+    # double_blocks names as "flux", its llama.cpp patch quantizes FLUX.2 under LLM_ARCH_FLUX, and its loader
+    # refuses any name outside IMG_ARCH_LIST (which has no "flux2"); ComfyUI tells the two apart by the tensor names.
+    gguf_arch = "flux"
+
+    def original_layout(self, rows: dict[str, int]) -> Layout:
+        """Black Forest Labs' FLUX.2 names (the inverse of diffusers' `convert_flux2_transformer_checkpoint_to_
+        diffusers`): double_blocks with fused q, k, v per stream, single_blocks as they are (diffusers keeps
+        linear1 fused as `to_qkv_mlp_proj`), the shared modulations, and the final AdaLayerNorm's halves swapped.
+        FLUX.2 has no biases; a state with one is refused (diffusers' converter would not rename it either)."""
+        top = {"time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+               "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+               "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+               "single_stream_modulation.linear": "single_stream_modulation.lin",
+               "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear"}
+        double = _blocks(rows, "transformer_blocks.")
+        single = _blocks(rows, "single_transformer_blocks.")
+        layout: Layout = {f"{o}.weight": whole(f"{d}.weight", rows) for d, o in top.items() if f"{d}.weight" in rows}
+        layout["final_layer.adaLN_modulation.1.weight"] = swapped("norm_out.linear.weight", rows)
+        for i in range(double):
+            d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+            layout |= {f"{o}{k}": whole(f"{d}{v}", rows) for k, v in _DOUBLE.items()}
+            layout[f"{o}img_attn.qkv.weight"] = stacked([f"{d}attn.to_{c}.weight" for c in "qkv"], rows)
+            layout[f"{o}txt_attn.qkv.weight"] = stacked([f"{d}attn.add_{c}_proj.weight" for c in "qkv"], rows)
+        for i in range(single):
+            d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+            layout |= {f"{o}{k}": whole(f"{d}{v}", rows) for k, v in _SINGLE.items()}
+        return layout
 
     def latent_patch(self) -> int:
         return 2  # the pipelines patchify 2x2 latent pixels into one token (the config's patch_size is 1)
@@ -62,6 +94,21 @@ class Flux2Denoiser(Denoiser):
                 yield
         finally:
             transformer_flux2.apply_rotary_emb = rotary
+
+
+# FLUX.2's block tensors: original name within the block -> diffusers' (norm scales are diffusers' weights)
+_DOUBLE = {"img_attn.proj.weight": "attn.to_out.0.weight", "txt_attn.proj.weight": "attn.to_add_out.weight",
+           "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+           "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+           "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+           "img_mlp.0.weight": "ff.linear_in.weight", "img_mlp.2.weight": "ff.linear_out.weight",
+           "txt_mlp.0.weight": "ff_context.linear_in.weight", "txt_mlp.2.weight": "ff_context.linear_out.weight"}
+_SINGLE = {"linear1.weight": "attn.to_qkv_mlp_proj.weight", "linear2.weight": "attn.to_out.weight",
+           "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def _blocks(rows: dict[str, int], prefix: str) -> int:
+    return 1 + max((int(k.split(".")[1]) for k in rows if k.startswith(prefix)), default=-1)
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], sequence_dim: int = 1,
