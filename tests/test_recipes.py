@@ -29,7 +29,7 @@ def test_parse_recipes_refuses_blanks_and_duplicates():
 
 
 def test_bad_dataclass_values_name_the_allowed_ones():
-    with pytest.raises(DiffquantError, match="int8, fp8_e4m3, int4, mxfp4"):
+    with pytest.raises(DiffquantError, match="int8, fp8_e4m3, int4, uint4, mxfp4"):
         TensorQuant("int2")
     with pytest.raises(DiffquantError, match="min_max"):
         TensorQuant("int8", observer="magic")

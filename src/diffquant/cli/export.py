@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="with --pipeline: the image width, as --height")
     p.add_argument("--format", choices=("onnx", "gguf"), default="onnx",
                    help="onnx (default): ONNX Runtime / OpenVINO; gguf: one GGUF file in the model's original "
-                        "checkpoint names, for diffusers' and ComfyUI's GGUF loaders (recipes on GGML's Q4_0 grid: "
-                        "q4_0, int4-w)")
+                        "checkpoint names, for diffusers' and ComfyUI's GGUF loaders (recipes on a GGML block grid: "
+                        "q4_0, int4-w (Q4_0), q4_1 (Q4_1), q8_0 (Q8_0))")
     add_int4_compute(p)
     p.add_argument("--out", required=True)
 

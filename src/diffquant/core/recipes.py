@@ -7,17 +7,19 @@ from dataclasses import dataclass, field, replace
 
 from diffquant.core.errors import DiffquantError
 
-RECIPE_VERSION = 9
+RECIPE_VERSION = 10
 # version 1 had no conv_output, 2 no smoothing, 3 no 4-bit dtypes nor fallback, 4 no algorithm,
 # 5 no SVDQuant "smooth" (it always smoothed), 6 no "format", 7 no int8 PerGroup (GGUF Q8_0) weights,
-# 8 no "attention" (int8 inputs of attention's two matmuls)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
-INT8, FP8, INT4, MXFP4 = "int8", "fp8_e4m3", "int4", "mxfp4"
-DTYPES = (INT8, FP8, INT4, MXFP4)
-FOUR_BIT = (INT4, MXFP4)  # per-group weights of Linear layers only
+# 8 no "attention" (int8 inputs of attention's two matmuls), 9 no uint4 (GGUF Q4_1) weights
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+# uint4: asymmetric 4-bit codes q in 0..15 with one scale s and one integer zero point z in 0..15 per group, each
+# weight s x (q - z) (Quark's Uint4PerGroupSpec): GGUF's Q4_1 blocks, whose d = s and m = -s x z.
+INT8, FP8, INT4, UINT4, MXFP4 = "int8", "fp8_e4m3", "int4", "uint4", "mxfp4"
+DTYPES = (INT8, FP8, INT4, UINT4, MXFP4)
+FOUR_BIT = (INT4, UINT4, MXFP4)  # per-group weights of Linear layers only
 GROUP_SIZES = (16, 32, 64, 128, 256)  # powers of two that ONNX Runtime's MatMulNBits takes as block_size
 MX_GROUP = 32  # OCP MX: one shared power-of-two scale per 32 elements
-GGUF_BLOCK = 32  # GGML's Q4_0 / Q8_0 block: 32 weights share one fp16 scale
+GGUF_BLOCK = 32  # GGML's Q4_0 / Q4_1 / Q8_0 block: 32 weights share one fp16 scale (and Q4_1 one fp16 minimum)
 # Where a recipe's quantized denoiser is meant to run: "onnx" (ONNX Runtime / OpenVINO) or "gguf" (a GGUF file for
 # diffusers' and ComfyUI's GGUF loaders). A "gguf" recipe's block scales are fp16 values whose products with every
 # code are exact in fp16, the arithmetic those loaders dequantize in (`gguf_scale_bits`).
@@ -98,7 +100,8 @@ class SVDQuant:
 
 @dataclass(frozen=True)
 class TensorQuant:
-    """How one kind of tensor (weights or input activations) is quantized: symmetric, static scales."""
+    """How one kind of tensor (weights or input activations) is quantized: static scales, symmetric (uint4:
+    asymmetric, an integer zero point per group)."""
 
     dtype: str
     granularity: Granularity = field(default_factory=PerTensor)
@@ -169,6 +172,9 @@ class Recipe:
         if self.per_group and not self.four_bit and (self.activation is not None or self.format != "gguf"):
             raise DiffquantError(f"recipe {self.name}: int8 PerGroup weights are GGUF's Q8_0 blocks: weight-only, "
                                  "format gguf")
+        if self.weight.dtype == UINT4 and self.format != "gguf":
+            raise DiffquantError(f"recipe {self.name}: uint4 weights (asymmetric, a zero point per group) are GGUF's "
+                                 "Q4_1 blocks: format gguf")
         if self.fallback is not None and (not self.four_bit or self.fallback.dtype in FOUR_BIT):
             raise DiffquantError(f"recipe {self.name}: fallback is the 8-bit weight of the layers a 4-bit weight "
                                  "cannot take; it needs a 4-bit (PerGroup) weight and an 8-bit fallback")
@@ -177,13 +183,14 @@ class Recipe:
         if self.format not in FORMATS:
             raise DiffquantError(f"recipe {self.name}: format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.format == "gguf" and gguf_type(self) is None:
-            raise DiffquantError(f"recipe {self.name}: format gguf needs weights on a GGML block grid (int4 "
-                                 f"or int8 PerGroup({GGUF_BLOCK}), weight-only, no smoothing, branch or fallback)")
+            raise DiffquantError(f"recipe {self.name}: format gguf needs weights on a GGML block grid (int4, "
+                                 f"uint4 or int8 PerGroup({GGUF_BLOCK}), weight-only, no smoothing, branch or "
+                                 "fallback)")
         if self.algorithm is not None:
             if not isinstance(self.algorithm, SVDQuant):
                 raise DiffquantError(f"recipe {self.name}: algorithm must be SVDQuant(rank, mode, gptq) or None, "
                                      f"not {self.algorithm!r}")
-            if not self.per_group or self.weight.dtype not in (INT4, INT8) or self.fallback is not None:
+            if not self.per_group or self.weight.dtype not in (INT4, UINT4, INT8) or self.fallback is not None:
                 raise DiffquantError(f"recipe {self.name}: SVDQuant takes an int4 PerGroup weight and no fallback, "
                                      f"got {self.weight.dtype}{' with a fallback' if self.fallback else ''}")
 
@@ -200,8 +207,8 @@ class Recipe:
 
     @property
     def has_onnx_form(self) -> bool:
-        """False for a recipe whose weights diffquant writes as GGUF only (int8 blocks, GGUF's Q8_0)."""
-        return not (self.per_group and self.weight.dtype == INT8)
+        """False for a recipe whose weights diffquant writes as GGUF only (int8 blocks, GGUF's Q8_0; uint4, Q4_1)."""
+        return not (self.per_group and self.weight.dtype in (INT8, UINT4))
 
     @property
     def needs_calibration(self) -> bool:
@@ -233,31 +240,39 @@ class Recipe:
 
 
 def gguf_type(recipe: Recipe) -> str | None:
-    """The GGML block type whose grid is exactly this recipe's weights ("Q4_0", "Q8_0"), or None: int4 / int8
-    codes in blocks of `GGUF_BLOCK` along the input with one scale each (stored in fp16), weight-only, without a
-    smoothing divisor, a low-rank branch or an 8-bit fallback (none of which GGUF's blocks can hold)."""
+    """The GGML block type whose grid is exactly this recipe's weights ("Q4_0", "Q4_1", "Q8_0"), or None: int4 /
+    uint4 / int8 codes in blocks of `GGUF_BLOCK` along the input with one scale each (stored in fp16; uint4 also
+    an integer zero point), weight-only, without a smoothing divisor, a low-rank branch or an 8-bit fallback (none
+    of which GGUF's blocks can hold)."""
     weight = recipe.weight
     plain = recipe.activation is None and recipe.fallback is None and (
         recipe.algorithm is None or (recipe.algorithm.rank == 0 and not recipe.algorithm.smooth
                                      and recipe.algorithm.mode == "w4a16"))
     if plain and isinstance(weight.granularity, PerGroup) and weight.granularity.size == GGUF_BLOCK:
-        return {INT4: "Q4_0", INT8: "Q8_0"}.get(weight.dtype)
+        return {INT4: "Q4_0", UINT4: "Q4_1", INT8: "Q8_0"}.get(weight.dtype)
     return None
 
 
-# The largest |code| of each GGML type diffquant writes: Q4_0 stores q - 8 in -8..7, Q8_0 int8 (-128..127).
-GGUF_MAX_CODE = {"Q4_0": 8, "Q8_0": 128}
+# The largest |code| of each GGML type diffquant writes: Q4_0 stores q - 8 in -8..7, Q4_1 q in 0..15 (and its
+# zero point z in 0..15, q - z in -15..15), Q8_0 int8 (-128..127).
+GGUF_MAX_CODE = {"Q4_0": 8, "Q4_1": 15, "Q8_0": 128}
 # The types whose scales are trimmed so that the loaders' fp16 products are exact (`gguf_scale_bits`). Q8_0's
 # would keep 4 bits (x127 takes 7 more), a step of up to 2**-5 of a scale, coarser than the rounding it saves:
 # its scales are any fp16 value and the loaded weight is within half an fp16 step of the fake-quantized one.
-GGUF_EXACT = ("Q4_0",)
+GGUF_EXACT = ("Q4_0", "Q4_1")
 
 
 def gguf_scale_bits(recipe: Recipe) -> int:
     """Significant bits of the recipe's stored scales: 11 (any fp16 value) for every recipe but a "gguf" one,
     whose scales keep 11 - (bits of its largest code less one) so that scale x code is exact in fp16: Q4_0's
     scales take 8 (x7 needs 3 more bits), and the loaders' fp16 dequantization equals the fp32 fake
-    quantization bit for bit. A scale rounded to 8 bits moves by at most 2**-9 of itself."""
+    quantization bit for bit. A scale rounded to 8 bits moves by at most 2**-9 of itself.
+
+    Q4_1's take 7: the loaders compute d x q + m in fp16 with d = s, q in 0..15 and m = -s x z, z in 0..15. A
+    7-bit s times any integer of at most 4 bits (q, z, and q - z in -15..15) has at most 11 significant bits, so
+    d x q, m and their sum s x (q - z) are each an fp16 value (no rounding at any of the three steps; an fp16
+    scale is at least 2**-24 and every product a multiple of its last bit, so subnormals round nothing either),
+    and the sum is the fp32 fake quantization (q - z) x s. A scale rounded to 7 bits moves by at most 2**-8."""
     if recipe.format != "gguf" or gguf_type(recipe) not in GGUF_EXACT:
         return 11
     return 11 - (GGUF_MAX_CODE[gguf_type(recipe)] - 1).bit_length()
@@ -350,6 +365,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            description=f"GGUF Q4_0: int4 Linear weights in blocks of {GGUF_BLOCK} with one fp16 scale (4.5 bits per "
                        "weight), rounded by GPTQ on the calibration inputs' Hessians (calibrated); Conv2d and "
                        "Linears the block does not divide stay float; export --format gguf"),
+    # GGUF's Q4_1 grid (uint4 codes 0..15 in blocks of 32 weights, an fp16 scale d and an fp16 minimum m each: 5
+    # bits), m = -d x z with Quark's integer zero point z in 0..15 (so the grid holds 0); codes and each block's
+    # scale and zero point chosen by GPTQ (`block_gptq`). GGUF only: Q5_1 is not offered, as Quark 0.13 has no
+    # 5-bit integer dtype (int2, int3, int4, uint4, int8, uint8, ... only) for its quantizers to hold.
+    Recipe("q4_1", TensorQuant(UINT4, PerGroup(GGUF_BLOCK)), algorithm=SVDQuant(rank=0, smooth=False), format="gguf",
+           description=f"GGUF Q4_1: asymmetric 4-bit Linear weights in blocks of {GGUF_BLOCK} with an fp16 scale and "
+                       "an fp16 minimum (5 bits per weight), rounded by GPTQ on the calibration inputs' Hessians "
+                       "(calibrated); Conv2d and Linears the block does not divide stay float; export --format gguf "
+                       "(no ONNX form)"),
     # GGUF's Q8_0 grid (int8 codes in blocks of 32 weights, one fp16 scale each: 8.5 bits), codes by GPTQ.
     Recipe("q8_0", TensorQuant(INT8, PerGroup(GGUF_BLOCK)), algorithm=SVDQuant(rank=0, smooth=False), format="gguf",
            description=f"GGUF Q8_0: int8 Linear weights in blocks of {GGUF_BLOCK} with one fp16 scale (8.5 bits per "

@@ -113,7 +113,8 @@ def render(facts: CardFacts) -> str:
 
     tags = ["diffquant", "quantized", facts.format, facts.recipe.name, facts.denoiser]
     if facts.format == "gguf":
-        tags.append({"int4": "gguf-q4_0", "int8": "gguf-q8_0"}.get(facts.recipe.weight.dtype, "gguf"))
+        tags.append({"int4": "gguf-q4_0", "uint4": "gguf-q4_1", "int8": "gguf-q8_0"}.get(facts.recipe.weight.dtype,
+                                                                                       "gguf"))
     library = {"gguf": "diffusers", "onnx-pipeline": "optimum"}.get(facts.format, "onnx")
     data = ModelCardData(base_model=facts.base_model if "/" in facts.base_model else None,
                          library_name=library, tags=tags)

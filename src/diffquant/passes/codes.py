@@ -17,6 +17,8 @@ class WeightCodes:
       (one value, or one per output channel).
     - `kind` "int4": `codes` (N, K) uint8 nibbles, each the int4 code + 8; `scale` (N, K / group).
     - `kind` "int8" with `scale` (N, K / group) (GGUF's Q8_0 blocks): `codes` (N, K) int8.
+    - `kind` "uint4" (GGUF's Q4_1 blocks): `codes` (N, K) uint8 in 0..15, `scale` and `zero` (N, K / group), `zero`
+      the integer zero points (0..15, float32): each weight scale x (code - zero).
 
     `exact`: the backend checked that the codes dequantize to the weight its forward multiplies by, bit for
     bit. `float_dtype`: the layer's weight dtype (a MatMulNBits' scales take the type of its input).
@@ -27,6 +29,15 @@ class WeightCodes:
     kind: str
     exact: bool
     float_dtype: torch.dtype = torch.float32
+    zero: torch.Tensor | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight of block codes (int4, uint4, int8 with one scale per group): codes x scales, bit for
+        bit the fake-quantized weight when `exact`."""
+        values = self.codes.float() - {"int4": 8, "uint4": 0}.get(self.kind, 0)
+        if self.zero is not None:
+            values = values - self.zero.float().repeat_interleave(self.group, dim=1)
+        return values * self.scale.float().repeat_interleave(self.group, dim=1)
 
     @property
     def group(self) -> int:

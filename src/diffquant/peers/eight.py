@@ -150,9 +150,9 @@ class DiffquantPeer(Peer):
 
 @register
 class DiffquantGgufPeer(DiffquantPeer):
-    """A diffquant recipe on a GGML block grid (`q4_0`, `q8_0`: GPTQ; `int4-w`: round to nearest) written as a GGUF file
-    (`diffquant.export.gguf`) and loaded by diffusers' own GGUF loader, as a diffusers or ComfyUI user loads it:
-    the row beside the `gguf` package's files of the same type (`gguf:q4_0`)."""
+    """A diffquant recipe on a GGML block grid (`q4_0`, `q4_1`, `q8_0`: GPTQ; `int4-w`: round to nearest) written as
+    a GGUF file (`diffquant.export.gguf`) and loaded by diffusers' own GGUF loader, as a diffusers or ComfyUI user
+    loads it: the row beside the `gguf` package's files of the same type (`gguf:q4_0`)."""
 
     libraries = ("diffquant-gguf",)
     required_packages = ("gguf",)

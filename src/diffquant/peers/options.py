@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, choices=(8, 4), default=8,
                         help="the default method list: 8-bit recipes and peers, or the 4-bit peers")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated library:kind: diffquant:RECIPE, diffquant-all:RECIPE, diffquant-gguf:q4_0|int4-w (a "
+                        help="comma-separated library:kind: diffquant:RECIPE, diffquant-all:RECIPE, diffquant-gguf:q4_0|q4_1|int4-w (a "
                              "GGUF file loaded by diffusers), modelopt:int8|"
                              "int8-sq|fp8, quanto:w8a8|w4, bnb:nf4, gguf:q4_0|q4_1|q4_k, torchao:int4[-gN], "
                              "nncf:int4[-gN] (default: those of --bits)")

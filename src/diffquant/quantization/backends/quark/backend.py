@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from diffquant.core.errors import DiffquantError
-from diffquant.core.recipes import Recipe, gguf_scale_bits
+from diffquant.core.recipes import UINT4, Recipe, gguf_scale_bits
 from diffquant.quantization.backends.base import QUANTIZABLE, LayerReport, QuantBackend, Storage, TracedGraph, register
 from diffquant.quantization.backends.quark import fourbit, internals, svdquant
 from diffquant.quantization.backends.quark.config import to_quark_config
@@ -73,7 +73,7 @@ class QuarkBackend(QuantBackend):
         started = time.perf_counter()
         with torch.no_grad():
             module = quantizer.quantize_model(module, calibration if recipe.needs_calibration else None)
-        fourbit.round_scales_fp16(module, gguf_scale_bits(recipe))  # int4 scales as stored (fp16); others untouched
+        fourbit.round_scales_fp16(module, gguf_scale_bits(recipe))  # 4-bit scales as stored (fp16); others untouched
         logger.info("quantized %s with %s in %.1f s", type(module).__name__, recipe.name, time.perf_counter() - started)
         return module
 
@@ -90,7 +90,7 @@ class QuarkBackend(QuantBackend):
                                        group_size=recipe.weight.granularity.size, gptq=algorithm.gptq,
                                        alphas=svdquant.ALPHAS if algorithm.smooth else (None,),
                                        scale_bits=gguf_scale_bits(recipe), choose_scales=recipe.format == "gguf",
-                                       bits=4 if recipe.four_bit else 8)
+                                       bits=4 if recipe.four_bit else 8, asymmetric=recipe.weight.dtype == UINT4)
 
     def activation_scales(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return internals.activation_scales(module)
@@ -180,7 +180,7 @@ class QuarkBackend(QuantBackend):
         if recipe.algorithm is not None:
             module, qconfig = svdquant.rebuild(module, svdquant.saved_layers(state, type(module).__name__),
                                                recipe.algorithm.mode, recipe.weight.granularity.size,
-                                               4 if recipe.four_bit else 8)
+                                               4 if recipe.four_bit else 8, recipe.weight.dtype == UINT4)
         else:
             qconfig = to_quark_config(recipe, excluded, list(fourbit.unfit_layers(module, recipe, excluded)))
             module = internals.transform(module, qconfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffquant.core.errors import DiffquantError
-from diffquant.core.recipes import INT4, INT8, MXFP4, PerGroup, PerTensor, Recipe, TensorQuant
+from diffquant.core.recipes import INT4, INT8, MXFP4, UINT4, PerGroup, PerTensor, Recipe, TensorQuant
 
 
 def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: list[str] | tuple[str, ...] = ()):
@@ -13,7 +13,8 @@ def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: lis
 
     Every Linear and Conv2d gets the recipe's weight (and input activation) spec; `conv_output` adds an
     output spec to Conv2d layers only (Linear outputs stay float). A 4-bit recipe gives its per-group
-    weight spec (Quark's `Int4PerGroupSpec` or `OCP_MXFP4Spec`, groups along the input axis) to Linear
+    weight spec (Quark's `Int4PerGroupSpec`, `Uint4PerGroupSpec` (asymmetric, an integer zero point per group) or
+    `OCP_MXFP4Spec`, groups along the input axis) to Linear
     layers; the `unfit` layers (every Conv2d, Linears whose input width the group does not divide: Quark
     would raise on them) get the recipe's `fallback` spec, or stay float without one.
 
@@ -25,7 +26,7 @@ def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: lis
     from quark.torch.quantization.config.config import (
         FP8E4M3PerChannelSpec, FP8E4M3PerTensorSpec, Int4PerGroupSpec, Int8PerChannelSpec, Int8PerGroupSpec,
         Int8PerTensorSpec,
-        OCP_MXFP4Spec, QConfig, QLayerConfig,
+        OCP_MXFP4Spec, QConfig, QLayerConfig, Uint4PerGroupSpec,
     )
 
     def spec(q: TensorQuant, is_weight: bool):
@@ -34,6 +35,9 @@ def to_quark_config(recipe: Recipe, exclude: list[str] | None = None, unfit: lis
         if q.dtype == INT4:
             made = Int4PerGroupSpec(ch_axis=-1, group_size=q.granularity.size, symmetric=True, scale_type="float",
                                     round_method="half_even", is_dynamic=False)
+        elif q.dtype == UINT4:  # GGUF's Q4_1 blocks
+            made = Uint4PerGroupSpec(ch_axis=-1, group_size=q.granularity.size, symmetric=False, scale_type="float",
+                                     round_method="half_even", is_dynamic=False)
         elif q.dtype == MXFP4:
             made = OCP_MXFP4Spec(ch_axis=-1, is_dynamic=False)
         elif q.dtype == INT8 and isinstance(q.granularity, PerGroup):  # GGUF's Q8_0 blocks

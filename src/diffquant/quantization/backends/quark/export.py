@@ -76,12 +76,12 @@ def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor | WeightCodes
                                      "int4 form (GGUF holds codes and scales only): use q4_0 or int4-w")
             renamed[f"{name}.layer."] = f"{name}."
         kind = fourbit.weight_kind(layer)
-        if kind == "int4" or fourbit.is_int8_blocks(layer):
+        if kind in ("int4", "uint4") or fourbit.is_int8_blocks(layer):
             plain = name[: -len(".layer")] if name.endswith(".layer") and f"{name}." in renamed else name
             codes[f"{plain}.weight"] = group_codes(layer)
         elif kind is not None:
-            raise DiffquantError(f"{name}: its {kind} weight has no plain block form (GGUF blocks hold int4 or int8 "
-                                 "codes with one scale per group): use q4_0, int4-w or q8_0")
+            raise DiffquantError(f"{name}: its {kind} weight has no plain block form (GGUF blocks hold int4, uint4 or "
+                                 "int8 codes with one scale per group): use q4_0, q4_1, int4-w or q8_0")
     state = {}
     for key, tensor in module.state_dict().items():
         if any(f"._{part}_quantizer." in key for part in ("weight", "input", "output")):
@@ -93,16 +93,17 @@ def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor | WeightCodes
 
 
 def group_codes(layer: torch.nn.Module) -> WeightCodes:
-    """The int4 nibbles (or int8 block codes) and group scales of a Linear, checked against Quark's fake-quantized
-    weight."""
+    """The int4 / uint4 nibbles (or int8 block codes) and group scales (and uint4 zero points) of a Linear, checked
+    against Quark's fake-quantized weight."""
     if fourbit.is_int8_blocks(layer):
         codes, scale, _ = internals.weight_codes(layer)
         exact = torch.equal(codes.float() * scale, internals.fake_quantized_weight(layer))
         groups = internals.weight_quantizer(layer).scale.detach().float()  # (N, K / group)
         return WeightCodes(codes, groups, "int8", exact, layer.weight.dtype)
-    nibbles, scale, _ = fourbit.group_codes(layer)
-    exact = torch.equal(fourbit.dequantize_groups(nibbles, scale, "int4"), internals.fake_quantized_weight(layer))
-    return WeightCodes(nibbles, scale, "int4", exact, layer.weight.dtype)
+    nibbles, scale, kind = fourbit.group_codes(layer)
+    zero = fourbit.zero_points(layer) if kind == "uint4" else None
+    exact = torch.equal(fourbit.dequantize_groups(nibbles, scale, kind, zero), internals.fake_quantized_weight(layer))
+    return WeightCodes(nibbles, scale, kind, exact, layer.weight.dtype, zero)
 
 
 def int4_linears(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -123,8 +124,9 @@ def check_recipes_exportable(recipes) -> None:
                              "exported; run them with --no-export (torch only) or export svdquant-w4a16")
     blocks = [r.name for r in recipes if not r.has_onnx_form]
     if blocks:
-        raise DiffquantError(f"{', '.join(blocks)}: int8 blocks are GGUF's Q8_0, which diffquant writes as GGUF only: "
-                             "export them with --format gguf, or use an ONNX recipe (int8-w-pc)")
+        raise DiffquantError(f"{', '.join(blocks)}: int8 blocks (GGUF's Q8_0) and uint4 blocks (GGUF's Q4_1) are "
+                             "what diffquant writes as GGUF only: export them with --format gguf, or use an ONNX "
+                             "recipe (int8-w-pc, int4-w-gptq)")
 
 
 def check_exportable(module: torch.nn.Module) -> None:
@@ -136,6 +138,10 @@ def check_exportable(module: torch.nn.Module) -> None:
         raise DiffquantError(f"{len(mx)} layers have MXFP4 weights, which ONNX Runtime's CPU provider has no kernel "
                              "for (MatMulNBits takes integer codes): export an int4 recipe (int4-w, int4-w-conv8) "
                              "or run mxfp4-w in torch (--no-export)")
+    asymmetric = [name for name, layer in module.named_modules() if fourbit.weight_kind(layer) == "uint4"]
+    if asymmetric:
+        raise DiffquantError(f"{len(asymmetric)} Linears have uint4 block weights (GGUF's Q4_1), which diffquant "
+                             "writes as GGUF only: export them with --format gguf, or quantize with q4_0 for ONNX")
     blocks = [name for name, layer in module.named_modules() if fourbit.is_int8_blocks(layer)]
     if blocks:
         raise DiffquantError(f"{len(blocks)} Linears have int8 block weights (GGUF's Q8_0), which diffquant writes as "
@@ -227,10 +233,11 @@ def _compress_before_quark_passes(module: torch.nn.Module, reports: list):
 
     original, fold_bias = quark_export.export_onnx_model_optimization, quark_onnx.fold_quantizers_for_bias
     modules = dict(module.named_modules())
+    weighted = {name for name, m in modules.items() if internals.weight_quantizer(m) is not None}
 
     def optimize(onnx_path) -> None:
         reports.append(compress_weights_in_file(Path(onnx_path), lambda name: weight_codes(modules[name]),
-                                                internals.weight_dequantize_layer))
+                                                lambda node: internals.weight_dequantize_layer(node, weighted)))
         with _weights_as_graph_inputs(Path(onnx_path)):
             original(onnx_path)
 

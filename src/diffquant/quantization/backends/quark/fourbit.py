@@ -62,12 +62,27 @@ def is_int8_blocks(layer: torch.nn.Module) -> bool:
 
 
 def round_scales_fp16(module: torch.nn.Module, bits: int = 11) -> None:
-    """Give every int4 (and int8 block) weight quantizer of `module` its scale rounded to fp16 (with `bits`
+    """Give every int4 / uint4 (and int8 block) weight quantizer of `module` its scale rounded to fp16 (with `bits`
     significant bits; observing the weight first where it has not yet), so that its codes are taken on the
-    scale that is stored."""
+    scale that is stored. A uint4 weight observed here (round to nearest) takes the zero point of its min-max
+    range on the rounded scale, as Quark's observer computes it on its own; one whose scale and zero point
+    were set (GPTQ's) keeps its zero point."""
     for layer in module.modules():
-        if weight_kind(layer) == "int4" or is_int8_blocks(layer):
-            internals.set_weight_scale(layer, fp16_grid(internals.observe_weight(layer), positive=True, bits=bits))
+        kind = weight_kind(layer)
+        if kind in ("int4", "uint4") or is_int8_blocks(layer):
+            observing = internals.weight_quantizer(layer).is_observer_enabled
+            scale = fp16_grid(internals.observe_weight(layer), positive=True, bits=bits)
+            internals.set_weight_scale(layer, scale)
+            if kind == "uint4" and observing:
+                internals.set_weight_zero_point(layer, min_max_zero_point(layer.weight.detach().float(), scale))
+
+
+def min_max_zero_point(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Quark's integer zero point of each group of `weight` (N, K) on `scale` (N, K / group): -min(w, 0) / scale
+    rounded, in 0..15, so that 0 is on the grid and the group's range starts at its minimum."""
+    groups = weight.reshape(scale.shape[0], scale.shape[1], -1)
+    low = groups.amin(dim=-1).clamp(max=0)
+    return torch.round(-low / scale).clamp(0, 15).to(torch.int32)
 
 
 def unfit_reason(layer: torch.nn.Module, recipe: Recipe) -> str | None:
@@ -96,37 +111,43 @@ def unfit_layers(module: torch.nn.Module, recipe: Recipe, excluded: list[str]) -
 
 
 def weight_kind(layer: torch.nn.Module) -> str | None:
-    """'int4', 'mxfp4', 'int8', 'fp8' for a layer whose weight Quark quantizes, else None."""
+    """'int4', 'uint4', 'mxfp4', 'int8', 'fp8' for a layer whose weight Quark quantizes, else None."""
     quantizer = internals.weight_quantizer(layer)
     if quantizer is None:
         return None
     dtype = str(quantizer.dtype).split(".")[-1]
-    return {"int4": "int4", "fp4": "mxfp4", "int8": "int8", "fp8_e4m3": "fp8"}.get(dtype)
+    return {"int4": "int4", "uint4": "uint4", "fp4": "mxfp4", "int8": "int8", "fp8_e4m3": "fp8"}.get(dtype)
 
 
 def weight_bits(layer: torch.nn.Module) -> int:
     """Bits that `layer`'s weight takes stored: codes plus scales (int4: fp16 when they fit it, see
-    `pack_state`; MX: e8m0; 8-bit: fp32), or fp32 when float."""
+    `pack_state`; MX: e8m0; 8-bit: fp32), or fp32 when float. A uint4 weight's zero points count 16 bits each,
+    as GGUF's Q4_1 stores them (the fp16 minimum m = -scale x z of each block): 5 bits per weight at group 32."""
     kind = weight_kind(layer)
     elements = layer.weight.numel()
     if kind is None:
         return 32 * elements
     scale = internals.weight_quantizer(layer).scale.detach()
     scale_bits = 8 * scale.numel() if kind == "mxfp4" else (
-        stored_bits(scale) if kind == "int4" or is_int8_blocks(layer) else 32 * scale.numel())
-    return (4 if kind in ("int4", "mxfp4") else 8) * elements + scale_bits
+        stored_bits(scale) if kind in ("int4", "uint4") or is_int8_blocks(layer) else 32 * scale.numel())
+    zero_bits = 16 * scale.numel() if kind == "uint4" else 0
+    return (4 if kind in ("int4", "uint4", "mxfp4") else 8) * elements + scale_bits + zero_bits
 
 
 def group_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(nibbles, scale, kind) of a Linear with a 4-bit per-group weight: `nibbles` (N, K) uint8 in 0..15
-    (int4: code + 8; mxfp4: the e2m1 code, sign in bit 3) and `scale` (N, K / group) float32, such that
-    `dequantize_groups(nibbles, scale, kind)` equals Quark's fake-quantized weight bit for bit."""
+    (int4: code + 8; uint4: the code q, whose weight is scale x (q - zero point), see `zero_points`; mxfp4: the
+    e2m1 code, sign in bit 3) and `scale` (N, K / group) float32, such that `dequantize_groups(nibbles, scale,
+    kind)` (with the zero points for uint4) equals Quark's fake-quantized weight bit for bit."""
     kind = weight_kind(layer)
     fake = internals.fake_quantized_weight(layer)  # (N, K)
     scale = internals.weight_quantizer(layer).scale.detach().float()  # (N, K / group)
     steps = fake / scale.repeat_interleave(fake.shape[1] // scale.shape[1], dim=1)
     if kind == "int4":
         nibbles = (torch.round(steps).clamp(-8, 7) + 8).to(torch.uint8)
+    elif kind == "uint4":
+        zero = zero_points(layer).repeat_interleave(fake.shape[1] // scale.shape[1], dim=1)
+        nibbles = (torch.round(steps) + zero).clamp(0, 15).to(torch.uint8)
     elif kind == "mxfp4":
         table = torch.tensor(E2M1)
         magnitude = steps.abs()
@@ -139,10 +160,19 @@ def group_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str
     return nibbles, scale, kind
 
 
-def dequantize_groups(nibbles: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
-    """The float32 weight (N, K) of `group_codes`' nibbles and scales: (nibble - 8) * scale for int4."""
+def zero_points(layer: torch.nn.Module) -> torch.Tensor:
+    """The integer zero points (N, K / group) of a Linear's uint4 per-group weight, as float32 (0..15)."""
+    return internals.weight_zero_point(layer).float().reshape(internals.weight_quantizer(layer).scale.shape)
+
+
+def dequantize_groups(nibbles: torch.Tensor, scale: torch.Tensor, kind: str,
+                      zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight (N, K) of `group_codes`' nibbles and scales: (nibble - 8) * scale for int4, (nibble -
+    zero) * scale for uint4 (`zero`: its zero points, (N, K / group))."""
     if kind == "int4":
         values = nibbles.to(torch.float32) - 8
+    elif kind == "uint4":
+        values = nibbles.to(torch.float32) - zero.float().repeat_interleave(nibbles.shape[1] // scale.shape[1], dim=1)
     else:
         values = torch.tensor(E2M1)[(nibbles & 7).long()] * torch.where(nibbles >= 8, -1.0, 1.0)
     return values * scale.repeat_interleave(nibbles.shape[1] // scale.shape[1], dim=1)
@@ -151,7 +181,7 @@ def dequantize_groups(nibbles: torch.Tensor, scale: torch.Tensor, kind: str) -> 
 # --- save and reload: weights as codes ----------------------------------------------------------
 
 _PACKED4, _INT8, _E8M0 = ".weight_packed4", ".weight_int8", ".weight_scale_e8m0"
-_SCALE = internals.WEIGHT_SCALE_KEY
+_SCALE, _ZERO = internals.WEIGHT_SCALE_KEY, internals.WEIGHT_ZERO_POINT_KEY
 # An SVDQuant layer's smoothing divisor and low-rank branch (Quark's ErrorCorrectedModule's names).
 _SIDE = (".smooth_factor", ".correction.l1.weight", ".correction.l2.weight")
 
@@ -167,22 +197,25 @@ def pack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
     (and an MX scale by its e8m0 exponent byte) and each int8 weight by its int8 codes: the float master
     weights are not needed again, since the fake-quantized weight is a fixed point of its quantizer.
     A weight whose codes would not give its fake-quantized weight exactly keeps its float master weight.
-    int4 scales and SVDQuant's divisors and branches are stored in fp16 where their values fit it
-    (loading them back into their float32 buffers is exact)."""
+    int4 / uint4 scales and SVDQuant's divisors and branches are stored in fp16 where their values fit it
+    (loading them back into their float32 buffers is exact), uint4 zero points (0..15) in uint8."""
     packed = dict(state)
     for key, tensor in state.items():
         if key.endswith(_SIDE) and tensor.dtype == torch.float32 and fits_fp16(tensor):
             packed[key] = tensor.to(torch.float16)
     for name, layer in module.named_modules():
         kind = weight_kind(layer)
-        if kind in ("int4", "mxfp4"):
+        if kind in ("int4", "uint4", "mxfp4"):
             nibbles, scale, _ = group_codes(layer)
-            if not _exact(dequantize_groups(nibbles, scale, kind), layer):
+            zero = zero_points(layer) if kind == "uint4" else None
+            if not _exact(dequantize_groups(nibbles, scale, kind, zero), layer):
                 continue
             del packed[f"{name}.weight"]
             packed[name + _PACKED4] = pack_nibbles(nibbles).contiguous()
-            if kind == "int4" and fits_fp16(scale):
+            if kind in ("int4", "uint4") and fits_fp16(scale):
                 packed[name + _SCALE] = packed[name + _SCALE].to(torch.float16)
+            if kind == "uint4":
+                packed[name + _ZERO] = zero.to(torch.uint8).contiguous()
             if kind == "mxfp4":
                 del packed[name + _SCALE]
                 exponent = torch.frexp(scale)[1] - 1 + _E8M0_BIAS  # scale = 2**(byte - 127)
@@ -217,6 +250,7 @@ def unpack_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dic
             if kind == "mxfp4":
                 exponent = state.pop(name + _E8M0).int() - _E8M0_BIAS
                 state[name + _SCALE] = torch.ldexp(torch.ones(exponent.shape), exponent)
-            weight = dequantize_groups(unpack_nibbles(codes), state[name + _SCALE].float(), kind)
+            zero = state[name + _ZERO] if kind == "uint4" else None
+            weight = dequantize_groups(unpack_nibbles(codes), state[name + _SCALE].float(), kind, zero)
         state[f"{name}.weight"] = weight.to(layer.weight.dtype)
     return state

@@ -130,6 +130,18 @@ def set_weight_scale(layer: torch.nn.Module, scale: torch.Tensor) -> None:
     fix_scale(weight_quantizer(layer), scale)
 
 
+def weight_zero_point(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight zero points (an asymmetric uint4 weight's integer z per group, (N, K / group))."""
+    return weight_quantizer(layer).zero_point.detach()
+
+
+def set_weight_zero_point(layer: torch.nn.Module, zero_point: torch.Tensor) -> None:
+    """Give the layer's weight quantizer these integer zero points (its shape, device and dtype)."""
+    quantizer = weight_quantizer(layer)
+    quantizer.zero_point.data = zero_point.to(quantizer.zero_point.device, quantizer.zero_point.dtype).reshape(
+        quantizer.zero_point.shape)
+
+
 def fix_scale(quantizer, scale: torch.Tensor) -> None:
     """Give a fake-quantizer this scale (in its own shape, device and dtype) and stop it observing."""
     quantizer.scale.data = scale.to(quantizer.scale.device, quantizer.scale.dtype).reshape(quantizer.scale.shape)
@@ -146,6 +158,7 @@ def fresh_quantizer(spec, device: torch.device | str):
 # State-dict names of a quantized layer's weight quantizer and its scale, after the layer's own name.
 WEIGHT_QUANTIZER_KEY = "._weight_quantizer"
 WEIGHT_SCALE_KEY = WEIGHT_QUANTIZER_KEY + ".scale"
+WEIGHT_ZERO_POINT_KEY = WEIGHT_QUANTIZER_KEY + ".zero_point"
 
 
 def broadcast_scale(layer: torch.nn.Module, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -176,13 +189,16 @@ def weight_codes(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, st
 _WEIGHT_DQ = "/_weight_quantizer/DequantizeLinear"
 
 
-def weight_dequantize_layer(node) -> str | None:
+def weight_dequantize_layer(node, names=None) -> str | None:
     """The layer whose weight an ONNX node of Quark's export dequantizes, None for any other node:
     "/unet/down_blocks.1/resnets.0/conv1/_weight_quantizer/DequantizeLinear" -> "down_blocks.1.resnets.0.conv1"
-    (the first path part is the export wrapper's attribute holding the denoiser)."""
+    (the first path part is the export wrapper's attribute holding the denoiser; `names`: the denoiser's module
+    names, which resolve a scope path that skips a ModuleDict, see `scope_layer`)."""
+    from diffquant.passes.graph import scope_layer
+
     if not node.name.endswith(_WEIGHT_DQ):
         return None
-    return node.name[: -len(_WEIGHT_DQ)].split("/", 2)[2].replace("/", ".")
+    return scope_layer(node.name[: -len(_WEIGHT_DQ)].split("/")[2:], names)
 
 
 # --- SVDQuant's pieces ------------------------------------------------------------------------------

@@ -72,11 +72,15 @@ def _check(module: torch.nn.Module, layers: Sequence[str], mode: str, rank: int,
     return chosen
 
 
-def _specs(mode: str, group_size: int, bits: int = 4):
-    from quark.torch.quantization.config.config import Int4PerGroupSpec, Int8PerGroupSpec
+def _specs(mode: str, group_size: int, bits: int = 4, asymmetric: bool = False):
+    from quark.torch.quantization.config.config import Int4PerGroupSpec, Int8PerGroupSpec, Uint4PerGroupSpec
 
-    weight = (Int4PerGroupSpec if bits == 4 else Int8PerGroupSpec)(ch_axis=-1, is_dynamic=False, scale_type="float",
-                                                                   group_size=group_size)
+    if asymmetric:  # GGUF's Q4_1: uint4 codes, an integer zero point per group
+        weight = Uint4PerGroupSpec(ch_axis=-1, group_size=group_size, symmetric=False, is_dynamic=False,
+                                   scale_type="float")
+    else:
+        weight = (Int4PerGroupSpec if bits == 4 else Int8PerGroupSpec)(ch_axis=-1, is_dynamic=False,
+                                                                       scale_type="float", group_size=group_size)
     inputs = Int4PerGroupSpec(ch_axis=-1, is_dynamic=True, scale_type="float", group_size=group_size) \
         if mode == "w4a4" else None
     return weight.to_quantization_spec(), None if inputs is None else inputs.to_quantization_spec()
@@ -241,7 +245,8 @@ def saved_layers(state: dict[str, torch.Tensor], model: str) -> dict[str, tuple[
                    f"{name}.smooth_factor" in state) for name in sorted(names)}
 
 
-def rebuild(module: torch.nn.Module, layers: dict[str, tuple[int, bool]], mode: str, group_size: int, bits: int = 4):
+def rebuild(module: torch.nn.Module, layers: dict[str, tuple[int, bool]], mode: str, group_size: int, bits: int = 4,
+            asymmetric: bool = False):
     """The modules `apply_svdquant` leaves, without running anything, for a saved state to be loaded into:
     `layers` maps each SVDQuant Linear to (its branch's rank, whether it was smoothed). The weights,
     branch, smoothing factors and quantizer scales are placeholders until `load_state_dict`.
@@ -255,14 +260,15 @@ def rebuild(module: torch.nn.Module, layers: dict[str, tuple[int, bool]], mode: 
         rank, smoothed = layers[name]
         s = torch.ones(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype) if smoothed else None
         _wrap(module, name, layer, rank, s)
-    qconfig = _qconfig(module, chosen, _specs(mode, group_size, bits))
+    qconfig = _qconfig(module, chosen, _specs(mode, group_size, bits, asymmetric))
     return internals.transform(module, qconfig), qconfig
 
 
 def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers: Sequence[str],
                    mode: str = "w4a16", rank: int = 32, group_size: int = 64,
                    alphas: Sequence[float | None] = ALPHAS, gptq: bool = False,
-                   scale_bits: int = 11, choose_scales: bool = False, bits: int = 4) -> torch.nn.Module:
+                   scale_bits: int = 11, choose_scales: bool = False, bits: int = 4,
+                   asymmetric: bool = False) -> torch.nn.Module:
     """Quantize the Linear `layers` of a bare denoiser (UNet or transformer) with SVDQuant, in place.
 
     Every other layer stays float. Each named Linear becomes Quark's `ErrorCorrectedModule`: its input
@@ -288,6 +294,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         choose_scales: GPTQ chooses each group's scale as it reaches it (`block_gptq`, for GGML's grid) instead
             of Quark's GPTQ with max|w| / 7.
         bits: 4 (int4 codes) or 8 (int8 codes: GGUF's Q8_0 blocks, rank 0 and `choose_scales` only).
+        asymmetric: uint4 codes with an integer zero point per group (GGUF's Q4_1 blocks: 4 bits, w4a16, rank 0,
+            no smoothing, and GPTQ only with `choose_scales`).
 
     Returns:
         The quantized module; its record's `algorithm` dict (`record_of(module).algorithm`) holds each layer's alpha and the relative
@@ -303,12 +311,16 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
     if bits not in (4, 8) or (bits == 8 and (rank or not choose_scales or mode != "w4a16")):
         raise DiffquantError(f"SVDQuant takes int4 codes, or int8 block codes at rank 0 with GPTQ choosing the "
                              f"scales (GGUF's Q8_0), not {bits} bits with rank {rank}")
-    specs = _specs(mode, group_size, bits)
+    if asymmetric and (bits != 4 or rank or mode != "w4a16" or any(a is not None for a in alphas)
+                       or (gptq and not choose_scales)):
+        raise DiffquantError("asymmetric uint4 blocks (GGUF's Q4_1) take rank 0, w4a16, no smoothing and, with GPTQ, "
+                             "GPTQ choosing each block's scale and zero point")
+    specs = _specs(mode, group_size, bits, asymmetric)
     started = time.perf_counter()
     module.eval()
     with torch.no_grad():
         act_max, cached, hessians = _collect(module, calibration, set(chosen), gptq)
-        report, scales = {}, {}
+        report, scales, zeros = {}, {}, {}
         for name, layer in progress(chosen.items(), "GPTQ on int8 blocks" if bits == 8 else
                                     f"SVDQuant {mode} (alpha search{', GPTQ' if gptq else ''})",
                                     total=len(chosen)):
@@ -324,7 +336,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
                 hessian = hessians.pop(name).to(r.device)
                 if choose_scales:  # H of x / s, as in _gptq
                     hessian = hessian if s is None else hessian / s.unsqueeze(0) / s.unsqueeze(1)
-                    r, scales[name] = block_gptq.block_gptq(r, hessian, group_size, scale_bits, bits)
+                    r, scales[name], zeros[name] = block_gptq.block_gptq(r, hessian, group_size, scale_bits, bits,
+                                                                         asymmetric)
                 else:
                     r, scales[name] = _gptq(r, hessian, s, group_size, scale_bits)
             dtype = layer.weight.dtype
@@ -340,6 +353,8 @@ def apply_svdquant(module: torch.nn.Module, calibration: Sequence[dict], layers:
         module = ModelQuantizer(qconfig).quantize_model(module, None)
         for name, scale in scales.items():
             internals.set_weight_scale(module.get_submodule(f"{name}.layer"), scale)
+            if zeros.get(name) is not None:
+                internals.set_weight_zero_point(module.get_submodule(f"{name}.layer"), zeros[name])
         fourbit.round_scales_fp16(module, scale_bits)  # the residuals rounded to nearest (GPTQ's are on the grid)
     note(module, algorithm={"mode": mode, "rank": rank, "group_size": group_size, "gptq": gptq, "layers": report})
     smoothed = sum(v["alpha"] is not None for v in report.values())
