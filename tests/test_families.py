@@ -139,3 +139,15 @@ def test_every_bench_architecture_builds_at_its_real_widths_and_takes_its_exampl
     assert out is None or (out.shape[0] == 1 and out.shape[-1] in (
         inputs["hidden_states"].shape[-1], module.config.get("in_channels"), module.config.get("out_channels")))
     assert sum(p.numel() for p in module.parameters()) > 10 ** 8  # real widths, not a tiny config
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_four_bit_export_runs_on_matmulnbits_for_every_family(name, request, tmp_path):
+    """int4-w (4-bit blocks of 32): every family's export runs in ONNX Runtime with its int4 Linears as
+    MatMulNBits and its attentions fused only where the pattern truly is one (Z-Image's rotated queries are not)."""
+    import diffquant as dq
+
+    pipe = dq.load_pipeline(str(request.getfixturevalue(FAMILIES[name][0])))
+    quantized = dq.quantize(pipe, "int4-w")
+    exported = dq.export_onnx(quantized, tmp_path / "int4")  # checked in ONNX Runtime against torch
+    assert exported.fused_ops.get("MatMulNBits", 0) > 0 and exported.relative_error < 0.05

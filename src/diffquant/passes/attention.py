@@ -41,6 +41,9 @@ class _Graph:
         self.consumers = consumers(graph)
         self.initializers = {t.name: t for t in graph.initializer}
         self._array = numpy_helper.to_array
+        # ranks the exporter recorded (value_info), where known: a head split must start from (B, S, H*D)
+        self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.value_info
+                      if v.type.tensor_type.HasField("shape")}
 
     def constant(self, name: str):
         """The value of an initializer or Constant node output, else None."""
@@ -94,6 +97,8 @@ def _split_heads(g: _Graph, name: str, perm: list[int]):
     if sum(reader.op_type != "Shape" for reader in g.consumers[name]) != 1:
         return None
     reshape = g.node(transpose.input[0], "Reshape")
+    if reshape is not None and g.ranks.get(reshape.input[0], 3) != 3:
+        return None  # e.g. Z-Image's rotated query (B, S, H, D / 2, 2) reshaped to (B, S, H, D): no projection here
     heads = _heads(g, reshape) if reshape is not None else None
     return (reshape.input[0], heads) if heads else None
 

@@ -260,7 +260,10 @@ class _RealRopeProcessor:
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+        out = out.flatten(2, 3)
+        # a Cast only where the dtype changes: an exported no-op Cast in front of to_out lost its producer in the
+        # int4 (MatMulNBits) export and ONNX Runtime refused the graph
+        out = attn.to_out[0](out if out.dtype == query.dtype else out.to(query.dtype))
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
 

@@ -46,6 +46,11 @@ def trace(module: torch.nn.Module, wrapper: torch.nn.Module, inputs: dict[str, t
     # The graph first: MatMulNBits replaces the int4 Linears' float weights before anything is read
     # (it reads their shapes only), so they are never in memory; then what stays is loaded.
     model = onnx.load(str(folder / "quark_model.onnx"), load_external_data=False)
+    from diffquant.models.denoisers import denoiser_for
+
+    # layers the module computes but never uses are not in the traced graph (Qwen-Image's last text stream)
+    discarded = tuple(f"{name}." for name in denoiser_for(module).discarded_layers())
+    int4 = {name: layer for name, layer in int4.items() if not f"{name}.".startswith(discarded)}
     nbits = to_matmul_nbits(model, {name: group_codes(layer) for name, layer in int4.items()},
                             int4_level).to_dict() if int4 else {}
     load_external_data_for_model(model, str(folder))
