@@ -5,6 +5,8 @@ size is; Wan 2.2's second expert (`transformer_2`, the low-noise steps) is not q
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -71,8 +73,24 @@ class WanDenoiser(Denoiser):
         }
         return {k: v.to(self.module.device, self.module.dtype) for k, v in inputs.items()}
 
-    def exportable(self):
-        return exportable_rms_norms(self.module)  # its QK norms are torch RMSNorms (no ONNX symbolic at opset 20)
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        """Its QK norms are torch RMSNorms (no ONNX symbolic at opset 20): basic ops. Its attention processor
+        rotates q and k by strided in-place writes, which export as ScatterND with constant indices (230 MB of
+        int64 at 2 blocks of 1170 tokens, a third of the call time): a processor with the same rotation as
+        stack-and-flatten instead, for text-to-video attentions (image-conditioned ones keep diffusers')."""
+        from diffusers.models.transformers.transformer_wan import WanAttention
+
+        attentions = [m for m in self.module.modules() if isinstance(m, WanAttention) and m.add_k_proj is None]
+        processors = [m.processor for m in attentions]
+        for m in attentions:
+            m.processor = _ExportProcessor()
+        try:
+            with exportable_rms_norms(self.module):
+                yield
+        finally:
+            for m, processor in zip(attentions, processors):
+                m.processor = processor
 
 
 # diffusers' names -> Wan's, applied in order (diffusers' `convert_wan_transformer_to_diffusers` is the other way).
@@ -98,3 +116,28 @@ def _original_name(key: str) -> str:
     for new, old in _RENAMES:
         key = key.replace(new, old)
     return key
+
+
+class _ExportProcessor:
+    """diffusers' WanAttnProcessor for text-to-video attentions, its rotary embedding written out of place:
+    each pair (x1, x2) of q and k turned to (x1 cos - x2 sin, x1 sin + x2 cos), the same products."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
