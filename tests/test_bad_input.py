@@ -332,12 +332,12 @@ def test_a_flux_index_with_a_unet_entry_is_refused(tiny_sd_dir, tmp_path, capsys
 # ---- transformer (DiT) models: SD3 and FLUX.1 ----
 
 def test_an_unsupported_dit_is_one_line_naming_the_supported_ones(tmp_path, capsys):
-    wan = tmp_path / "wan"
-    wan.mkdir()
-    (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
-                                                      "transformer": ["diffusers", "WanTransformer3DModel"]}))
-    one_line_error(capsys, ["generate", "--model", str(wan), "--out", str(tmp_path / "o")],
-                   "is a WanPipeline whose denoiser is WanTransformer3DModel (DiT): not supported; "
+    ltx = tmp_path / "ltx"
+    ltx.mkdir()
+    (ltx / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline",
+                                                      "transformer": ["diffusers", "LTXVideoTransformer3DModel"]}))
+    one_line_error(capsys, ["generate", "--model", str(ltx), "--out", str(tmp_path / "o")],
+                   "is a LTXPipeline whose denoiser is LTXVideoTransformer3DModel (DiT): not supported; "
                    "diffquant supports UNet2DConditionModel (SD 1.x/2.x, SDXL), SD3Transformer2DModel")
 
 
