@@ -143,10 +143,12 @@ def test_every_bench_architecture_builds_at_its_real_widths_and_takes_its_exampl
     assert sum(p.numel() for p in module.parameters()) > 10 ** 8  # real widths, not a tiny config
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_a_four_bit_export_runs_on_matmulnbits_for_every_family(name, request, tmp_path):
-    """int4-w (4-bit blocks of 32): every family's export runs in ONNX Runtime with its int4 Linears as
-    MatMulNBits and its attentions fused only where the pattern truly is one (Z-Image's rotated queries are not)."""
+@pytest.mark.parametrize("name", ["z-image", "qwen-image", "wan"])
+def test_a_four_bit_export_runs_on_matmulnbits(name, request, tmp_path):
+    """int4-w (4-bit blocks of 32) of the families whose exports needed care (measured: PixArt, Sana and FLUX.2 export
+    it as the others do): runs in ONNX Runtime with its int4 Linears as MatMulNBits, attentions fused only where the
+    pattern truly is one (Z-Image's rotated queries are not), no MatMulNBits for a layer the family discards
+    (Qwen-Image's last text stream)."""
     import diffquant as dq
 
     pipe = dq.load_pipeline(str(request.getfixturevalue(FAMILIES[name][0])))
