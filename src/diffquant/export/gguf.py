@@ -261,23 +261,22 @@ def _check_loaded(result: GgufExport, loaded: torch.nn.Module, plain: dict, bit_
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
     worst, exact, count, first = 0.0, 0, 0, None
-    modules = dict(loaded.named_modules())
     dequantized = []
     for name, layer in loaded.named_modules():
         weight = getattr(layer, "weight", None)
-        if weight is not None and not hasattr(weight, "quant_type") and isinstance(plain.get(f"{name}.weight"),
-                                                                                   WeightCodes):
-            dequantized.append(name)  # the loader's own choice to keep it float: its float weight is checked
-    for name, layer in modules.items():
-        weight = getattr(layer, "weight", None)
-        if weight is None or not (hasattr(weight, "quant_type") or name in dequantized):
+        if weight is None:
             continue
-        count += 1
+        blocks = hasattr(weight, "quant_type")
         stored = plain.get(f"{name}.weight")
-        if not isinstance(stored, WeightCodes):
+        if not blocks:
+            if not isinstance(stored, WeightCodes):
+                continue  # a float layer of the file
+            dequantized.append(name)  # the loader's own choice to keep it float: its float weight is checked
+        elif not isinstance(stored, WeightCodes):
             raise DiffquantError(f"diffusers loaded {name} from the GGUF file as blocks, but it is not quantized")
+        count += 1
         expected = stored.dequantized()
-        got = dequantize_gguf_tensor(weight).float() if hasattr(weight, "quant_type") else weight.detach().float()
+        got = dequantize_gguf_tensor(weight).float() if blocks else weight.detach().float()
         worst = max(worst, float((got - expected).abs().max()))
         same = torch.equal(got, expected) and stored.exact
         exact += same

@@ -91,8 +91,15 @@ class Denoiser(ABC):
         """The image sizes the pipeline takes are multiples of this: its VAE's downscale times the latent patch."""
         return int(getattr(pipe, "vae_scale_factor", 8)) * self.latent_patch()
 
+    # A family whose pipeline pads its text to `__call__`'s `max_sequence_length` (the DiTs after FLUX.1): that
+    # argument's default, else this many tokens (its profile asks for the same). None: the tokenizer's length.
+    text_tokens: ClassVar[int | None] = None
+
     def sequence_length(self, pipe=None) -> int:
-        """The text sequence length the pipeline feeds (its tokenizer's length), or the family default."""
+        """The text sequence length the pipeline feeds: its `max_sequence_length` default for a family with
+        `text_tokens`, else its tokenizer's length, or the family default."""
+        if self.text_tokens is not None:
+            return int(call_default(pipe, "max_sequence_length", self.text_tokens))
         tokenizer = getattr(pipe, "tokenizer", None)
         return tokenizer.model_max_length if tokenizer is not None else 77
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from diffquant.models.denoisers.base import Denoiser, call_default, register
+from diffquant.models.denoisers.base import Denoiser, register
 from diffquant.models.denoisers.flux import exportable_rms_norms
 from diffquant.models.denoisers.layout import Layout, stacked, swapped, whole
 
@@ -21,6 +21,7 @@ class Flux2Denoiser(Denoiser):
     pipeline_attribute = "transformer"
     positional = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids", "guidance")
     capture_keys = positional
+    text_tokens = 512  # the text tokens the pipelines pad to
 
     # ComfyUI-GGUF has no FLUX.2 architecture of its own: city96's converter (tools/convert.py) detects FLUX.2's
     # double_blocks names as "flux", its llama.cpp patch quantizes FLUX.2 under LLM_ARCH_FLUX, and its loader
@@ -56,10 +57,6 @@ class Flux2Denoiser(Denoiser):
 
     def latent_patch(self) -> int:
         return 2  # the pipelines patchify 2x2 latent pixels into one token (the config's patch_size is 1)
-
-    def sequence_length(self, pipe=None) -> int:
-        """The text tokens the pipeline pads to (512; the profiles ask for the same)."""
-        return int(call_default(pipe, "max_sequence_length", 512))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.models.denoisers.base import Denoiser, call_default, caption_inputs, register
+from diffquant.models.denoisers.base import Denoiser, caption_inputs, register
 
 
 @register
@@ -16,11 +16,8 @@ class PixArtDenoiser(Denoiser):
     positional = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask")
     capture_keys = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask",
                     "added_cond_kwargs")
+    text_tokens = 300  # T5 tokens: PixArt-Σ's 300 (PixArt-α's pipeline defaults to 120)
     # no original layout here: diffusers' single-file (and so GGUF) loader does not cover PixArt
-
-    def sequence_length(self, pipe=None) -> int:
-        """The T5 tokens the pipeline pads to: PixArt-Σ's 300, PixArt-α's 120 (its profile asks for the same)."""
-        return int(call_default(pipe, "max_sequence_length", 300))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:

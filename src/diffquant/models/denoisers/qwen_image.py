@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.core.errors import DiffquantError
-from diffquant.models.denoisers.base import Denoiser, call_default, register
+from diffquant.models.denoisers.base import Denoiser, register
 from diffquant.models.denoisers.layout import Layout, whole
 
 TEXT_TOKENS = 512  # QwenImagePipeline's max_sequence_length (its profile asks for the same)
@@ -30,6 +30,7 @@ class QwenImageDenoiser(Denoiser):
     pipeline_attribute = "transformer"
     positional = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes")
     capture_keys = positional
+    text_tokens = TEXT_TOKENS
 
     gguf_arch = "qwen_image"  # ComfyUI-GGUF's name (its loader's IMG_ARCH_LIST)
 
@@ -37,9 +38,6 @@ class QwenImageDenoiser(Denoiser):
         """diffusers' own names, unprefixed: Qwen-Image was released in diffusers' layout, ComfyUI's model uses the
         same names, and diffusers' single-file mapping for this class is the identity (no prefix stripped)."""
         return {key: whole(key, rows) for key in rows}
-
-    def sequence_length(self, pipe=None) -> int:
-        return int(call_default(pipe, "max_sequence_length", TEXT_TOKENS))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from diffquant.models.denoisers.base import Denoiser, call_default, caption_inputs, register
+from diffquant.models.denoisers.base import Denoiser, caption_inputs, register
 from diffquant.models.denoisers.layout import Layout, stacked, whole
 
 
@@ -18,6 +18,7 @@ class SanaDenoiser(Denoiser):
     pipeline_attribute = "transformer"
     positional = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask", "guidance")
     capture_keys = positional
+    text_tokens = 300  # Gemma-2 tokens
 
     # ComfyUI-GGUF has no Sana (its loader's IMG_ARCH_LIST and tools/convert.py's arch_list name none, so it refuses
     # this file): "sana" is the name its converter's scheme would give; diffusers' loader does not read the arch.
@@ -61,10 +62,6 @@ class SanaDenoiser(Denoiser):
     def size_multiple(self, pipe) -> int:
         # diffusers' Sana pipelines refuse sizes that are not multiples of 32, whatever their VAE's scale
         return math.lcm(32, super().size_multiple(pipe))
-
-    def sequence_length(self, pipe=None) -> int:
-        """The Gemma tokens the pipeline pads to (300; its profile asks for the same)."""
-        return int(call_default(pipe, "max_sequence_length", 300))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from diffquant.core.errors import DiffquantError
-from diffquant.models.denoisers.base import Denoiser, call_default, register
+from diffquant.models.denoisers.base import Denoiser, register
 from diffquant.models.denoisers.flux import exportable_rms_norms
 from diffquant.models.denoisers.layout import Layout, whole
 
@@ -22,6 +22,7 @@ class WanDenoiser(Denoiser):
     pipeline_attribute = "transformer"
     positional = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
     capture_keys = positional
+    text_tokens = 512  # UMT5 tokens
 
     gguf_arch = "wan"
 
@@ -52,10 +53,6 @@ class WanDenoiser(Denoiser):
     def latent_frames(self, pipe, frames: int) -> int:
         self.check_frames(pipe, frames)
         return (frames - 1) // self.frame_step(pipe) + 1
-
-    def sequence_length(self, pipe=None) -> int:
-        """The UMT5 tokens the pipeline pads to (512)."""
-        return int(call_default(pipe, "max_sequence_length", 512))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None,

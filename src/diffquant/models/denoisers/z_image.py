@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.core.errors import DiffquantError
-from diffquant.models.denoisers.base import Denoiser, call_default, register
+from diffquant.models.denoisers.base import Denoiser, register
 from diffquant.models.denoisers.layout import Layout, stacked, whole
 
 GRAPH_INPUTS = ("hidden_states", "t", "encoder_hidden_states", "encoder_attention_mask")
@@ -32,6 +32,7 @@ class ZImageDenoiser(Denoiser):
     pipeline_attribute = "transformer"
     positional = ("x", "t", "cap_feats")
     capture_keys = positional
+    text_tokens = 512  # Qwen3 tokens a caption has at most
     timestep_key = "t"
     module_attributes = ("in_channels",)  # ZImagePipeline reads `transformer.in_channels`
 
@@ -68,10 +69,6 @@ class ZImageDenoiser(Denoiser):
         """The pipeline's 1024x1024 (the trained size), or the largest square the model's RoPE tables cover."""
         side = min(1024, self.grid_side() * self.size_multiple(pipe))
         return side, side
-
-    def sequence_length(self, pipe=None) -> int:
-        """The Qwen3 tokens a caption has at most (the pipeline's 512; its profile asks for the same)."""
-        return int(call_default(pipe, "max_sequence_length", 512))
 
     def example_inputs(self, batch_size: int = 2, sequence_length: int | None = None,
                        seed: int = 0, latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
